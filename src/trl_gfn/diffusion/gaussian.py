@@ -1,0 +1,56 @@
+"""Pure tensor maths of one Gaussian sampler step: noise/clean predictions, mean, log-density, scores.
+
+No model calls and no I/O here: the trainers pass in model outputs. All functions are batched over the
+first dimension and broadcast per-sample coefficients of shape (B, 1, ..., 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def model_output_to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Convert a UNet output to a noise prediction (linear in the output, so CFG commutes with it)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample
+    if prediction_type == "sample":
+        return (sample - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def predict_x0(sample: torch.Tensor, epsilon: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """One-step clean prediction x̂_0 = (x - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)."""
+    return (sample - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+
+
+def step_mean(sample: torch.Tensor, epsilon: torch.Tensor, coef_x: torch.Tensor, coef_eps: torch.Tensor) -> torch.Tensor:
+    """Mean of P_F(x_{k-1} | x_k) given the guided noise prediction at x_k."""
+    return coef_x * sample + coef_eps * epsilon
+
+
+def log_prob(next_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-sample log N(next_sample; mean, std² I), summed over all non-batch dimensions."""
+    var = (std**2).expand_as(next_sample)
+    sq = ((next_sample - mean) ** 2 / var).flatten(1).sum(1)
+    log_norm = torch.log(2 * math.pi * var).flatten(1).sum(1)
+    return -0.5 * (sq + log_norm)
+
+
+def score_next(next_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """∇_{x_{k-1}} log P_F(x_{k-1} | x_k) = -(x_{k-1} - μ) / σ²."""
+    return -(next_sample - mean) / std**2
+
+
+def score_current(next_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, sample: torch.Tensor, *, retain_graph: bool = True) -> torch.Tensor:
+    """∇_{x_k} log P_F(x_{k-1} | x_k) by one vector-Jacobian product through ``mean(sample)``.
+
+    ``mean`` must have been computed from ``sample`` (which requires grad); ``next_sample`` is held fixed.
+    Only the input gradient is computed: no parameter ``.grad`` is touched.
+    """
+    quad = -0.5 * ((next_sample.detach() - mean) ** 2 / std**2).sum()
+    (grad,) = torch.autograd.grad(quad, sample, retain_graph=retain_graph)
+    return grad

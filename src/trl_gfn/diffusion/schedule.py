@@ -1,0 +1,144 @@
+"""Per-step coefficients of a stochastic sampler, read off a diffusers scheduler.
+
+Every sampler step supported here is a Gaussian whose mean is linear in the current state and in
+the (guided) noise prediction::
+
+    x_{k-1} = coef_x[i] * x_k + coef_eps[i] * eps_hat + std[i] * z,     z ~ N(0, I)
+
+where ``i = K - k`` is the position in sampling order (``i = 0`` is the first, noisiest step). The
+trainers use these coefficients both to sample and to score transitions, so that what is trained is
+exactly what was sampled; `tests/test_diffusion_schedule.py` checks them against ``scheduler.step``.
+
+Supported samplers:
+- ``ddpm``: :class:`~diffusers.DDIMScheduler` with ``eta > 0`` (``eta = 1`` is DDPM's posterior);
+- ``dpm_solver_sde``: :class:`~diffusers.DPMSolverMultistepScheduler` with
+  ``algorithm_type="sde-dpmsolver++"``, first order (``solver_order=1``), ``final_sigmas_type="sigma_min"``
+  so that the last step stays stochastic (a deterministic step has no log-density to train on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+SUPPORTED_SAMPLERS = ("ddpm", "dpm_solver_sde")
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class TransitionSchedule:
+    """Coefficients of the K sampling steps, indexed in sampling order ``i = 0 .. K-1``.
+
+    Attributes:
+        timesteps: (K,) int64 UNet timesteps ``tau`` of the state each step starts from.
+        alphas_cumprod: (K + 1,) float64 ``alpha_bar`` of every state in sampling order; the last entry
+            belongs to the final sample ``x_0`` (the scheduler's final alpha).
+        coef_x, coef_eps, std: (K,) float64 mean/std coefficients of each step (see module docstring).
+        prediction_type: the UNet's prediction type, used to turn its output into a noise prediction.
+    """
+
+    timesteps: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    coef_x: torch.Tensor
+    coef_eps: torch.Tensor
+    std: torch.Tensor
+    prediction_type: str = "epsilon"
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @property
+    def next_timesteps(self) -> torch.Tensor:
+        """(K,) timestep of the state each step lands on (0 for the final sample ``x_0``)."""
+        return torch.cat([self.timesteps[1:], self.timesteps.new_zeros(1)])
+
+    def gather(self, name: str, step_index: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
+        """Pick attribute ``name`` at per-sample positions ``step_index`` and broadcast it like ``like``."""
+        values = getattr(self, name).to(step_index.device)[step_index]
+        values = values.to(like.dtype) if values.is_floating_point() else values
+        return values.view(-1, *([1] * (like.ndim - 1))).to(like.device)
+
+
+def make_scheduler(base_scheduler, sampler: str, eta: float = 1.0):
+    """A scheduler of the requested sampler built from ``base_scheduler``'s config (betas, offsets…).
+
+    Raises ``ValueError`` for an unknown ``sampler`` or for scheduler options that change the step
+    in ways the transition maths does not model (thresholding, sample clipping, Karras sigmas…).
+    """
+    if sampler not in SUPPORTED_SAMPLERS:
+        raise ValueError(f"sampler must be one of {SUPPORTED_SAMPLERS}, got {sampler!r}")
+    config = dict(base_scheduler.config)
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; expected one of {SUPPORTED_PREDICTION_TYPES}")
+    if config.get("thresholding", False):
+        raise ValueError("schedulers with thresholding=True are not supported: the step would not be Gaussian in the model output")
+    if sampler == "ddpm":
+        if eta <= 0:
+            raise ValueError(f"sample_eta must be > 0 for a stochastic DDIM/DDPM step, got {eta}")
+        scheduler = DDIMScheduler.from_config(config, clip_sample=False)
+    else:
+        for option in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
+            if config.get(option, False):
+                raise ValueError(f"dpm_solver_sde does not support scheduler option {option}=True")
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="sde-dpmsolver++", solver_order=1, final_sigmas_type="sigma_min", thresholding=False
+        )
+    return scheduler
+
+
+def transition_schedule(scheduler, num_steps: int, eta: float = 1.0, device: torch.device | str = "cpu") -> TransitionSchedule:
+    """Compute the :class:`TransitionSchedule` of ``scheduler`` for ``num_steps`` inference steps.
+
+    ``scheduler`` must come from :func:`make_scheduler` (a stochastic DDIM or first-order SDE-DPM-Solver++).
+    Calls ``scheduler.set_timesteps(num_steps)``.
+    """
+    scheduler.set_timesteps(num_steps, device="cpu")
+    timesteps = scheduler.timesteps.to(torch.int64).clone()
+    prediction_type = scheduler.config.prediction_type
+    if isinstance(scheduler, DDIMScheduler):
+        ac = scheduler.alphas_cumprod.to(torch.float64)
+        final = torch.tensor(float(scheduler.final_alpha_cumprod), dtype=torch.float64)
+        step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        prev = timesteps - step
+        a_t = ac[timesteps]
+        a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
+        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * variance.sqrt()
+        # mean = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev - std^2) * eps, x0_hat = (x - sqrt(1 - a_t) eps) / sqrt(a_t)
+        coef_x = (a_prev / a_t).sqrt()
+        coef_eps = (1 - a_prev - std**2).clamp(min=0).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt()
+        alphas = torch.cat([a_t, a_prev[-1:]])
+    elif isinstance(scheduler, DPMSolverMultistepScheduler):
+        if scheduler.config.algorithm_type != "sde-dpmsolver++" or scheduler.config.solver_order != 1:
+            raise ValueError("only the first-order sde-dpmsolver++ DPM-Solver step is supported; build it with make_scheduler")
+        sigmas = scheduler.sigmas.to(torch.float64)  # (K + 1,) in the sqrt((1 - a) / a) parameterisation
+        if float(sigmas[-1]) == 0.0:
+            raise ValueError("final_sigmas_type='zero' makes the last DPM-Solver step deterministic; use 'sigma_min'")
+        alpha = 1 / (sigmas**2 + 1).sqrt()
+        sigma = sigmas * alpha
+        lam = alpha.log() - sigma.log()
+        h = lam[1:] - lam[:-1]
+        # x_s = (sigma_s / sigma_t) e^{-h} x + alpha_s (1 - e^{-2h}) x0_hat + sigma_s sqrt(1 - e^{-2h}) z
+        a_x0 = alpha[1:] * (1 - torch.exp(-2 * h))
+        coef_x = sigma[1:] / sigma[:-1] * torch.exp(-h) + a_x0 / alpha[:-1]
+        coef_eps = -a_x0 * sigma[:-1] / alpha[:-1]
+        std = sigma[1:] * (1 - torch.exp(-2 * h)).sqrt()
+        alphas = alpha**2
+    else:
+        raise ValueError(
+            f"unsupported scheduler {type(scheduler).__name__}; use trl_gfn.diffusion.make_scheduler "
+            f"with one of {SUPPORTED_SAMPLERS}"
+        )
+    device = torch.device(device)
+    return TransitionSchedule(
+        timesteps=timesteps.to(device),
+        alphas_cumprod=alphas.to(device),
+        coef_x=coef_x.to(device),
+        coef_eps=coef_eps.to(device),
+        std=std.to(device),
+        prediction_type=prediction_type,
+    )
