@@ -1,3 +1,23 @@
-"""trl-gfn: align pretrained diffusion models with reward functions, keeping diversity and prior."""
+"""trl-gfn: align pretrained diffusion models with reward functions, keeping diversity and prior.
+
+Nabla-GFlowNet (residual ∇-DB) and the methods it is compared with, on one TRL-style API.
+"""
 
 __version__ = "0.1.0.dev0"
+
+from .configs import DiffusionRLConfig, NablaGFlowNetConfig
+from .models import FlowHead
+from .pipelines import DiffusionPipelineForRL, Trajectories, TransitionBatch
+from .trainers import DiffusionRLTrainer, NablaGFlowNetTrainer, TransitionTrainer
+
+__all__ = [
+    "DiffusionPipelineForRL",
+    "DiffusionRLConfig",
+    "DiffusionRLTrainer",
+    "FlowHead",
+    "NablaGFlowNetConfig",
+    "NablaGFlowNetTrainer",
+    "Trajectories",
+    "TransitionBatch",
+    "TransitionTrainer",
+]

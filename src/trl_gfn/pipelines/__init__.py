@@ -1,0 +1,6 @@
+"""The RL view of diffusers pipelines: prompt encoding, trajectory sampling, policy vs reference, LoRA I/O."""
+
+from .rl_pipeline import DiffusionPipelineForRL
+from .trajectory import Trajectories, TransitionBatch
+
+__all__ = ["DiffusionPipelineForRL", "Trajectories", "TransitionBatch"]

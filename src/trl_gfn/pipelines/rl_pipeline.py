@@ -1,0 +1,344 @@
+"""The RL view of a diffusers text-to-image pipeline: prompts in, recorded stochastic trajectories out.
+
+One UNet serves as policy and reference: the policy is the UNet with its trainable LoRA adapter, the
+reference is the same UNet with the adapter disabled (no second copy in memory). VAE and text encoder
+are frozen. Sampling uses :mod:`trl_gfn.diffusion`'s transition maths, so what the trainers score is
+exactly what was sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Sequence
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+from ..diffusion import TransitionSchedule, make_scheduler, model_output_to_epsilon, step_mean, transition_schedule
+from .trajectory import Trajectories
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class DiffusionPipelineForRL:
+    """Wrap a UNet2DConditionModel-based diffusers text-to-image pipeline (SD 1.x / 2.x) for RL fine-tuning.
+
+    Build it with :meth:`from_pretrained` (a Hub id or a local directory) or from an existing pipeline
+    object. The wrapper owns the LoRA adapter (:meth:`add_lora`), the reference switch
+    (:meth:`reference_mode`), prompt encoding, guided noise prediction, trajectory sampling, decoding and
+    LoRA save/load in diffusers format.
+    """
+
+    def __init__(self, pipeline: StableDiffusionPipeline):
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if getattr(pipeline, name, None) is None:
+                raise ValueError(f"pipeline of type {type(pipeline).__name__} has no `{name}`; a text-to-image pipeline with "
+                                 "unet, vae, text_encoder, tokenizer and scheduler (Stable Diffusion 1.x/2.x) is required")
+        if not isinstance(pipeline.unet, UNet2DConditionModel):
+            raise ValueError(f"unsupported pipeline: its unet is a {type(pipeline.unet).__name__}, expected UNet2DConditionModel")
+        if not isinstance(pipeline.vae, AutoencoderKL):
+            raise ValueError(f"unsupported pipeline: its vae is a {type(pipeline.vae).__name__}, expected AutoencoderKL")
+        if getattr(pipeline, "text_encoder_2", None) is not None:
+            raise ValueError(f"unsupported pipeline {type(pipeline).__name__}: pipelines with two text encoders (SDXL) are not supported yet")
+        self.pipeline = pipeline
+        self.weight_dtype = pipeline.unet.dtype
+        self._lora_config = None
+        for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet):
+            module.requires_grad_(False)
+        pipeline.vae.eval()
+        pipeline.text_encoder.eval()
+        if getattr(pipeline, "safety_checker", None) is not None:
+            pipeline.safety_checker = None  # the trainers score raw samples; it would blank them
+        pipeline.set_progress_bar_config(disable=True)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        use_lora: bool = True,
+        lora_rank: int = 8,
+        lora_alpha: int | None = None,
+        lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> DiffusionPipelineForRL:
+        """Load a Stable Diffusion pipeline from a Hub id or a local directory and (``use_lora``) add a LoRA adapter.
+
+        Loading goes through ``StableDiffusionPipeline.from_pretrained``: a missing model raises (there is no
+        fallback to random weights). Extra ``kwargs`` are passed to it.
+        """
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+        pipeline = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, torch_dtype=torch_dtype, **kwargs)
+        wrapper = cls(pipeline)
+        if use_lora:
+            wrapper.add_lora(lora_rank, lora_alpha, lora_target_modules)
+        return wrapper
+
+    # ------------------------------------------------------------------ components
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.pipeline.config.get("_name_or_path", "") or getattr(self.pipeline, "name_or_path", "") or "")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents at the model's default resolution."""
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, *size)
+
+    def to(self, device: torch.device | str) -> DiffusionPipelineForRL:
+        self.pipeline.to(device)
+        return self
+
+    def set_precision(self, mixed_precision: str) -> None:
+        """Cast the frozen weights (UNet base, VAE, text encoder) to the precision of ``mixed_precision``; LoRA stays float32."""
+        if mixed_precision not in DTYPES:
+            raise ValueError(f"mixed_precision must be one of {sorted(DTYPES)}, got {mixed_precision!r}")
+        dtype = DTYPES[mixed_precision]
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.to(dtype=dtype)
+        self.weight_dtype = dtype
+        for p in self.lora_parameters():
+            p.data = p.data.float()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet activations in backward (the UNet is put in train mode, which is when diffusers checkpoints)."""
+        self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(self, rank: int = 8, alpha: int | None = None, target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
+        """Add the trainable LoRA adapter (B zero-initialised, so the policy starts equal to the reference)."""
+        from peft import LoraConfig
+
+        if self.has_lora:
+            raise ValueError("the pipeline already has a LoRA adapter")
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian", target_modules=list(target_modules))
+        self.unet.add_adapter(config)
+        self._lora_config = config
+        for p in self.lora_parameters():
+            p.data = p.data.float()
+
+    def ensure_lora(self, rank: int, alpha: int | None, target_modules: Sequence[str]) -> None:
+        """Add the LoRA adapter the config asks for, or check that the existing one matches it."""
+        if not self.has_lora:
+            self.add_lora(rank, alpha, target_modules)
+            return
+        cfg = self._lora_config
+        if cfg is not None:
+            if cfg.r != rank:
+                raise ValueError(f"lora_rank: the pipeline's LoRA adapter has rank {cfg.r} but the config asks for {rank}")
+            want_alpha = alpha if alpha is not None else rank
+            if cfg.lora_alpha != want_alpha:
+                raise ValueError(f"lora_alpha: the pipeline's LoRA adapter has alpha {cfg.lora_alpha} but the config asks for {want_alpha}")
+            if set(cfg.target_modules) != set(target_modules):
+                raise ValueError(f"lora_target_modules: the pipeline's adapter targets {sorted(cfg.target_modules)}, the config {sorted(target_modules)}")
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.unet, "_hf_peft_config_loaded", False)) and any("lora_" in n for n, _ in self.unet.named_parameters())
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights in diffusers' LoRA key format (as ``load_lora_weights`` expects)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+
+    def save_lora(self, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` loadable with ``StableDiffusionPipeline.load_lora_weights``."""
+        if not self.has_lora:
+            raise ValueError("the pipeline has no LoRA adapter to save")
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.lora_state_dict().items()}
+        metadata = self._lora_config.to_dict() if self._lora_config is not None else None
+        if metadata is not None:
+            metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+        StableDiffusionPipeline.save_lora_weights(save_directory, unet_lora_layers=state, is_main_process=is_main_process,
+                                                  weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata)
+
+    def load_lora(self, load_directory: str | os.PathLike) -> None:
+        """Load LoRA weights saved by :meth:`save_lora` into the existing adapter (strict: every key must match)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = os.path.join(load_directory, LORA_WEIGHT_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no LoRA weights at {path}")
+        state = load_file(path)
+        prefix = "unet."
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = convert_unet_state_dict_to_peft(state)
+        result = set_peft_model_state_dict(self.unet, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if unexpected or missing:
+            raise ValueError(f"LoRA weights at {path} do not match the adapter: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for p in self.lora_parameters():
+            p.data = p.data.float()
+
+    @contextlib.contextmanager
+    def reference_mode(self):
+        """Within this context the UNet is the reference (pretrained) model: the LoRA adapter is disabled.
+
+        Run both the forward and any backward of a reference computation inside it: with gradient
+        checkpointing the backward recomputes the forward with whatever adapter state is current.
+        """
+        if not self.has_lora:
+            yield
+            return
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    # ------------------------------------------------------------------ maths helpers
+    def make_schedule(self, sampler: str, num_steps: int, eta: float = 1.0) -> TransitionSchedule:
+        """The :class:`TransitionSchedule` of ``sampler`` over ``num_steps`` steps, on this pipeline's device."""
+        scheduler = make_scheduler(self.scheduler, sampler, eta)
+        return transition_schedule(scheduler, num_steps, eta, device=self.device)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states (B, L, D) of ``prompts`` padded to the tokenizer's max length."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.text_encoder.device)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(ids.device)
+        return self.text_encoder(ids, attention_mask=mask)[0].float()
+
+    def guided_epsilon(
+        self,
+        unet: torch.nn.Module,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        alpha_bar: torch.Tensor,
+        prediction_type: str,
+    ) -> torch.Tensor:
+        """Guided noise prediction ε̂ = ε_u + w (ε_c − ε_u) (float32), one batched UNet call for both branches.
+
+        ``unet`` is passed in so that trainers can use the accelerate-prepared (wrapped) module where
+        parameter gradients must be synchronised. ``guidance_scale == 1`` skips the unconditional branch.
+        """
+        dtype = self.weight_dtype
+        device_type = latents.device.type
+        with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+            if guidance_scale == 1.0:
+                out = unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+            else:
+                both = unet(
+                    torch.cat([latents, latents]).to(dtype),
+                    torch.cat([timesteps, timesteps]),
+                    encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype),
+                ).sample.float()
+                uncond, cond = both.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+        return model_output_to_epsilon(out, latents.float(), alpha_bar, prediction_type)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode latents to float32 images in [0, 1] (differentiable; clamps like diffusers' postprocessing)."""
+        latents = latents / self.vae.config.scaling_factor
+        if getattr(self.vae.config, "shift_factor", None):
+            latents = latents + self.vae.config.shift_factor
+        images = self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        schedule: TransitionSchedule,
+        *,
+        guidance_scale: float,
+        negative_prompt: str | None = None,
+        prompt_metadata: Sequence[dict] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        unet: torch.nn.Module | None = None,
+        decode: bool = True,
+        progress: bool = False,
+    ) -> Trajectories:
+        """Sample one trajectory per prompt with the current policy, recording every state and ε̂.
+
+        ``generators`` (one per sample) make each trajectory's noise depend on its own seed only, so the
+        same sample is drawn whatever the batch size or number of processes.
+        """
+        from tqdm.auto import tqdm
+
+        batch = len(prompts)
+        unet = unet if unet is not None else self.unet
+        device = self.device
+        prompt_embeds = self.encode_prompts(list(prompts))
+        negative = self.encode_prompts([negative_prompt or ""]).expand(batch, -1, -1)
+        latents = self._randn((batch, *self.latent_shape), generators, device) * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+        states = [latents]
+        epsilons = []
+        for i in tqdm(range(schedule.num_steps), disable=not progress, desc="sampling", leave=False):
+            index = torch.full((batch,), i, device=device, dtype=torch.long)
+            like = latents
+            eps = self.guided_epsilon(unet, latents, schedule.timesteps[index], prompt_embeds, negative, guidance_scale,
+                                      schedule.gather("alphas_cumprod", index, like=like), schedule.prediction_type)
+            mean = step_mean(latents, eps, schedule.gather("coef_x", index, like=like), schedule.gather("coef_eps", index, like=like))
+            latents = mean + schedule.gather("std", index, like=like) * self._randn(latents.shape, generators, device)
+            states.append(latents)
+            epsilons.append(eps)
+        traj = Trajectories(
+            latents=torch.stack(states, dim=1),
+            epsilons=torch.stack(epsilons, dim=1),
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
+            prompts=list(prompts),
+            prompt_metadata=list(prompt_metadata) if prompt_metadata is not None else [{} for _ in prompts],
+        )
+        if decode:
+            traj.images = self.decode(latents)
+        return traj
+
+    @staticmethod
+    def _randn(shape, generators, device) -> torch.Tensor:
+        if generators is None:
+            return torch.randn(shape, device=device)
+        if len(generators) != shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generators])

@@ -1,0 +1,113 @@
+"""Containers for sampled trajectories and for the transitions the trainers learn from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Trajectories:
+    """A batch of sampled trajectories, in sampling order (index ``i`` = step from x_{K-i} to x_{K-i-1}).
+
+    Attributes:
+        latents: (B, K + 1, C, h, w) states x_K, …, x_0 (float32).
+        epsilons: (B, K, C, h, w) guided noise predictions ε̂_old recorded while sampling (float32).
+        prompt_embeds: (B, L, D) text-encoder states of each sample's own prompt.
+        negative_prompt_embeds: (B, L, D) states of the negative (unconditional) prompt.
+        prompts, prompt_metadata: the prompts and their metadata, one per sample.
+        images: (B, 3, H, W) decoded final samples in [0, 1] (float32).
+        rewards: (B,) log-rewards of the final samples (filled in after scoring).
+        sample_ids: (B,) global index of each sample in the epoch (identical for any number of processes).
+    """
+
+    latents: torch.Tensor
+    epsilons: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    prompts: list[str]
+    prompt_metadata: list[dict[str, Any]]
+    images: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.epsilons.shape[1]
+
+    def select(self, index: torch.Tensor | list[int]) -> Trajectories:
+        """The sub-batch at ``index`` (tensors, lists and extras alike)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                out[f.name] = value[index.to(value.device)]
+            elif isinstance(value, list):
+                out[f.name] = [value[i] for i in index.tolist()]
+            elif isinstance(value, dict):
+                out[f.name] = {k: v[index.to(v.device)] for k, v in value.items()}
+            else:
+                out[f.name] = value
+        return replace(self, **out)
+
+    @staticmethod
+    def concatenate(parts: list[Trajectories]) -> Trajectories:
+        """Concatenate batches along the sample dimension."""
+        first = parts[0]
+        out = {}
+        for f in fields(first):
+            values = [getattr(p, f.name) for p in parts]
+            if values[0] is None:
+                out[f.name] = None
+            elif isinstance(values[0], torch.Tensor):
+                out[f.name] = torch.cat(values)
+            elif isinstance(values[0], list):
+                out[f.name] = [item for v in values for item in v]
+            else:
+                out[f.name] = {k: torch.cat([v[k] for v in values]) for k in values[0]}
+        return Trajectories(**out)
+
+
+@dataclass
+class TransitionBatch:
+    """One transition x_k -> x_{k-1} per sample, at per-sample positions ``step_index`` (sampling order).
+
+    ``next_epsilons`` is the recorded ε̂_old at x_{k-1} (zeros where x_{k-1} is the final sample).
+    """
+
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    step_index: torch.Tensor
+    epsilons: torch.Tensor
+    next_epsilons: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    prompts: list[str]
+    prompt_metadata: list[dict[str, Any]]
+
+    @classmethod
+    def from_trajectories(cls, traj: Trajectories, step_index: torch.Tensor) -> TransitionBatch:
+        """Gather transition ``step_index[b]`` of every trajectory ``b``."""
+        rows = torch.arange(len(traj), device=traj.latents.device)
+        step_index = step_index.to(traj.latents.device)
+        num_steps = traj.num_steps
+        next_eps = traj.epsilons[rows, (step_index + 1).clamp(max=num_steps - 1)]
+        next_eps = torch.where((step_index + 1 < num_steps).view(-1, 1, 1, 1), next_eps, torch.zeros_like(next_eps))
+        return cls(
+            latents=traj.latents[rows, step_index],
+            next_latents=traj.latents[rows, step_index + 1],
+            step_index=step_index,
+            epsilons=traj.epsilons[rows, step_index],
+            next_epsilons=next_eps,
+            prompt_embeds=traj.prompt_embeds,
+            negative_prompt_embeds=traj.negative_prompt_embeds,
+            prompts=traj.prompts,
+            prompt_metadata=traj.prompt_metadata,
+        )

@@ -1,0 +1,51 @@
+"""Tiny Stable Diffusion components built from configs, for tests and smoke runs (no downloads).
+
+The components are random: they exercise every code path of the trainers at a few milliseconds per
+UNet call, but they are not a model of anything. For a small *pretrained* model see
+``trl_gfn.assets.BUNDLED_DIGITS_MODEL``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def tiny_tokenizer(model_max_length: int = 12) -> CLIPTokenizer:
+    """A CLIP tokenizer over single byte-characters (no merges): 514 tokens, any text tokenises."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_stable_diffusion(seed: int = 0, prediction_type: str = "epsilon", latent_size: int = 8, width: int = 16) -> StableDiffusionPipeline:
+    """A random tiny Stable Diffusion pipeline: 4×``latent_size``² latents, images twice that size."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, 2 * width), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=2 * latent_size,
+    )
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+    ))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type=prediction_type)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -1,0 +1,533 @@
+"""The trainer machinery every method shares: accelerate set-up, sampling, rewards, the optimisation step,
+logging, checkpoints, the final save and the Hub.
+
+A method subclasses :class:`DiffusionRLTrainer` and provides only what differs: its config class, the
+extra trainable modules it needs (:meth:`build_modules`), its parameter groups, and how it trains on an
+epoch's samples (:meth:`train_on_samples`, usually through :class:`TransitionTrainer`'s loop and its own
+:meth:`compute_loss`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from ..configs.base import DiffusionRLConfig
+from ..pipelines import DiffusionPipelineForRL, Trajectories, TransitionBatch
+from ..prompts import PromptSource
+from ..rewards.base import validate_rewards
+from .hub import render_model_card, upload_folder
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed determined by integers only (stable across processes and Python runs)."""
+    return hash(tuple(int(p) for p in parts)) & ((1 << 63) - 1)
+
+
+def resolve_resume_path(resume_from: str) -> str:
+    """A `checkpoint_N` directory from a run directory (its newest checkpoint) or a checkpoint directory.
+
+    Raises ``FileNotFoundError`` naming ``resume_from`` when nothing can be resumed from.
+    """
+    path = os.path.abspath(os.path.expanduser(resume_from))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"resume_from: {resume_from!r} is not a directory")
+    if CHECKPOINT_PATTERN.match(os.path.basename(path)):
+        return path
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(candidate):
+            found = [(int(m.group(1)), d) for d in os.listdir(candidate) if (m := CHECKPOINT_PATTERN.match(d))]
+            if found:
+                return os.path.join(candidate, max(found)[1])
+    raise FileNotFoundError(f"resume_from: no checkpoint_N directory in {resume_from!r} or its checkpoints/ folder")
+
+
+class TrainingState:
+    """Counters restored on resume (registered with ``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.global_step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+
+
+class TrainableModules(torch.nn.Module):
+    """Every module the optimizer updates, behind one ``forward`` so that a single accelerate wrapper
+    (DDP, DeepSpeed) synchronises all of their gradients. ``model("unet", *args)`` calls the UNet,
+    ``model("flow_head", *args)`` another module by name."""
+
+    def __init__(self, unet: torch.nn.Module, **extra: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        for name, module in extra.items():
+            self.add_module(name, module)
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, name)(*args, **kwargs)
+
+
+class _Dispatch:
+    """Calls a named sub-module through the (possibly wrapped) :class:`TrainableModules`."""
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        self.model, self.name = model, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(self.name, *args, **kwargs)
+
+
+class DiffusionRLTrainer:
+    """Base class of the trl-gfn trainers (see the module docstring for what a method overrides).
+
+    Args:
+        config: the method's config dataclass.
+        reward_function: ``reward_fn(images, prompts, prompt_metadata) -> (rewards, metadata)``; an
+            ``nn.Module`` is moved to the device, frozen and kept in float32.
+        pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` is wrapped).
+        prompt_function: a callable ``() -> (prompt, metadata)``, a list of prompts, a ``datasets.Dataset``
+            with a ``prompt`` column, or a prompt-set name; default ``config.prompt_set``.
+        image_samples_hook: optional ``hook(prompt_image_data, global_step, tracker)`` called when images
+            are logged (as in TRL's former DDPOTrainer).
+    """
+
+    config_class: type[DiffusionRLConfig] = DiffusionRLConfig
+    method_name: str = "diffusion RL"
+    paper: str = ""
+    citation: str = ""
+    #: whether the method differentiates the reward w.r.t. the images
+    needs_reward_gradient: bool = True
+    #: config fields shown in the model card
+    card_fields: list[str] = ["sample_num_steps", "sample_guidance_scale", "sampler", "lora_rank", "train_learning_rate",
+                              "num_epochs", "sample_batch_size", "train_batch_size"]
+
+    def __init__(
+        self,
+        config: DiffusionRLConfig,
+        reward_function: Callable,
+        pipeline: DiffusionPipelineForRL,
+        prompt_function: Any = None,
+        image_samples_hook: Callable | None = None,
+    ) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        config.validate()
+        if not callable(reward_function):
+            raise TypeError(f"reward_function must be callable (images, prompts, metadata) -> (rewards, metadata), got {type(reward_function).__name__}")
+        if not isinstance(pipeline, DiffusionPipelineForRL):
+            if hasattr(pipeline, "unet") and hasattr(pipeline, "vae"):
+                pipeline = DiffusionPipelineForRL(pipeline)
+            else:
+                raise TypeError(f"pipeline must be a DiffusionPipelineForRL or a diffusers Stable Diffusion pipeline, got {type(pipeline).__name__}")
+        self.config = config
+        self.pipeline = pipeline
+        self.image_samples_hook = image_samples_hook
+        self.resume_path = resolve_resume_path(config.resume_from) if config.resume_from else None
+
+        run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y.%m.%d_%H.%M.%S')}"
+        if self.resume_path is not None and not config.run_name:
+            # continue the run the checkpoint belongs to
+            run_dir = os.path.dirname(os.path.dirname(self.resume_path)) if os.path.basename(os.path.dirname(self.resume_path)) == "checkpoints" else os.path.dirname(self.resume_path)
+            run_name = os.path.basename(run_dir)
+        self.run_name = run_name
+        self.run_dir = os.path.join(config.logdir, run_name)
+        self.output_dir = config.output_dir or os.path.join(self.run_dir, "final")
+
+        accelerator_kwargs = dict(config.accelerator_kwargs)
+        self.accelerator = Accelerator(
+            log_with=config.log_with,
+            mixed_precision=config.mixed_precision,
+            project_config=ProjectConfiguration(project_dir=self.run_dir, **config.project_kwargs),
+            gradient_accumulation_steps=config.train_gradient_accumulation_steps * self.backward_passes_per_micro_batch,
+            **accelerator_kwargs,
+        )
+        if self.accelerator.is_main_process:
+            os.makedirs(self.run_dir, exist_ok=True)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        set_seed(config.seed)  # same initialisation on every process
+
+        device = self.accelerator.device
+        pipeline.to(device)
+        pipeline.ensure_lora(config.lora_rank, config.lora_alpha, config.lora_target_modules)
+        pipeline.set_precision(config.mixed_precision)
+        if config.gradient_checkpointing:
+            pipeline.enable_gradient_checkpointing()
+        self.schedule = pipeline.make_schedule(config.sampler, config.sample_num_steps, config.sample_eta)
+
+        if isinstance(reward_function, torch.nn.Module):
+            reward_function.to(device=device, dtype=torch.float32)
+            reward_function.requires_grad_(False)
+            reward_function.eval()
+        self.reward_fn = reward_function
+
+        self.modules = TrainableModules(pipeline.unet, **self.build_modules())
+        self.modules.to(device)
+        optimizer = self.build_optimizer(self.param_groups())
+        self.model, self.optimizer = self.accelerator.prepare(self.modules, optimizer)
+        self.state = TrainingState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.accelerator.register_save_state_pre_hook(self._save_model_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_model_hook)
+
+        self.prompt_source = PromptSource(prompt_function if prompt_function is not None else config.prompt_set, seed=config.seed)
+        self.last_metrics: dict[str, float] = {}
+        if self.accelerator.is_main_process and config.log_with is not None:
+            self.accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config.to_dict()),
+                                           init_kwargs=config.tracker_kwargs)
+        if self.resume_path is not None:
+            logger.info(f"Resuming from {self.resume_path}")
+            self.accelerator.load_state(self.resume_path)
+        self.first_epoch = self.state.epoch
+
+    # ------------------------------------------------------------------ what a method overrides
+    @property
+    def backward_passes_per_micro_batch(self) -> int:
+        """Backward calls per training micro-batch (e.g. one per trained transition)."""
+        return 1
+
+    def build_modules(self) -> dict[str, torch.nn.Module]:
+        """Extra trainable modules (besides the UNet's LoRA), by name."""
+        return {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; the base trains the LoRA parameters."""
+        c = self.config
+        return [{"params": self.pipeline.lora_parameters(), "lr": c.train_learning_rate, "weight_decay": c.train_adam_weight_decay, "name": "lora"}]
+
+    def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
+        """Train on one epoch's samples; return the new global step."""
+        raise NotImplementedError
+
+    @property
+    def samples_needed(self) -> bool:
+        """Whether the epoch begins by sampling trajectories without gradient (all but direct backprop methods)."""
+        return True
+
+    # ------------------------------------------------------------------ building blocks
+    def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        c = self.config
+        if c.train_use_8bit_adam:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        return cls(groups, lr=c.train_learning_rate, betas=(c.train_adam_beta1, c.train_adam_beta2), eps=c.train_adam_epsilon,
+                   weight_decay=c.train_adam_weight_decay)
+
+    @property
+    def unwrapped(self) -> TrainableModules:
+        return self.accelerator.unwrap_model(self.model)
+
+    def wrapped(self, name: str) -> _Dispatch:
+        """Call sub-module ``name`` through the prepared model (use it wherever parameter gradients are needed)."""
+        return _Dispatch(self.model, name)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def compute_rewards(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict], *, need_grad: bool) -> tuple[torch.Tensor, dict]:
+        """Call the reward function in float32 (autocast off) and check its output against the contract."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            output = self.reward_fn(images.float(), list(prompts), list(metadata))
+        rewards, meta = validate_rewards(output, images.shape[0], need_grad=need_grad and torch.is_grad_enabled())
+        return rewards.float().to(images.device), meta
+
+    def reward_gradient(self, images_or_latents: torch.Tensor, prompts, metadata, *, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """∇ of the per-sample log-reward w.r.t. ``images_or_latents`` (decoded first if ``decode``); returns (grad, rewards).
+
+        Only an input gradient: the graph (VAE + reward) is freed on return and no parameter ``.grad`` changes.
+        """
+        x = images_or_latents.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            images = self.pipeline.decode(x) if decode else x
+            rewards, _ = self.compute_rewards(images, prompts, metadata, need_grad=True)
+            (grad,) = torch.autograd.grad(rewards.sum(), x)
+        return grad, rewards.detach()
+
+    def sample_epoch(self, epoch: int) -> Trajectories:
+        """Sample ``sample_num_batches_per_epoch`` batches with the current policy and score them (no gradient)."""
+        c, acc = self.config, self.accelerator
+        parts = []
+        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=not acc.is_local_main_process, leave=False):
+            ids = [(b * acc.num_processes + acc.process_index) * c.sample_batch_size + j for j in range(c.sample_batch_size)]
+            prompts, metadata = self.prompt_source(ids, epoch)
+            generators = [torch.Generator(device=acc.device).manual_seed(sample_seed(c.seed, epoch, i)) for i in ids]
+            traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
+                                        prompt_metadata=metadata, generators=generators)
+            with torch.no_grad():
+                traj.rewards, _ = self.compute_rewards(traj.images, prompts, metadata, need_grad=False)
+            traj.sample_ids = torch.tensor(ids, device=acc.device)
+            parts.append(traj)
+        return Trajectories.concatenate(parts)
+
+    def optimizer_step(self, loss_value: torch.Tensor, epoch: int) -> dict[str, float] | None:
+        """At the end of an accumulation cycle: check for non-finite values on every rank, clip, step once.
+
+        Returns the step's diagnostics (grad norms, learning rates), or None when gradients are still
+        being accumulated. A non-finite loss or gradient raises ``FloatingPointError`` before any update,
+        so no corrupt weights or checkpoint are ever written.
+        """
+        acc = self.accelerator
+        if not acc.sync_gradients:
+            return None
+        params = self.trainable_parameters()
+        bad = (~torch.isfinite(loss_value.detach().float())).any().float()
+        for p in params:
+            if p.grad is not None:
+                bad = bad + (~torch.isfinite(p.grad)).any().float()
+        if acc.reduce(bad.reshape(1).to(acc.device), reduction="sum").item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"non-finite loss or gradient at epoch {epoch} (global step {self.state.global_step}); the parameters were not "
+                "updated and no checkpoint was written. Lower the learning rate or reward_scale, or enable train_max_grad_norm.")
+        info = {}
+        for group in self.optimizer.param_groups:
+            grads = [p.grad.detach().float().norm() for p in group["params"] if p.grad is not None]
+            info[f"grad_norm/{group.get('name', 'group')}"] = float(torch.stack(grads).norm()) if grads else 0.0
+            info[f"lr/{group.get('name', 'group')}"] = float(group["lr"])
+        if self.config.train_max_grad_norm > 0:
+            acc.clip_grad_norm_(params, self.config.train_max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return info
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, epochs: int | None = None) -> None:
+        """Run epochs ``first_epoch .. epochs - 1`` (default ``config.num_epochs``), then save (and push)."""
+        epochs = self.config.num_epochs if epochs is None else epochs
+        global_step = self.state.global_step
+        for epoch in range(self.state.epoch, epochs):
+            global_step = self.step(epoch, global_step)
+        self.save_pretrained(self.output_dir)
+        if self.config.push_to_hub:
+            self.push_to_hub(self.config.hub_model_id)
+        self.accelerator.end_training()
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch: sample and score, log, train, checkpoint. Returns the new global step."""
+        acc, c = self.accelerator, self.config
+        start = time.time()
+        samples = None
+        if self.samples_needed:
+            samples = self.sample_epoch(epoch)
+            rewards = acc.gather(samples.rewards.detach())
+            sample_time = time.time() - start
+            self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(), "epoch": epoch,
+                      "samples_per_second": rewards.numel() / max(sample_time, 1e-9)}, step=global_step)
+            if c.log_image_freq and epoch % c.log_image_freq == 0:
+                self.log_images(samples, global_step, epoch)
+        global_step = self.train_on_samples(samples, epoch, global_step)
+        self.state.epoch = epoch + 1
+        self.state.global_step = global_step
+        self.log({"epoch_seconds": time.time() - start}, step=global_step)
+        if c.save_freq and (epoch + 1) % c.save_freq == 0:
+            self.save_checkpoint()
+        return global_step
+
+    # ------------------------------------------------------------------ logging
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Log scalars to the trackers (main process) and keep them as :attr:`last_metrics` for the model card."""
+        values = {k: (v.item() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}
+        self.last_metrics.update(values)
+        if self.config.log_with is not None:
+            self.accelerator.log(values, step=step)
+
+    def log_images(self, samples: Trajectories, global_step: int, epoch: int) -> None:
+        """Save a grid of the main process's samples (with prompts and rewards) and send it to the trackers."""
+        if not self.accelerator.is_main_process or samples.images is None:
+            return
+        from PIL import Image
+
+        n = min(self.config.log_num_images, len(samples))
+        images = (samples.images[:n].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        captions = [f"{p} | {r:.3f}" for p, r in zip(samples.prompts[:n], samples.rewards[:n].tolist())]
+        folder = os.path.join(self.run_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(np.concatenate(list(images), axis=1)).save(os.path.join(folder, f"epoch_{epoch:04d}.png"))
+        with open(os.path.join(folder, f"epoch_{epoch:04d}.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(captions) + "\n")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": images}, step=global_step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"samples": [wandb.Image(img, caption=cap) for img, cap in zip(images, captions)]}, step=global_step)
+        if self.image_samples_hook is not None:
+            data = [[samples.images[:n], samples.prompts[:n], samples.prompt_metadata[:n], samples.rewards[:n]]]
+            self.image_samples_hook(data, global_step, self.accelerator.trackers[0] if self.accelerator.trackers else None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        """Save only what is trained (LoRA in diffusers format + extra modules), not the frozen UNet."""
+        if self.accelerator.is_main_process:
+            self.save_trained_weights(output_dir)
+        weights.clear()  # accelerate would otherwise write the full UNet
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        self.load_trained_weights(input_dir)
+        models.clear()
+
+    def save_trained_weights(self, directory: str) -> None:
+        """LoRA (``pytorch_lora_weights.safetensors``) and each extra module with ``save_pretrained`` in a sub-folder."""
+        for p in self.trainable_parameters():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError("refusing to save: a trainable parameter is not finite")
+        os.makedirs(directory, exist_ok=True)
+        self.pipeline.save_lora(directory)
+        for name, module in self.unwrapped.named_children():
+            if name != "unet":
+                module.save_pretrained(os.path.join(directory, name))
+
+    def load_trained_weights(self, directory: str) -> None:
+        self.pipeline.load_lora(directory)
+        for name, module in self.unwrapped.named_children():
+            if name == "unet":
+                continue
+            loaded = type(module).from_pretrained(os.path.join(directory, name))
+            module.load_state_dict(loaded.state_dict())
+
+    def save_checkpoint(self) -> str:
+        """``accelerator.save_state`` (on every rank) into ``<run>/checkpoints/checkpoint_<epoch>``; keep the newest N."""
+        acc = self.accelerator
+        folder = os.path.join(self.run_dir, "checkpoints")
+        path = os.path.join(folder, f"checkpoint_{self.state.epoch}")
+        acc.wait_for_everyone()
+        acc.save_state(path)
+        if acc.is_main_process:
+            found = sorted((int(m.group(1)), d) for d in os.listdir(folder) if (m := CHECKPOINT_PATTERN.match(d)))
+            for _, d in found[: max(0, len(found) - self.config.num_checkpoint_limit)]:
+                shutil.rmtree(os.path.join(folder, d))
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ final save, model card, Hub
+    def save_pretrained(self, output_dir: str | None = None) -> str:
+        """Write the final LoRA (diffusers format), extra modules, the config and a model card (main process)."""
+        output_dir = output_dir or self.output_dir
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.save_trained_weights(output_dir)
+            import json
+
+            with open(os.path.join(output_dir, "training_config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.config.to_dict(), f, indent=2, default=str)
+            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(self.create_model_card(repo_id=self.config.hub_model_id or os.path.basename(os.path.abspath(output_dir))))
+        self.accelerator.wait_for_everyone()
+        return output_dir
+
+    def model_card_extra_usage(self) -> str:
+        return ""
+
+    def create_model_card(self, repo_id: str = "<repo_id>") -> str:
+        """The model card text: method and paper, base model, reward, key config values, final metrics, loading code."""
+        reward = getattr(self.reward_fn, "name", None) or type(self.reward_fn).__name__
+        if reward == "function":
+            reward = getattr(self.reward_fn, "__name__", "custom reward")
+        metrics = {k: v for k, v in self.last_metrics.items() if not k.startswith("lr/")}
+        return render_model_card(repo_id=repo_id, base_model=self.pipeline.name_or_path, method=self.method_name, paper=self.paper,
+                                 citation=self.citation, reward=reward, config=self.config.to_dict(), key_fields=self.card_fields,
+                                 metrics=metrics, extra_usage=self.model_card_extra_usage())
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload trl-gfn LoRA") -> Any:
+        """Save the final weights and model card (if not yet) and upload them to ``repo_id``."""
+        if not repo_id:
+            raise ValueError("push_to_hub: repo_id must be a non-empty Hub repository id such as 'me/my-lora'")
+        folder = self.output_dir
+        self.save_pretrained(folder)
+        if self.accelerator.is_main_process:
+            with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+                f.write(self.create_model_card(repo_id=repo_id))
+            return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+        return None
+
+
+class TransitionTrainer(DiffusionRLTrainer):
+    """Trainers that learn from individual transitions of recorded trajectories (Nabla-GFlowNet, DDPO).
+
+    Subclasses implement :meth:`select_transitions` (which steps of each trajectory to train on) and
+    :meth:`compute_loss` (the loss of one :class:`TransitionBatch`).
+    """
+
+    @property
+    def backward_passes_per_micro_batch(self) -> int:
+        return self.config.num_train_timesteps
+
+    def select_transitions(self, samples: Trajectories, epoch: int, inner_epoch: int) -> torch.Tensor:
+        """(B, num_train_timesteps) step indices to train on for each trajectory."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch of transitions and its terms/diagnostics (detached scalars)."""
+        raise NotImplementedError
+
+    def prepare_training_samples(self, samples: Trajectories) -> Trajectories:
+        """Hook to transform an epoch's samples before training (e.g. advantages); identity by default."""
+        return samples
+
+    def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
+        c, acc = self.config, self.accelerator
+        samples = self.prepare_training_samples(samples)
+        for inner in range(c.train_num_inner_epochs):
+            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(sample_seed(c.seed, epoch, inner, acc.process_index)))
+            shuffled = samples.select(order)
+            steps = self.select_transitions(shuffled, epoch, inner)
+            info: dict[str, list[float]] = defaultdict(list)
+            batches = range(0, len(shuffled), c.train_batch_size)
+            bar = tqdm(batches, desc=f"Epoch {epoch}.{inner}: training", disable=not acc.is_local_main_process, leave=False)
+            loss_sum = torch.zeros((), device=acc.device)
+            for start in bar:
+                part = shuffled.select(list(range(start, start + c.train_batch_size)))
+                for j in range(steps.shape[1]):
+                    batch = TransitionBatch.from_trajectories(part, steps[start:start + c.train_batch_size, j])
+                    with acc.accumulate(self.model):
+                        loss, terms = self.compute_loss(batch)
+                        acc.backward(loss)
+                        loss_sum = loss_sum + loss.detach()
+                        for k, v in terms.items():
+                            info[k].append(float(v))
+                        stepped = self.optimizer_step(loss_sum, epoch)
+                    if stepped is not None:
+                        global_step += 1
+                        self.state.global_step = global_step
+                        keys = list(info)
+                        means = torch.tensor([float(np.mean(info[k])) for k in keys], device=acc.device)
+                        logs = dict(zip(keys, acc.reduce(means, reduction="mean").tolist())) if keys else {}
+                        logs.update(stepped)
+                        logs.update({"epoch": epoch, "inner_epoch": inner})
+                        self.log(logs, step=global_step)
+                        info = defaultdict(list)
+                        loss_sum = torch.zeros((), device=acc.device)
+        return global_step
+
+
+def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Tracker-friendly config: lists and dicts as strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
+
+
+__all__ = ["DiffusionRLTrainer", "TrainableModules", "TrainingState", "TransitionTrainer", "resolve_resume_path", "sample_seed"]

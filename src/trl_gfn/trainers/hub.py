@@ -1,0 +1,94 @@
+"""Model cards and Hub upload of a trained run (LoRA in diffusers format, optional extra models)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+CARD_TEMPLATE = """---
+library_name: diffusers
+base_model: {base_model}
+tags:
+{tags}
+---
+
+# {title}
+
+A LoRA for [`{base_model}`]({base_url}) trained with **{method}** ({paper}) using
+[trl-gfn](https://github.com/trl-gfn/trl-gfn) to maximise the reward `{reward}` while staying close to
+the pretrained model.
+
+## Use it
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipeline.load_lora_weights("{repo_id}")
+image = pipeline("a photo of a cat", num_inference_steps={steps}, guidance_scale={guidance}).images[0]
+```
+{extra_usage}
+## Training
+
+| setting | value |
+|---|---|
+{config_rows}
+
+## Final metrics
+
+{metrics}
+
+## Citation
+
+```bibtex
+{citation}
+```
+"""
+
+
+def render_model_card(
+    *,
+    repo_id: str,
+    base_model: str,
+    method: str,
+    paper: str,
+    citation: str,
+    reward: str,
+    config: dict[str, Any],
+    key_fields: list[str],
+    metrics: dict[str, float],
+    extra_usage: str = "",
+    tags: list[str] | None = None,
+) -> str:
+    """The README.md of a trained LoRA: method, base model, reward, key config, final metrics, loading code."""
+    base_model = base_model or "<base model>"
+    rows = "\n".join(f"| `{k}` | `{json.dumps(config.get(k), default=str)}` |" for k in key_fields if k in config)
+    metric_text = "\n".join(f"- {k}: {v:.6g}" for k, v in sorted(metrics.items())) if metrics else "(no metrics logged)"
+    all_tags = ["trl-gfn", "diffusers", "lora", "text-to-image", *(tags or [])]
+    return CARD_TEMPLATE.format(
+        title=f"{method} LoRA for {os.path.basename(base_model.rstrip('/')) or base_model}",
+        base_model=base_model,
+        base_url=base_model if base_model.startswith("http") else f"https://huggingface.co/{base_model}",
+        tags="\n".join(f"- {t}" for t in all_tags),
+        method=method,
+        paper=paper,
+        reward=reward,
+        repo_id=repo_id,
+        steps=config.get("sample_num_steps", 50),
+        guidance=config.get("sample_guidance_scale", 7.5),
+        extra_usage=extra_usage,
+        config_rows=rows,
+        metrics=metric_text,
+        citation=citation.strip(),
+    )
+
+
+def upload_folder(folder: str, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                  commit_message: str = "Upload trl-gfn LoRA") -> Any:
+    """Create ``repo_id`` if needed and upload ``folder`` to it (one commit)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
