@@ -231,6 +231,7 @@ def convert_hpsv2(checkpoint: str | os.PathLike | StateDict, tokenizer: Any, ver
         bos_token_id=int(tok.bos_token_id), eos_token_id=int(tok.eos_token_id),
         pad_token_id=int(tok.pad_token_id if tok.pad_token_id is not None else 0),
     )
+    hf_state = {"clip." + k: v for k, v in hf_state.items()}
     model = _instantiate(HPSv2Scorer, hf_state, source, clip_config=config, version=version)
     model.set_tokenizer(tok)
     return model
@@ -462,12 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="HPS_v2_compressed.pt or HPS_v2.1_compressed.pt")
     p.add_argument("--version", choices=HPSv2Scorer.VERSIONS, default="v2.1", help="which HPS release the file is")
     p.add_argument("--tokenizer", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", help="CLIP BPE tokenizer id or directory")
+    p.add_argument("--head-width", type=int, default=64, help="attention head width (heads = width / head-width; 64 in OpenCLIP)")
     common(p)
 
     p = sub.add_parser("imagereward", help="ImageReward v1.0 (ImageReward.pt + med_config.json)")
     p.add_argument("--checkpoint", required=True, help="ImageReward.pt")
     p.add_argument("--med-config", required=True, help="ImageReward's med_config.json")
     p.add_argument("--tokenizer", default="bert-base-uncased", help="bert-base-uncased tokenizer id or directory")
+    p.add_argument("--head-width", type=int, default=64, help="ViT attention head width (heads = width / head-width; 64 in BLIP)")
     common(p)
 
     p = sub.add_parser("pickscore", help="PickScore v1 (a transformers CLIPModel)")
@@ -483,9 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reward == "aesthetic":
         model = convert_aesthetic(args.head, args.clip)
     elif args.reward == "hpsv2":
-        model = convert_hpsv2(args.checkpoint, args.tokenizer, version=args.version)
+        model = convert_hpsv2(args.checkpoint, args.tokenizer, version=args.version, head_width=args.head_width)
     elif args.reward == "imagereward":
-        model = convert_imagereward(args.checkpoint, args.med_config, args.tokenizer)
+        model = convert_imagereward(args.checkpoint, args.med_config, args.tokenizer, head_width=args.head_width)
     else:
         model = convert_pickscore(args.model, args.tokenizer)
     model.save_pretrained(args.output)
