@@ -11,6 +11,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .rewards.base import RewardModel
+
 
 def tiny_tokenizer(model_max_length: int = 12) -> CLIPTokenizer:
     """A CLIP tokenizer over single byte-characters (no merges): 514 tokens, any text tokenises."""
@@ -49,3 +51,18 @@ def tiny_stable_diffusion(seed: int = 0, prediction_type: str = "epsilon", laten
                               steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type=prediction_type)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class BrightnessReward(RewardModel):
+    """log-reward = mean pixel value (differentiable, prompt-free)."""
+
+    def score(self, images, prompts, prompt_metadata):
+        return images.mean(dim=(1, 2, 3))
+
+
+class PromptAwareReward(RewardModel):
+    """Reward the red channel for prompts containing 'red', the blue channel otherwise."""
+
+    def score(self, images, prompts, prompt_metadata):
+        channel = torch.tensor([0 if "red" in p else 2 for p in prompts], device=images.device)
+        return images[torch.arange(len(prompts)), channel].mean(dim=(1, 2))
