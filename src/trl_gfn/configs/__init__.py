@@ -2,5 +2,8 @@
 
 from .base import DiffusionRLConfig
 from .nabla_gfn import NablaGFlowNetConfig
+from .ddpo import DDPOConfig
+from .draft import AlignPropConfig, DRaFTConfig
+from .refl import ReFLConfig
 
-__all__ = ["DiffusionRLConfig", "NablaGFlowNetConfig"]
+__all__ = ["AlignPropConfig", "DDPOConfig", "DRaFTConfig", "DiffusionRLConfig", "NablaGFlowNetConfig", "ReFLConfig"]

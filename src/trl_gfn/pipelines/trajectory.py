@@ -80,6 +80,7 @@ class TransitionBatch:
     """One transition x_k -> x_{k-1} per sample, at per-sample positions ``step_index`` (sampling order).
 
     ``next_epsilons`` is the recorded ε̂_old at x_{k-1} (zeros where x_{k-1} is the final sample).
+    ``extras`` carries the trajectories' per-sample ``extras`` (e.g. DDPO's advantages) unchanged.
     """
 
     latents: torch.Tensor
@@ -91,6 +92,7 @@ class TransitionBatch:
     negative_prompt_embeds: torch.Tensor
     prompts: list[str]
     prompt_metadata: list[dict[str, Any]]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_trajectories(cls, traj: Trajectories, step_index: torch.Tensor) -> TransitionBatch:
@@ -110,4 +112,5 @@ class TransitionBatch:
             negative_prompt_embeds=traj.negative_prompt_embeds,
             prompts=traj.prompts,
             prompt_metadata=traj.prompt_metadata,
+            extras=dict(traj.extras),
         )

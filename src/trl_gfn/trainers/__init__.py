@@ -2,5 +2,10 @@
 
 from .base import DiffusionRLTrainer, TrainableModules, TransitionTrainer
 from .nabla_gfn import NablaGFlowNetTrainer
+from .ddpo import DDPOTrainer, PerPromptStatTracker
+from .draft import AlignPropTrainer, DRaFTTrainer
+from .refl import ReFLTrainer
+from .reward_backprop import RewardBackpropTrainer
 
-__all__ = ["DiffusionRLTrainer", "NablaGFlowNetTrainer", "TrainableModules", "TransitionTrainer"]
+__all__ = ["AlignPropTrainer", "DDPOTrainer", "DRaFTTrainer", "DiffusionRLTrainer", "NablaGFlowNetTrainer", "PerPromptStatTracker",
+           "ReFLTrainer", "RewardBackpropTrainer", "TrainableModules", "TransitionTrainer"]

@@ -271,16 +271,30 @@ class DiffusionRLTrainer:
         c, acc = self.config, self.accelerator
         parts = []
         for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=not acc.is_local_main_process, leave=False):
-            ids = [(b * acc.num_processes + acc.process_index) * c.sample_batch_size + j for j in range(c.sample_batch_size)]
-            prompts, metadata = self.prompt_source(ids, epoch)
-            generators = [torch.Generator(device=acc.device).manual_seed(sample_seed(c.seed, epoch, i)) for i in ids]
-            traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
-                                        prompt_metadata=metadata, generators=generators)
+            traj = self.sample_batch(epoch, b)
             with torch.no_grad():
-                traj.rewards, _ = self.compute_rewards(traj.images, prompts, metadata, need_grad=False)
-            traj.sample_ids = torch.tensor(ids, device=acc.device)
+                traj.rewards, _ = self.compute_rewards(traj.images, traj.prompts, traj.prompt_metadata, need_grad=False)
             parts.append(traj)
         return Trajectories.concatenate(parts)
+
+    def batch_sample_ids(self, batch_index: int, batch_size: int) -> list[int]:
+        """Global sample ids of this process's ``batch_index``-th batch of ``batch_size`` (same set for any process count)."""
+        acc = self.accelerator
+        return [(batch_index * acc.num_processes + acc.process_index) * batch_size + j for j in range(batch_size)]
+
+    def sample_generators(self, epoch: int, ids: Sequence[int]) -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, epoch, sample id) only."""
+        return [torch.Generator(device=self.accelerator.device).manual_seed(sample_seed(self.config.seed, epoch, i)) for i in ids]
+
+    def sample_batch(self, epoch: int, batch_index: int) -> Trajectories:
+        """Sample (no gradient, not scored) this process's ``batch_index``-th batch of the epoch, with ``sample_ids`` set."""
+        c, acc = self.config, self.accelerator
+        ids = self.batch_sample_ids(batch_index, c.sample_batch_size)
+        prompts, metadata = self.prompt_source(ids, epoch)
+        traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
+                                    prompt_metadata=metadata, generators=self.sample_generators(epoch, ids))
+        traj.sample_ids = torch.tensor(ids, device=acc.device)
+        return traj
 
     def optimizer_step(self, loss_value: torch.Tensor, epoch: int) -> dict[str, float] | None:
         """At the end of an accumulation cycle: check for non-finite values on every rank, clip, step once.

@@ -1,0 +1,202 @@
+"""DDPO: PPO-clip on the per-step log-probabilities of the sampler (Black et al., ICLR 2024).
+
+The behaviour of TRL's former ``DDPOTrainer`` on the shared trl-gfn machinery: sample trajectories with
+the current policy (DDIM η > 0), normalise the rewards into advantages (per prompt with a stat tracker,
+or over the epoch's batch), then for ``train_num_inner_epochs`` passes train on ``int(K·f)`` randomly
+chosen transitions of each trajectory with the clipped surrogate
+
+    ratio = exp(log π_θ(x_{k-1}|x_k) − log π_old(x_{k-1}|x_k)),
+    loss  = mean_b max(−A_b · ratio_b, −A_b · clip(ratio_b, 1 − ε, 1 + ε)),
+
+where, as in TRL and ddpo-pytorch, the log-probability is the Gaussian log-density **averaged** over the
+latent's elements. The reward is never differentiated, so any reward works (e.g. JPEG compressibility).
+Cost per trained transition: one guided UNet forward and backward (≈ 3 units of a sampling step).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent import futures
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ..configs.ddpo import DDPOConfig
+from ..diffusion import log_prob, step_mean
+from ..pipelines import Trajectories, TransitionBatch
+from .base import TransitionTrainer, sample_seed
+
+CITATION = """@inproceedings{black2024training,
+  title     = {Training Diffusion Models with Reinforcement Learning},
+  author    = {Kevin Black and Michael Janner and Yilun Du and Ilya Kostrikov and Sergey Levine},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024},
+  eprint    = {2305.13301}
+}"""
+
+LOSS_KEYS = ("loss", "approx_kl", "clipfrac", "ratio_mean", "advantage_abs_mean")
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward normalisation (DDPO's stat tracker): a buffer of each prompt's recent rewards.
+
+    ``update(prompts, rewards)`` adds the rewards to their prompts' buffers (at most ``buffer_size`` each)
+    and returns the advantages (r − mean) / (std + 1e-6) with the buffer's statistics, or the whole batch's
+    when the buffer holds fewer than ``min_count`` values. Saved and restored with the checkpoints.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int) -> None:
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.stats: dict[str, deque] = {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        prompts_arr = np.array(prompts, dtype=object)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):  # unique, in first-seen order
+            mask = prompts_arr == prompt
+            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = rewards.mean(), rewards.std() + 1e-6
+            else:
+                mean, std = np.mean(buffer), np.std(buffer) + 1e-6
+            advantages[mask] = (rewards[mask] - mean) / std
+        return advantages
+
+    def get_stats(self) -> dict[str, dict[str, float]]:
+        return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "count": len(v)} for k, v in self.stats.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": {k: list(map(float, v)) for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in state["stats"].items()}
+
+
+class DDPOTrainer(TransitionTrainer):
+    """Fine-tune a diffusion model's LoRA with DDPO (PPO-clip), the behaviour of TRL's former ``DDPOTrainer``.
+
+    Usage::
+
+        trainer = DDPOTrainer(DDPOConfig(...), JpegCompressibilityReward(), pipeline)
+        trainer.train()
+
+    The reward need not be differentiable. :meth:`compute_loss` returns the clipped loss of one batch of
+    transitions with ``approx_kl`` and ``clipfrac`` (as TRL logged them).
+    """
+
+    config_class = DDPOConfig
+    method_name = "DDPO"
+    paper = "Black et al., *Training Diffusion Models with Reinforcement Learning*, ICLR 2024, arXiv:2305.13301"
+    citation = CITATION
+    needs_reward_gradient = False
+    card_fields = [*TransitionTrainer.card_fields, "train_timestep_fraction", "train_clip_range", "train_adv_clip_max", "train_cfg",
+                   "per_prompt_stat_tracking", "train_num_inner_epochs"]
+
+    def __init__(self, config: DDPOConfig, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
+        self.stat_tracker: PerPromptStatTracker | None = None
+        if config.per_prompt_stat_tracking:
+            self.stat_tracker = PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
+        self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers) if config.async_reward_computation else None
+        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
+
+    def build_modules(self) -> dict[str, torch.nn.Module]:
+        # called by the base __init__ after the Accelerator exists and before any checkpoint is loaded:
+        # the stat tracker's buffers are saved with, and restored from, the accelerate checkpoints.
+        if self.stat_tracker is not None:
+            self.accelerator.register_for_checkpointing(self.stat_tracker)
+        return {}
+
+    # ------------------------------------------------------------------ sampling (optionally async rewards)
+    def sample_epoch(self, epoch: int) -> Trajectories:
+        """Sample the epoch's batches; with ``async_reward_computation`` rewards run in a thread pool meanwhile."""
+        if self.executor is None:
+            return super().sample_epoch(epoch)
+        c, acc = self.config, self.accelerator
+        parts, pending = [], []
+        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=not acc.is_local_main_process, leave=False):
+            traj = self.sample_batch(epoch, b)
+            parts.append(traj)
+            pending.append(self.executor.submit(self._score_no_grad, traj.images, traj.prompts, traj.prompt_metadata))
+        for traj, future in zip(parts, pending):
+            traj.rewards = future.result()
+        return Trajectories.concatenate(parts)
+
+    def _score_no_grad(self, images, prompts, metadata) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is thread-local: set it in the worker
+            return self.compute_rewards(images, prompts, metadata, need_grad=False)[0]
+
+    # ------------------------------------------------------------------ advantages
+    def compute_advantages(self, samples: Trajectories) -> torch.Tensor:
+        """Advantages of this process's samples, normalised over the samples of all processes (as TRL did)."""
+        acc = self.accelerator
+        rewards = acc.gather(samples.rewards.detach().float())
+        ids = acc.gather(samples.sample_ids)
+        if self.stat_tracker is not None:
+            prompts = gather_object(list(samples.prompts)) if acc.num_processes > 1 else list(samples.prompts)
+            advantages = torch.as_tensor(self.stat_tracker.update(prompts, rewards.cpu().numpy()), dtype=torch.float32, device=rewards.device)
+        else:
+            advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
+        position = {int(i): n for n, i in enumerate(ids.tolist())}
+        local = torch.tensor([position[int(i)] for i in samples.sample_ids.tolist()], device=advantages.device)
+        return advantages[local].to(samples.rewards.device)
+
+    def prepare_training_samples(self, samples: Trajectories) -> Trajectories:
+        samples.extras["advantages"] = self.compute_advantages(samples)
+        return samples
+
+    # ------------------------------------------------------------------ which transitions
+    def select_transitions(self, samples: Trajectories, epoch: int, inner_epoch: int) -> torch.Tensor:
+        """int(K·f) steps per trajectory: the first entries of a random permutation of the K steps (TRL's choice)."""
+        c = self.config
+        rows = []
+        for sid in samples.sample_ids.tolist():
+            gen = torch.Generator().manual_seed(sample_seed(c.seed, epoch, inner_epoch, sid, 23))
+            rows.append(torch.randperm(c.sample_num_steps, generator=gen)[: c.num_train_timesteps])
+        return torch.stack(rows).to(self.accelerator.device)
+
+    # ------------------------------------------------------------------ the loss
+    def transition_log_prob(self, batch: TransitionBatch, epsilon: torch.Tensor) -> torch.Tensor:
+        """Per-sample log-density of x_{k-1} given x_k and a noise prediction, averaged over the latent's elements."""
+        sched, x = self.schedule, batch.latents.float()
+        idx = batch.step_index
+        cx, ce, std = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
+        mean = step_mean(x, epsilon, cx, ce)
+        return log_prob(batch.next_latents.float(), mean, std) / x[0].numel()
+
+    def policy_epsilon(self, batch: TransitionBatch) -> torch.Tensor:
+        """The policy's noise prediction at x_k through the prepared model: guided if ``train_cfg``, else conditional only."""
+        c, sched, x = self.config, self.schedule, batch.latents.float()
+        idx = batch.step_index
+        scale = c.sample_guidance_scale if c.train_cfg else 1.0
+        return self.pipeline.guided_epsilon(self.wrapped("unet"), x, sched.timesteps[idx], batch.prompt_embeds, batch.negative_prompt_embeds,
+                                            scale, sched.gather("alphas_cumprod", idx, like=x), sched.prediction_type)
+
+    def compute_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """PPO-clip loss of a batch of transitions; ``batch.extras["advantages"]`` holds the advantages.
+
+        The old log-probability is recomputed from the recorded sampling prediction ε̂_old (exactly the
+        density the sampler drew x_{k-1} from), so nothing else needs storing.
+        """
+        c = self.config
+        with torch.no_grad():
+            old = self.transition_log_prob(batch, batch.epsilons.float())
+        new = self.transition_log_prob(batch, self.policy_epsilon(batch))
+        advantages = batch.extras["advantages"].float().clamp(-c.train_adv_clip_max, c.train_adv_clip_max)
+        ratio = torch.exp(new - old)
+        unclipped = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1.0 - c.train_clip_range, 1.0 + c.train_clip_range)
+        loss = torch.maximum(unclipped, clipped).mean()
+        with torch.no_grad():
+            approx_kl = 0.5 * ((new - old) ** 2).mean()
+            clipfrac = ((ratio - 1.0).abs() > c.train_clip_range).float().mean()
+        terms = dict(zip(LOSS_KEYS, (loss.detach(), approx_kl, clipfrac, ratio.detach().mean(), advantages.abs().mean())))
+        return loss, terms
+
+
+__all__ = ["DDPOTrainer", "PerPromptStatTracker"]

@@ -1,0 +1,149 @@
+"""Shared loop of the trainers that back-propagate a differentiable reward through sampling (DRaFT, AlignProp, ReFL).
+
+These trainers sample *with* gradient themselves, so the base's no-grad sampling is skipped
+(:attr:`samples_needed` is False). Each epoch draws ``sample_batch_size * sample_num_batches_per_epoch``
+samples per process in micro-batches of ``train_batch_size``; a method provides
+:meth:`generate_with_grad` (which steps carry gradient, which images are scored) and the loss is
+``−mean r(images)``, accumulated over ``train_gradient_accumulation_steps`` micro-batches per update.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion import step_mean
+from ..pipelines import Trajectories
+from .base import DiffusionRLTrainer
+
+
+@dataclass
+class GradSamples:
+    """What :meth:`RewardBackpropTrainer.generate_with_grad` returns for one micro-batch.
+
+    ``images`` carry the graph back to the LoRA parameters; ``prompts``/``prompt_metadata`` are aligned with
+    them (repeated for DRaFT-LV copies); ``latents`` are the (detached) final latents of the scored images;
+    ``logs`` holds method diagnostics (floats) averaged into the update's log.
+    """
+
+    images: torch.Tensor
+    prompts: list[str]
+    prompt_metadata: list[dict]
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class RewardBackpropTrainer(DiffusionRLTrainer):
+    """Base of the direct reward-gradient trainers; subclasses implement :meth:`generate_with_grad`."""
+
+    needs_reward_gradient = True
+    #: keys of :attr:`GradSamples.logs`, always logged (fixed set per method)
+    log_keys: tuple[str, ...] = ()
+
+    def __init__(self, config, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
+        if getattr(reward_function, "differentiable", True) is False:
+            name = getattr(reward_function, "name", None) or type(reward_function).__name__
+            raise ValueError(
+                f"reward_function: {name} is not differentiable (differentiable=False), but {type(self).__name__} back-propagates "
+                "the reward through sampling; use DDPOTrainer for non-differentiable rewards")
+        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
+
+    @property
+    def samples_needed(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ sampling with gradient
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = self.pipeline.encode_prompts(prompts)
+        negative = self.pipeline.encode_prompts([self.config.negative_prompts or ""]).expand(len(prompts), -1, -1)
+        return embeds, negative
+
+    def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """x_K, drawn exactly as :meth:`DiffusionPipelineForRL.sample` draws it (same generators, same sample)."""
+        shape = (len(generators), *self.pipeline.latent_shape)
+        sigma = float(getattr(self.pipeline.scheduler, "init_noise_sigma", 1.0))
+        return self.pipeline._randn(shape, generators, self.accelerator.device) * sigma
+
+    def denoise(self, latents: torch.Tensor, start: int, stop: int, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                generators: list[torch.Generator], *, grad_from: int) -> torch.Tensor:
+        """Run sampling steps ``start .. stop-1`` (sampling order) from ``latents``.
+
+        Steps ``i >= grad_from`` call the UNet through the prepared model with gradient; earlier steps run
+        without gradient on the plain UNet. The noise comes from ``generators`` in the order
+        :meth:`DiffusionPipelineForRL.sample` uses, so the path equals the no-grad sampler's.
+        """
+        c, sched = self.config, self.schedule
+        batch = latents.shape[0]
+        for i in range(start, stop):
+            index = torch.full((batch,), i, device=latents.device, dtype=torch.long)
+            with_grad = i >= grad_from
+            unet = self.wrapped("unet") if with_grad else self.pipeline.unet
+            with torch.set_grad_enabled(with_grad):
+                eps = self.pipeline.guided_epsilon(unet, latents, sched.timesteps[index], prompt_embeds, negative_embeds, c.sample_guidance_scale,
+                                                   sched.gather("alphas_cumprod", index, like=latents), sched.prediction_type)
+                mean = step_mean(latents, eps, sched.gather("coef_x", index, like=latents), sched.gather("coef_eps", index, like=latents))
+                noise = self.pipeline._randn(latents.shape, generators, latents.device)
+                latents = mean + sched.gather("std", index, like=latents) * noise
+        return latents
+
+    def generate_with_grad(self, prompts: list[str], metadata: list[dict], ids: list[int], epoch: int) -> GradSamples:
+        """Sample one micro-batch, keeping the graph the method differentiates (see the subclasses)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop
+    def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
+        c, acc = self.config, self.accelerator
+        micro_batches = c.sample_batch_size * c.sample_num_batches_per_epoch // c.train_batch_size
+        info: dict[str, list[float]] = defaultdict(list)
+        epoch_rewards = []
+        loss_sum = torch.zeros((), device=acc.device)
+        last = None
+        bar = tqdm(range(micro_batches), desc=f"Epoch {epoch}: training", disable=not acc.is_local_main_process, leave=False)
+        for m in bar:
+            ids = self.batch_sample_ids(m, c.train_batch_size)
+            prompts, metadata = self.prompt_source(ids, epoch)
+            with acc.accumulate(self.model):
+                out = self.generate_with_grad(list(prompts), list(metadata), ids, epoch)
+                rewards, _ = self.compute_rewards(out.images, out.prompts, out.prompt_metadata, need_grad=True)
+                loss = -rewards.mean()
+                acc.backward(loss)
+                loss_sum = loss_sum + loss.detach()
+                info["loss"].append(float(loss.detach()))
+                info["reward_batch_mean"].append(float(rewards.detach().mean()))
+                for k in self.log_keys:
+                    info[k].append(float(out.logs[k]))
+                epoch_rewards.append(rewards.detach())
+                stepped = self.optimizer_step(loss_sum, epoch)
+            last = (out, rewards.detach())
+            if stepped is not None:
+                global_step += 1
+                self.state.global_step = global_step
+                keys = list(info)
+                means = torch.tensor([float(np.mean(info[k])) for k in keys], device=acc.device)
+                logs = dict(zip(keys, acc.reduce(means, reduction="mean").tolist()))
+                logs.update(stepped)
+                logs["epoch"] = epoch
+                self.log(logs, step=global_step)
+                info = defaultdict(list)
+                loss_sum = torch.zeros((), device=acc.device)
+        rewards = acc.gather(torch.cat(epoch_rewards))
+        self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(), "epoch": epoch}, step=global_step)
+        if last is not None and c.log_image_freq and epoch % c.log_image_freq == 0:
+            out, rewards = last
+            b = len(out.prompt_embeds)
+            x0 = out.latents[:b]
+            self.log_images(Trajectories(latents=x0[:, None], epsilons=x0.new_zeros((b, 0, *x0.shape[1:])), prompt_embeds=out.prompt_embeds,
+                                         negative_prompt_embeds=out.negative_prompt_embeds, prompts=out.prompts[:b],
+                                         prompt_metadata=out.prompt_metadata[:b], images=out.images[:b].detach(), rewards=rewards[:b]),
+                            global_step, epoch)
+        return global_step
+
+
+__all__ = ["GradSamples", "RewardBackpropTrainer"]
