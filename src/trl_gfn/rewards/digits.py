@@ -106,10 +106,12 @@ class DigitClassifier(nn.Module, PyTorchModelHubMixin, library_name="trl-gfn", t
         """Load trained weights from a local directory or a Hub repo (``PyTorchModelHubMixin.from_pretrained``).
 
         Keyword arguments override the stored config (for the reward: ``target_digits=...`` or
-        ``prompt_aware=True``). A local directory without weights raises ``FileNotFoundError``: a
-        pretrained classifier is never silently replaced by random weights.
+        ``prompt_aware=True``). Loading is strict (missing or unexpected keys raise) and a local
+        directory without weights raises ``FileNotFoundError``: a pretrained classifier is never
+        silently replaced by random weights.
         """
         _check_local_weights(pretrained_model_name_or_path)
+        kwargs.setdefault("strict", True)  # every parameter must come from the checkpoint
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
@@ -186,6 +188,11 @@ class DigitClassifierReward(RewardModel, DigitClassifier):
             self.target_digits = None
             mask = torch.zeros(num_classes, dtype=torch.bool)
         self.register_buffer("_target_mask", mask, persistent=False)
+        # record the normalised target (a list) in the config written by save_pretrained: the Hub mixin
+        # drops arguments it cannot serialise (e.g. a range)
+        if isinstance(getattr(self, "_hub_mixin_config", None), dict):
+            self._hub_mixin_config["target_digits"] = self.target_digits
+            self._hub_mixin_config["prompt_aware"] = self.prompt_aware
         self.freeze()
 
     # RewardModel.forward (the reward contract) wins over DigitClassifier.forward in the MRO; the
