@@ -19,3 +19,17 @@ def tiny_pipeline():
 @pytest.fixture
 def brightness_reward():
     return BrightnessReward()
+
+
+def reset_accelerate_state():
+    """accelerate keeps a process-wide singleton; tests that change mixed precision need a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
