@@ -1,0 +1,132 @@
+"""Bad input gives clear errors; a non-finite loss never reaches the weights or a checkpoint; Hub upload offline."""
+
+import os
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from trl_gfn import DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer, TransitionBatch
+from trl_gfn.rewards.base import RewardModel
+from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion
+
+PROMPTS = ["a cat", "a dog"]
+
+
+def config(tmp_path, **overrides):
+    kwargs = dict(num_epochs=1, sample_num_steps=4, sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2,
+                  logdir=str(tmp_path), run_name="run", flow_block_out_channels=[8, 16], flow_attention_head_dim=4, reward_scale=10.0,
+                  save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4)
+    kwargs.update(overrides)
+    return NablaGFlowNetConfig(**kwargs)
+
+
+def trainer_with(tmp_path, reward, **overrides):
+    return NablaGFlowNetTrainer(config(tmp_path, **overrides), reward, DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+
+
+class Fn(RewardModel):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def score(self, images, prompts, prompt_metadata):
+        return self.fn(images)
+
+
+@pytest.mark.parametrize("reward,match", [
+    (lambda im, p, m: (im.mean(dim=(2, 3)), {}), r"shape \(2, 3\); expected \(2,\)"),
+    (lambda im, p, m: (im.mean(dim=(1, 2, 3)) * float("nan"), {}), "non-finite rewards"),
+    (lambda im, p, m: im.mean(dim=(1, 2, 3)), "must return a pair"),
+])
+def test_bad_rewards_are_rejected_at_sampling(tmp_path, reward, match):
+    trainer = trainer_with(tmp_path, reward)
+    with pytest.raises(ValueError, match=match):
+        trainer.sample_epoch(0)
+
+
+def test_reward_without_gradient_is_rejected_by_a_gradient_trainer(tmp_path):
+    trainer = trainer_with(tmp_path, lambda im, p, m: (im.mean(dim=(1, 2, 3)).detach(), {}))
+    samples = trainer.sample_epoch(0)  # scoring without gradient is fine
+    with pytest.raises(ValueError, match="without a gradient"):
+        trainer.compute_loss(TransitionBatch.from_trajectories(samples, torch.tensor([1, 1])))
+
+
+def test_missing_resume_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        trainer_with(tmp_path, BrightnessReward(), resume_from=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint_N"):
+        trainer_with(tmp_path, BrightnessReward(), resume_from=str(tmp_path / "empty"))
+
+
+def test_unsupported_pipelines_and_schedulers(tmp_path):
+    unconditional = DDPMPipeline(unet=UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8,
+                                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
+                                 scheduler=DDPMScheduler())
+    with pytest.raises(ValueError, match="has no `vae`"):
+        DiffusionPipelineForRL(unconditional)
+    with pytest.raises(TypeError, match="pipeline must be"):
+        NablaGFlowNetTrainer(config(tmp_path), BrightnessReward(), object())
+    pipe = tiny_stable_diffusion()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, thresholding=True)
+    with pytest.raises(ValueError, match="thresholding"):
+        NablaGFlowNetTrainer(config(tmp_path), BrightnessReward(), DiffusionPipelineForRL(pipe), prompt_function=PROMPTS)
+    with pytest.raises(ValueError, match="sampler"):
+        config(tmp_path, sampler="euler")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train_timestep_fraction", 0.0, "train_timestep_fraction"),
+    ("sample_eta", 0.0, "sample_eta"),
+    ("reward_gradient_scaling", "cube", "reward_gradient_scaling"),
+    ("train_batch_size", 3, "train_batch_size"),
+    ("mixed_precision", "fp8", "mixed_precision"),
+    ("flow_attention_head_dim", 3, "flow_attention_head_dim"),
+    ("unet_reg_scale", -1.0, "unet_reg_scale"),
+    ("push_to_hub", True, "hub_model_id"),
+    ("use_lora", False, "use_lora"),
+])
+def test_config_errors_name_the_field(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **{field: value})
+
+
+def test_a_non_finite_loss_never_reaches_weights_or_checkpoints(tmp_path):
+    trainer = trainer_with(tmp_path, BrightnessReward(), save_freq=1, num_epochs=3)
+    trainer.train(epochs=1)
+    before = [p.detach().clone() for p in trainer.trainable_parameters()]
+    original = trainer.compute_loss
+
+    def poisoned(batch):
+        loss, terms = original(batch)
+        return loss * float("nan"), terms
+
+    trainer.compute_loss = poisoned
+    with pytest.raises(FloatingPointError, match="not updated"):
+        trainer.train()
+    for a, b in zip(before, trainer.trainable_parameters()):
+        assert torch.equal(a, b)
+    assert os.listdir(os.path.join(trainer.run_dir, "checkpoints")) == ["checkpoint_1"]
+
+
+def test_push_to_hub_uploads_lora_flow_head_and_card(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
+
+    def fake_upload(self, repo_id, folder_path, commit_message, **kw):
+        calls["files"] = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs)
+        calls["card"] = open(os.path.join(folder_path, "README.md"), encoding="utf-8").read()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload)
+    trainer = trainer_with(tmp_path, BrightnessReward())
+    trainer.train()
+    trainer.push_to_hub("me/tiny-nabla-lora")
+    assert calls["repo"] == "me/tiny-nabla-lora"
+    assert {"pytorch_lora_weights.safetensors", "README.md", "training_config.json", "flow_head/config.json",
+            "flow_head/diffusion_pytorch_model.safetensors"} <= set(calls["files"])
+    card = calls["card"]
+    for needle in ("Nabla-GFlowNet", "2412.07775", "BrightnessReward", 'load_lora_weights("me/tiny-nabla-lora")', "reward_scale", "reward_mean"):
+        assert needle in card, needle
