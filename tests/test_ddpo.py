@@ -1,0 +1,178 @@
+"""DDPO: TRL parity of the per-step log-probability and the clipped loss, advantages, configs, a non-differentiable reward."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from trl_gfn.configs.ddpo import DDPOConfig
+from trl_gfn.pipelines import DiffusionPipelineForRL, TransitionBatch
+from trl_gfn.rewards.compressibility import JpegCompressibilityReward
+from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion
+from trl_gfn.trainers.ddpo import DDPOTrainer, PerPromptStatTracker
+
+PROMPTS = ["a cat", "a dog"]
+
+
+def config(tmp_path, **overrides):
+    kwargs = dict(num_epochs=1, sample_num_steps=4, sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2,
+                  logdir=str(tmp_path), run_name="run", save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4)
+    kwargs.update(overrides)
+    return DDPOConfig(**kwargs)
+
+
+def reference_log_prob(scheduler, unet, latents, timesteps, next_latents, embeds, negative, guidance, eta, cfg=True):
+    """TRL's former DDPO step log-probability, written out from the DDIM formulas (mean over elements)."""
+    if cfg:
+        out = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), encoder_hidden_states=torch.cat([negative, embeds])).sample
+        uncond, cond = out.chunk(2)
+        eps = uncond + guidance * (cond - uncond)
+    else:
+        eps = unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    prev = timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    ac = scheduler.alphas_cumprod.to(torch.float32)
+    a_t = ac[timesteps].view(-1, 1, 1, 1)
+    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.tensor(float(scheduler.final_alpha_cumprod))).view(-1, 1, 1, 1)
+    x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    lp = -((next_latents - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return lp.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("train_cfg", [True, False])
+def test_log_prob_and_clipped_loss_equal_the_formulas(tmp_path, train_cfg):
+    c = config(tmp_path, train_cfg=train_cfg, train_clip_range=0.02, train_adv_clip_max=2.0, sample_eta=0.8)
+    trainer = DDPOTrainer(c, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    samples = trainer.sample_epoch(0)
+    samples.extras["advantages"] = torch.tensor([3.5, -0.7])  # the first is clipped to 2.0
+    steps = torch.tensor([1, 3])
+    batch = TransitionBatch.from_trajectories(samples, steps)
+    unet = trainer.pipeline.unet
+    scheduler = DDIMScheduler.from_config(trainer.pipeline.scheduler.config)
+    scheduler.set_timesteps(c.sample_num_steps)
+    timesteps = scheduler.timesteps[steps]
+    args = (scheduler, unet, batch.latents, timesteps, batch.next_latents, batch.prompt_embeds, batch.negative_prompt_embeds, 3.0, 0.8)
+    with torch.no_grad():
+        old = reference_log_prob(*args)  # the sampling policy, before any update (always guided, as TRL recorded it)
+        for name, p in unet.named_parameters():  # move the policy away from the sampler so that the ratio is not 1
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+
+    loss, terms = trainer.compute_loss(batch)
+    grads = torch.autograd.grad(loss, trainer.pipeline.lora_parameters())
+
+    new = reference_log_prob(*args, cfg=train_cfg)
+    adv = torch.clamp(torch.tensor([3.5, -0.7]), -2.0, 2.0)
+    ratio = torch.exp(new - old)
+    ref_loss = torch.mean(torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - 0.02, 1 + 0.02)))
+    ref_grads = torch.autograd.grad(ref_loss, trainer.pipeline.lora_parameters())
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["approx_kl"], 0.5 * torch.mean((new - old) ** 2).detach(), rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(terms["clipfrac"], torch.mean((torch.abs(ratio - 1.0) > 0.02).float()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-7)
+    assert abs(ratio.detach() - 1).max() > 1e-4  # the test exercised a non-trivial ratio
+    with torch.no_grad():
+        old_impl = trainer.transition_log_prob(batch, batch.epsilons)
+    torch.testing.assert_close(old_impl, old, rtol=1e-5, atol=1e-5)
+
+
+def test_stat_tracker_matches_ddpo_rule():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    prompts = ["a", "a", "b", "a"]
+    rewards = np.array([1.0, 2.0, 5.0, 3.0])
+    adv = tracker.update(prompts, rewards)
+    # "a" has 3 values >= min_count: its own stats; "b" has 1 < min_count: the batch's stats
+    a = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(adv[[0, 1, 3]], (a - a.mean()) / (a.std() + 1e-6))
+    np.testing.assert_allclose(adv[2], (5.0 - rewards.mean()) / (rewards.std() + 1e-6))
+    tracker.update(["a", "a"], np.array([10.0, 11.0]))
+    assert list(tracker.stats["a"]) == [2.0, 3.0, 10.0, 11.0]  # buffer keeps the newest buffer_size values
+    state = tracker.state_dict()
+    other = PerPromptStatTracker(4, 3)
+    other.load_state_dict(state)
+    assert other.get_stats() == tracker.get_stats()
+
+
+def test_transitions_and_accumulation(tmp_path):
+    c = config(tmp_path, sample_num_steps=10, train_timestep_fraction=0.35, train_gradient_accumulation_steps=1)
+    assert c.num_train_timesteps == 3  # int(K * f), no extra last step (TRL)
+    trainer = DDPOTrainer(c, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    assert trainer.accelerator.gradient_accumulation_steps == 3
+    samples = trainer.sample_epoch(0)
+    steps = trainer.select_transitions(samples, 0, 0)
+    assert steps.shape == (2, 3)
+    for row in steps.tolist():
+        assert len(set(row)) == 3 and all(0 <= s < 10 for s in row)
+    prepared = trainer.prepare_training_samples(samples)
+    adv = prepared.extras["advantages"]
+    torch.testing.assert_close(adv, (samples.rewards - samples.rewards.mean()) / (samples.rewards.std(unbiased=False) + 1e-8))
+
+
+def test_jpeg_compressibility_trains_with_async_rewards_and_resumes(tmp_path):
+    reward = JpegCompressibilityReward()
+    assert reward.differentiable is False
+    c = config(tmp_path, async_reward_computation=True, max_workers=2, sample_num_batches_per_epoch=2, per_prompt_stat_tracking=True,
+               per_prompt_stat_tracking_buffer_size=4, per_prompt_stat_tracking_min_count=2, save_freq=1, train_timestep_fraction=0.5)
+    trainer = DDPOTrainer(c, reward, DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    async_samples = trainer.sample_epoch(0)
+    with torch.no_grad():
+        sync_rewards, _ = trainer.compute_rewards(async_samples.images, async_samples.prompts, async_samples.prompt_metadata, need_grad=False)
+    torch.testing.assert_close(async_samples.rewards, sync_rewards)
+    assert (async_samples.rewards < 0).all()  # −kB
+
+    trainer.train(epochs=1)
+    assert trainer.state.global_step == 2  # 4 samples / train_batch_size 2, one update each
+    assert np.isfinite(trainer.last_metrics["loss"]) and "clipfrac" in trainer.last_metrics
+    card = open(os.path.join(trainer.output_dir, "README.md"), encoding="utf-8").read()
+    assert "DDPO" in card and "2305.13301" in card and "jpeg_compressibility" in card
+    assert os.path.isfile(os.path.join(trainer.output_dir, "pytorch_lora_weights.safetensors"))
+
+    resumed = DDPOTrainer(config(tmp_path, per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=4, per_prompt_stat_tracking_min_count=2,
+                                 sample_num_batches_per_epoch=2, resume_from=trainer.run_dir, output_dir=str(tmp_path / "resumed")),
+                          reward, DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    assert resumed.first_epoch == 1 and resumed.stat_tracker.get_stats() == trainer.stat_tracker.get_stats()
+    for a, b in zip(trainer.trainable_parameters(), resumed.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(train_clip_range=0.0), "train_clip_range"),
+        (dict(train_adv_clip_max=-1.0), "train_adv_clip_max"),
+        (dict(max_workers=0), "max_workers"),
+        (dict(per_prompt_stat_tracking_buffer_size=0), "per_prompt_stat_tracking_buffer_size"),
+        (dict(per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=4, per_prompt_stat_tracking_min_count=8),
+         "per_prompt_stat_tracking_min_count"),
+        (dict(train_timestep_fraction=0.0), "train_timestep_fraction"),
+        (dict(sample_eta=0.0), "sample_eta"),
+    ],
+)
+def test_bad_config_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        DDPOConfig(**overrides)
+
+
+def evaluate(trainer, n=16):
+    generators = [torch.Generator().manual_seed(1000 + i) for i in range(n)]
+    samples = trainer.pipeline.sample([PROMPTS[i % 2] for i in range(n)], trainer.schedule, guidance_scale=3.0, generators=generators)
+    return samples.images.mean(dim=(1, 2, 3))
+
+
+def test_training_raises_a_toy_reward(tmp_path):
+    c = config(tmp_path, sample_batch_size=8, train_batch_size=4, train_learning_rate=3e-2, train_clip_range=0.5)
+    trainer = DDPOTrainer(c, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    before = evaluate(trainer)
+    trainer.train(epochs=6)
+    after = evaluate(trainer)
+    gain = (after - before).mean().item()
+    stderr = (after - before).std().item() / len(before) ** 0.5
+    assert gain > 4 * stderr, (gain, stderr)
+    assert trainer.state.global_step == 12
