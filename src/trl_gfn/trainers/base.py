@@ -154,6 +154,10 @@ class DiffusionRLTrainer:
         self.output_dir = config.output_dir or os.path.join(self.run_dir, "final")
 
         accelerator_kwargs = dict(config.accelerator_kwargs)
+        if "cpu" not in accelerator_kwargs and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device():
+            # launched with several processes on a machine without GPUs (e.g. `accelerate launch --multi_gpu` on CPU):
+            # accelerate only sets up its gloo MULTI_CPU backend when told it runs on the CPU
+            accelerator_kwargs["cpu"] = True
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
@@ -537,6 +541,11 @@ class TransitionTrainer(DiffusionRLTrainer):
                         info = defaultdict(list)
                         loss_sum = torch.zeros((), device=acc.device)
         return global_step
+
+
+def _has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
 def _flat_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,50 @@
+"""Run one Nabla-GFlowNet update on a tiny pipeline and save every rank's trainable weights.
+
+Launched by tests/test_distributed.py, once with `accelerate launch --num_processes 2 --cpu` and once
+with a single process on the same global batch of 4 trajectories.
+"""
+
+import argparse
+import os
+
+import torch
+
+from trl_gfn import DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer
+from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--processes", type=int, required=True, help="number of processes sharing the global batch of 4")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    per_process = 4 // args.processes
+    config = NablaGFlowNetConfig(
+        num_epochs=1, sample_num_steps=4, sample_batch_size=per_process // 2, sample_num_batches_per_epoch=2, train_batch_size=1,
+        train_gradient_accumulation_steps=per_process, logdir=os.path.join(args.out_dir, "logs"), run_name="run",
+        flow_block_out_channels=[8, 16], flow_attention_head_dim=4, reward_scale=1e6, unet_reg_scale=1.0, train_learning_rate=1e-2,
+        flow_learning_rate=1e-2, train_timestep_fraction=0.25, save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4,
+    )
+    trainer = NablaGFlowNetTrainer(config, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()),
+                                   prompt_function=["a cat", "a dog", "a frog"])
+    grads = {}
+    inner = trainer.optimizer.optimizer
+    original_step = inner.step
+
+    def recording_step(*args, **kwargs):  # the averaged, clipped gradient each update applies
+        for group in inner.param_groups:
+            for i, p in enumerate(group["params"]):
+                grads[f"{group['name']}.{i}"] = p.grad.detach().cpu().clone()
+        return original_step(*args, **kwargs)
+
+    inner.step = recording_step
+    trainer.train()
+    acc = trainer.accelerator
+    weights = {f"{group['name']}.{i}": p.detach().cpu().clone() for group in trainer.optimizer.param_groups for i, p in enumerate(group["params"])}
+    torch.save({"weights": weights, "grads": grads, "global_step": trainer.state.global_step, "num_processes": acc.num_processes,
+                "wrapped": type(trainer.model).__name__}, os.path.join(args.out_dir, f"rank{acc.process_index}.pt"))
+
+
+if __name__ == "__main__":
+    main()
