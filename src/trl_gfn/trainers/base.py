@@ -188,6 +188,9 @@ class DiffusionRLTrainer:
         self.modules = TrainableModules(pipeline.unet, **self.build_modules())
         self.modules.to(device)
         optimizer = self.build_optimizer(self.param_groups())
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:  # no dataloader tells DeepSpeed the micro-batch size: the config does
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
         self.model, self.optimizer = self.accelerator.prepare(self.modules, optimizer)
         self.state = TrainingState()
         self.accelerator.register_for_checkpointing(self.state)

@@ -1,0 +1,114 @@
+"""What the example scripts share: their script arguments, reward and prompt choice, pipeline loading.
+
+Every example is ``TrlParser((ScriptArguments, <Method>Config))`` + :func:`run`, so that
+``accelerate launch examples/<method>.py --config my.yaml --reward aesthetic ...`` behaves the same for
+every method. Defaults run offline on a CPU: the bundled digits model and its classifier reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .assets import BUNDLED_DIGIT_CLASSIFIER, BUNDLED_DIGITS_MODEL
+from .pipelines import DiffusionPipelineForRL
+
+#: rewards the examples know besides the Hub presets of ``trl_gfn.rewards.REWARD_PRESETS``
+LOCAL_REWARDS = ("digits", "jpeg_compressibility", "jpeg_incompressibility", "brightness")
+
+
+@dataclass
+class ScriptArguments:
+    """Arguments of the example scripts that are not trainer config fields."""
+
+    pretrained_model: str = field(default=BUNDLED_DIGITS_MODEL, metadata={"help": "Hub id or local directory of a Stable Diffusion 1.x/2.x pipeline (default: the bundled digits model)."})
+    pretrained_revision: str | None = field(default=None, metadata={"help": "Revision of the pretrained model on the Hub."})
+    reward: str = field(default="digits", metadata={"help": "digits | jpeg_compressibility | jpeg_incompressibility | brightness | a Hub reward preset: aesthetic, hpsv2, imagereward, pickscore."})
+    reward_model: str | None = field(default=None, metadata={"help": "Hub id or directory of the reward weights (default: the preset's Hub id, or the bundled digit classifier)."})
+    target_digits: list[int] | None = field(default=None, metadata={"help": "digits reward: the target set S of r = log p(y in S | x) (default: the digit named in each prompt)."})
+    prompts: str | None = field(default=None, metadata={"help": "A prompt-set name (trl_gfn.prompts.available_prompt_sets()) or prompts separated by '|' (default: the preset's set, or config.prompt_set; digit prompts for the bundled model)."})
+    apply_reward_preset: bool = field(default=True, metadata={"help": "Fill config fields left at their defaults from the reward's preset (reward_scale, unet_reg_scale, flow_condition_on_prompt)."})
+
+
+def build_reward(args: ScriptArguments):
+    """The reward module named by ``args.reward``."""
+    name = args.reward
+    if name in ("jpeg_compressibility", "jpeg_incompressibility"):
+        from .rewards.compressibility import JpegCompressibilityReward
+
+        return JpegCompressibilityReward(incompressibility=name == "jpeg_incompressibility")
+    if name == "digits":
+        from .rewards.digits import DigitClassifierReward
+
+        kwargs = {"target_digits": args.target_digits} if args.target_digits else {"prompt_aware": True}
+        return DigitClassifierReward.from_pretrained(args.reward_model or BUNDLED_DIGIT_CLASSIFIER, **kwargs)
+    if name == "brightness":
+        from .testing import BrightnessReward
+
+        return BrightnessReward()
+    from .rewards import load_reward
+
+    return load_reward(name, args.reward_model)
+
+
+def build_prompts(args: ScriptArguments, config) -> Any:
+    """Prompt source for the trainer: explicit prompts, the reward preset's set, digit prompts, or config.prompt_set."""
+    if args.prompts:
+        return args.prompts.split("|") if "|" in args.prompts else args.prompts
+    from .rewards import REWARD_PRESETS
+
+    if args.reward in REWARD_PRESETS and config.prompt_set == _default(config, "prompt_set"):
+        return REWARD_PRESETS[args.reward]["prompts"]
+    if args.pretrained_model == BUNDLED_DIGITS_MODEL and config.prompt_set == _default(config, "prompt_set"):
+        return "handwritten_digit" if args.target_digits else "handwritten_digits_by_class"
+    return config.prompt_set
+
+
+def apply_reward_preset(args: ScriptArguments, config) -> list[str]:
+    """Set the preset's values on config fields still at their defaults; returns the names of the fields set."""
+    from .rewards import REWARD_PRESETS
+
+    if not args.apply_reward_preset or args.reward not in REWARD_PRESETS:
+        return []
+    preset = REWARD_PRESETS[args.reward]
+    values = {"reward_scale": preset["reward_scale"], "unet_reg_scale": preset["unet_reg_scale"],
+              "flow_condition_on_prompt": preset["flow_head_uses_prompt"]}
+    changed = []
+    for name, value in values.items():
+        if hasattr(config, name) and getattr(config, name) == _default(config, name) and value != getattr(config, name):
+            setattr(config, name, value)
+            changed.append(name)
+    config.validate()
+    return changed
+
+
+def load_pipeline(args: ScriptArguments, config) -> DiffusionPipelineForRL:
+    """The pipeline with the LoRA adapter the config asks for."""
+    return DiffusionPipelineForRL.from_pretrained(args.pretrained_model, revision=args.pretrained_revision, use_lora=True,
+                                                  lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                  lora_target_modules=config.lora_target_modules)
+
+
+def run(trainer_class, config_class, argv: list[str] | None = None):
+    """Parse ``ScriptArguments`` + ``config_class`` with TRL's parser (flags and ``--config file.yaml``), train, save."""
+    from trl import TrlParser
+
+    parser = TrlParser((ScriptArguments, config_class))
+    args, config = parser.parse_args_and_config(args=argv)
+    changed = apply_reward_preset(args, config)
+    trainer = trainer_class(config, build_reward(args), load_pipeline(args, config), prompt_function=build_prompts(args, config))
+    if changed:
+        trainer.accelerator.print(f"reward preset {args.reward!r} set: " + ", ".join(f"{k}={getattr(config, k)}" for k in changed))
+    trainer.train()
+    trainer.accelerator.print(f"final LoRA, model card and config in {trainer.output_dir}")
+    return trainer
+
+
+def _default(config, name: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(config)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
