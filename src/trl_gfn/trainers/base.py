@@ -189,6 +189,9 @@ class DiffusionRLTrainer:
         self.modules.to(device)
         optimizer = self.build_optimizer(self.param_groups())
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and int(plugin.zero_stage or 0) >= 3:
+            raise ValueError("DeepSpeed ZeRO-3 is not supported: it shards the frozen UNet, which the reference (adapter off) and "
+                             "input-gradient passes use unwrapped; use ZeRO-2 (examples/accelerate_configs/deepspeed_zero2.yaml)")
         if plugin is not None:  # no dataloader tells DeepSpeed the micro-batch size: the config does
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
         self.model, self.optimizer = self.accelerator.prepare(self.modules, optimizer)
