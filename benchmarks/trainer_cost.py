@@ -10,8 +10,9 @@ DDPO int(K·1.0) (TRL's default), or int(K·0.2) in the ``ddpo_f0.2`` row (the s
 One update = one ``trainer.step`` (sampling + scoring + training; the direct-backprop trainers sample with
 gradient inside their update). Each trainer is measured in a fresh subprocess: peak memory is the growth of
 the process's maximum RSS over the first update (after construction), wall time the median of
-``--repeats`` further updates. The unit column is the time of one no-grad sampling pass of the batch
-(``pipeline.sample``). Only the ratios are meant to be compared across machines.
+``--repeats`` further updates. Time is expressed in units of one no-grad sampling pass of the
+batch (``pipeline.sample``), timed alternately with the updates in the same process so that both see the same
+machine load; the ratio to Nabla-GFlowNet is the ratio of these units. Only ratios are meant to be compared.
 
     python benchmarks/trainer_cost.py [--steps 10] [--batch 2] [--repeats 3] [--threads 1] [--only ddpo,draft_k1]
 """
@@ -66,20 +67,17 @@ def worker(name: str, steps: int, batch: int, repeats: int, threads: int) -> dic
     global_step = trainer.step(0, 0)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     updates = global_step
-    times = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        trainer.step(r + 1, global_step)
-        times.append(time.perf_counter() - t0)
-
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-    sample_times = []
-    for _ in range(repeats):
+    times, sample_times = [], []
+    for r in range(repeats):  # alternate an update and a no-grad sampling pass: both see the same machine load
+        t0 = time.perf_counter()
+        global_step = trainer.step(r + 1, global_step)
+        times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         pipeline.sample(["a cat"] * batch, trainer.schedule, guidance_scale=5.0, generators=generators)
         sample_times.append(time.perf_counter() - t0)
     return {"name": name, "seconds": statistics.median(times), "peak_mb": peak_kb / 1024, "updates_per_step": updates,
-            "sample_seconds": statistics.median(sample_times)}
+            "sample_seconds": statistics.median(sample_times), "units": statistics.median(t / u for t, u in zip(times, sample_times))}
 
 
 def main() -> None:
@@ -113,13 +111,13 @@ def main() -> None:
         print(f"  measured {name}: {r['seconds']:.2f} s/update, peak +{r['peak_mb']:.0f} MB", file=sys.stderr)
 
     ref = results["nabla_gfn"]
-    unit = statistics.median(r["sample_seconds"] for r in results.values())
-    print(f"\nK={args.steps} DDPM steps, batch {args.batch}, CFG 5, 16x16x4 latents, UNet 32/64, {args.threads} thread(s); "
-          f"unit = one no-grad sampling pass of the batch ({unit:.2f} s)\n")
-    print("| trainer | setting | s / update | time vs Nabla-GFlowNet | time in sampling units | peak memory growth (MB) | memory vs Nabla-GFlowNet |")
+    print(f"\nK={args.steps} DDPM steps, batch {args.batch}, CFG 5, 16x16x4 latents, UNet 32/64, {args.threads} thread(s). "
+          "unit = one no-grad sampling pass of the batch, timed alternately with the updates in the same process "
+          "(the time ratio to Nabla-GFlowNet is the ratio of these units, robust to a shared machine's changing load)\n")
+    print("| trainer | setting | update time in sampling units | time vs Nabla-GFlowNet | s / update (raw) | peak memory growth (MB) | memory vs Nabla-GFlowNet |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {METHODS[name][3]} | {r['seconds']:.2f} | {r['seconds'] / ref['seconds']:.2f} | {r['seconds'] / unit:.1f} | "
+        print(f"| {name} | {METHODS[name][3]} | {r['units']:.2f} | {r['units'] / ref['units']:.2f} | {r['seconds']:.2f} | "
               f"{r['peak_mb']:.0f} | {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} |")
 
 
