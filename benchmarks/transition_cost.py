@@ -93,7 +93,6 @@ def main() -> None:
         ("last (x_1 -> x_0), no flow head", dict(use_flow_head=False), 9),
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        base = None
         for label, opts, step in scenarios:
             config = NablaGFlowNetConfig(sample_num_steps=10, sample_batch_size=args.batch, sample_num_batches_per_epoch=1,
                                          train_batch_size=args.batch, logdir=tmp, flow_block_out_channels=width, flow_attention_head_dim=heads,
@@ -101,18 +100,16 @@ def main() -> None:
             trainer = NablaGFlowNetTrainer(config, BrightnessReward(), DiffusionPipelineForRL(pipe), prompt_function=["a cat"])
             samples = trainer.sample_epoch(0)
             batch = TransitionBatch.from_trajectories(samples, torch.full((args.batch,), step))
-            if base is None:  # the unit: one guided UNet forward without grad, as in sampling
-                p = trainer.pipeline
-                x, emb = samples.latents[:, 0], samples.prompt_embeds
-                a = trainer.schedule.alphas_cumprod[0].float()
+            p = trainer.pipeline
+            x, emb = samples.latents[:, 0], samples.prompt_embeds
+            a = trainer.schedule.alphas_cumprod[0].float()
 
-                def unit():
-                    with torch.no_grad():
-                        p.guided_epsilon(p.unet, x, trainer.schedule.timesteps[:1].repeat(len(x)), emb, samples.negative_prompt_embeds,
-                                         config.sample_guidance_scale, a, "epsilon")
+            def unit():  # one guided UNet forward without grad, as in sampling
+                with torch.no_grad():
+                    p.guided_epsilon(p.unet, x, trainer.schedule.timesteps[:1].repeat(len(x)), emb, samples.negative_prompt_embeds,
+                                     config.sample_guidance_scale, a, "epsilon")
 
-                unit()
-                base = timed(unit, args.reps * 2)
+            unit()
             counter = Counting()
             counter.wrap_forward(trainer.pipeline.unet, "unet")
             counter.wrap_method(trainer.pipeline, "decode", "vae_decode")
@@ -127,12 +124,16 @@ def main() -> None:
 
             train_step()
             counts = dict(counter.counts)
-            seconds = timed(train_step, args.reps)
-            rows.append((label, counts, seconds / base))
+            ratios = []
+            for _ in range(args.reps):  # alternate: the unit and the step see the same machine load
+                unit_seconds = timed(unit, 2)
+                ratios.append(timed(train_step, 1) / unit_seconds)
+            rows.append((label, counts, statistics.median(ratios), unit_seconds))
             del trainer
-    print(f"unit = one guided (CFG) UNet forward without grad, batch {args.batch}: {base * 1000:.1f} ms")
+    print(f"unit = one guided (CFG) UNet forward without grad, batch {args.batch} (last measured: {rows[-1][3] * 1000:.1f} ms);"
+          " each ratio is the median over repetitions of (step time / unit time) timed alternately")
     print(f"{'transition':40s} {'UNet fwd':>8s} {'VAE dec':>8s} {'reward':>7s} {'flow':>5s} {'units':>7s}")
-    for label, counts, units in rows:
+    for label, counts, units, _ in rows:
         calls = {k: v for k, v in counts.items()}
         print(f"{label:40s} {calls.get('unet', 0):8d} {calls.get('vae_decode', 0):8d} {calls.get('reward', 0):7d} "
               f"{calls.get('flow_head', 0):5d} {units:7.2f}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trl_gfn.pipelines import DiffusionPipelineForRL
-from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion
+from trl_gfn.testing import BrightnessReward, reset_accelerate_state, tiny_stable_diffusion
 
 # The test models are tiny: one thread is as fast as two, and it keeps the suite from stalling on
 # OpenMP spin-waits when the machine is shared with other jobs.
@@ -19,13 +19,6 @@ def tiny_pipeline():
 @pytest.fixture
 def brightness_reward():
     return BrightnessReward()
-
-
-def reset_accelerate_state():
-    """accelerate keeps a process-wide singleton; tests that change mixed precision need a fresh one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from trl_gfn import DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer
-from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion
-
-from .conftest import reset_accelerate_state
+from trl_gfn.testing import BrightnessReward, reset_accelerate_state, tiny_stable_diffusion
 
 PROMPTS = ["a cat", "a dog"]
 

@@ -14,6 +14,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .rewards.base import RewardModel
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that a new trainer can pick another mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_tokenizer(model_max_length: int = 12) -> CLIPTokenizer:
     """A CLIP tokenizer over single byte-characters (no merges): 514 tokens, any text tokenises."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
