@@ -1,0 +1,26 @@
+"""Models bundled with trl-gfn (built on the CPU by the scripts in ``scripts/``, see docs/bundled_model.md).
+
+- :data:`BUNDLED_DIGITS_MODEL`: a tiny text-to-image ``StableDiffusionPipeline`` directory trained on the
+  UCI handwritten digits (16x16 RGB images; prompts ``"a handwritten digit 3"`` and the generic
+  ``"a handwritten digit"``). Load it like any diffusers model:
+  ``StableDiffusionPipeline.from_pretrained(BUNDLED_DIGITS_MODEL)``.
+- :data:`BUNDLED_DIGIT_CLASSIFIER`: the CNN digit classifier trained on the same data, loadable with
+  ``trl_gfn.rewards.digits.DigitClassifier.from_pretrained`` or as a reward with
+  ``DigitClassifierReward.from_pretrained(BUNDLED_DIGIT_CLASSIFIER, target_digits=[0, 8])``.
+
+Both are plain path strings (the directories ship as package data).
+"""
+
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+
+#: path of the bundled digits ``StableDiffusionPipeline`` directory
+BUNDLED_DIGITS_MODEL: str = str(_HERE / "digits-sd")
+#: path of the bundled digit classifier (``DigitClassifier`` / ``DigitClassifierReward`` checkpoint)
+BUNDLED_DIGIT_CLASSIFIER: str = str(_HERE / "digit-classifier")
+#: the generic prompt of the bundled digits model and the template of the class prompts
+DIGITS_GENERIC_PROMPT: str = "a handwritten digit"
+DIGITS_PROMPT_TEMPLATE: str = "a handwritten digit {}"
+
+__all__ = ["BUNDLED_DIGITS_MODEL", "BUNDLED_DIGIT_CLASSIFIER", "DIGITS_GENERIC_PROMPT", "DIGITS_PROMPT_TEMPLATE"]
