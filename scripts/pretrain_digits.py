@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Pretrain the bundled digits model: a tiny Stable-Diffusion-shaped text-to-image model on UCI digits.
 
-Rebuild (CPU; 33 minutes on a shared 2-core machine, 1 thread; the weights are bit-identical for the same
-torch version and thread count)::
+Rebuild (CPU; 33 minutes on a shared, heavily loaded 2-core machine with 1 thread; seeded, and the logged
+losses of repeated runs matched, but bit-identity of the weights across machines and torch versions is not
+guaranteed)::
 
     python scripts/pretrain_digits.py --output_dir src/trl_gfn/assets/digits-sd
 
