@@ -2,79 +2,14 @@
 
     accelerate launch examples/refl.py --num_epochs 1 --sample_num_steps 10 --refl_timestep_range 0 300
 
-Defaults: the bundled digits model and the bundled digit-classifier reward (prompt-aware), so it runs
-offline on a CPU. The reward must be differentiable. Every `ReFLConfig` field is a flag (`--help`); a YAML
-file can be given with `--config`.
+Every `ReFLConfig` field is a flag (`--help` lists them) and can come from a YAML file given with
+`--config`. Defaults run offline on a CPU: the bundled digits model and its (differentiable) classifier
+reward. See docs/refl.md.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-
-from trl import TrlParser
-
-from trl_gfn import DiffusionPipelineForRL
+from trl_gfn.cli import run
 from trl_gfn.configs import ReFLConfig
 from trl_gfn.trainers import ReFLTrainer
 
-try:
-    from trl_gfn.assets import BUNDLED_DIGITS_MODEL
-except ImportError:  # pragma: no cover - a checkout without the bundled model
-    BUNDLED_DIGITS_MODEL = None
-
-
-@dataclass
-class ScriptArguments:
-    pretrained_model: str | None = field(default=BUNDLED_DIGITS_MODEL, metadata={"help": "Hub id or local directory of a Stable Diffusion 1.x/2.x pipeline (default: the bundled digits model)."})
-    pretrained_revision: str | None = field(default=None, metadata={"help": "Revision of the pretrained model on the Hub."})
-    reward: str = field(default="digits", metadata={"help": "jpeg_compressibility | jpeg_incompressibility | digits | brightness | a preset of trl_gfn.rewards (aesthetic, hpsv2, imagereward, pickscore)."})
-    reward_model: str | None = field(default=None, metadata={"help": "Hub id or directory of the reward model weights (presets and digits; default: the preset's / bundled classifier)."})
-    target_digits: list[int] | None = field(default=None, metadata={"help": "digits reward: the target set S (default: the digit named in each prompt)."})
-    prompts: str | None = field(default=None, metadata={"help": "A prompt-set name (trl_gfn.prompts.available_prompt_sets()) or prompts separated by '|' (default: config.prompt_set; digit prompts for the digits model)."})
-
-
-def build_reward(args: ScriptArguments):
-    """The reward named by ``--reward`` (shared by the examples)."""
-    name = args.reward
-    if name in ("jpeg_compressibility", "jpeg_incompressibility"):
-        from trl_gfn.rewards.compressibility import JpegCompressibilityReward
-
-        return JpegCompressibilityReward(incompressibility=name == "jpeg_incompressibility")
-    if name == "digits":
-        from trl_gfn.assets import BUNDLED_DIGIT_CLASSIFIER
-        from trl_gfn.rewards.digits import DigitClassifierReward
-
-        kwargs = {"target_digits": args.target_digits} if args.target_digits else {"prompt_aware": True}
-        return DigitClassifierReward.from_pretrained(args.reward_model or BUNDLED_DIGIT_CLASSIFIER, **kwargs)
-    if name == "brightness":
-        from trl_gfn.testing import BrightnessReward
-
-        return BrightnessReward()
-    from trl_gfn.rewards import load_reward
-
-    return load_reward(name, args.reward_model)
-
-
-def build_prompts(args: ScriptArguments, config):
-    if args.prompts:
-        return args.prompts.split("|") if "|" in args.prompts else args.prompts
-    if args.pretrained_model == BUNDLED_DIGITS_MODEL:
-        return "handwritten_digits_by_class"
-    return config.prompt_set
-
-
-def main() -> None:
-    parser = TrlParser((ScriptArguments, ReFLConfig))
-    args, config = parser.parse_args_and_config()
-    if not args.pretrained_model:
-        parser.error("--pretrained_model is required")
-    pipeline = DiffusionPipelineForRL.from_pretrained(args.pretrained_model, revision=args.pretrained_revision, use_lora=True,
-                                                      lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                                                      lora_target_modules=config.lora_target_modules)
-    trainer = ReFLTrainer(config, build_reward(args), pipeline, prompt_function=build_prompts(args, config))
-    trainer.train()
-    trainer.accelerator.print(f"final LoRA and model card in {trainer.output_dir}")
-
-
 if __name__ == "__main__":
-    main()
+    run(ReFLTrainer, ReFLConfig)
