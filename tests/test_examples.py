@@ -68,3 +68,10 @@ def test_every_public_config_field_is_documented():
     for name in configs.__all__:
         for f in dataclasses.fields(getattr(configs, name)):
             assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
+
+
+@pytest.mark.parametrize("script", ["nabla_gfn.py", "ddpo.py", "draft.py", "refl.py", "alignprop.py"])
+def test_example_help_lists_every_config_field(script, tmp_path):
+    result = run_example(script, ["--help"], cwd=tmp_path)
+    for flag in ("--sample_num_steps", "--train_learning_rate", "--reward", "--pretrained_model", "--resume_from"):
+        assert flag in result.stdout, (script, flag)

@@ -5,12 +5,28 @@ Nabla-GFlowNet (residual ∇-DB) and the methods it is compared with, on one TRL
 
 __version__ = "0.1.0.dev0"
 
-from .configs import DiffusionRLConfig, NablaGFlowNetConfig
+from .configs import AlignPropConfig, DDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
 from .models import FlowHead
 from .pipelines import DiffusionPipelineForRL, Trajectories, TransitionBatch
-from .trainers import DiffusionRLTrainer, NablaGFlowNetTrainer, TransitionTrainer
+from .trainers import (
+    AlignPropTrainer,
+    DDPOTrainer,
+    DiffusionRLTrainer,
+    DRaFTTrainer,
+    NablaGFlowNetTrainer,
+    ReFLTrainer,
+    TransitionTrainer,
+)
 
 __all__ = [
+    "AlignPropConfig",
+    "AlignPropTrainer",
+    "DDPOConfig",
+    "DDPOTrainer",
+    "DRaFTConfig",
+    "DRaFTTrainer",
+    "ReFLConfig",
+    "ReFLTrainer",
     "DiffusionPipelineForRL",
     "DiffusionRLConfig",
     "DiffusionRLTrainer",

@@ -44,7 +44,7 @@ class DiffusionRLConfig:
     resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest checkpoint) or a `checkpoint_N` directory."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward pass: less memory, ~30% more compute."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward pass: less memory, about a third more compute."})
 
     # --- sampling ------------------------------------------------------------------------------------
     sampler: Literal["ddpm", "dpm_solver_sde"] = field(default="ddpm", metadata={"help": "Stochastic sampler: `ddpm` (DDIM with eta=sample_eta) or `dpm_solver_sde` (first-order SDE-DPM-Solver++)."})

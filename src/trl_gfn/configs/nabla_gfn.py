@@ -28,7 +28,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     pretrained_strength: float = field(default=1.0, metadata={"help": "s: multiplies the reference policy's score in the ∇-DB targets."})
     reward_gradient_scaling: Literal["squared", "sqrt"] = field(default="squared", metadata={"help": "γ_k in the flow-gradient guess β·γ_k·∇r(x̂_0): `squared` = ᾱ_k, `sqrt` = sqrt(ᾱ_k)."})
     low_var_subsampling: bool = field(default=True, metadata={"help": "Draw the trained interior transitions one per equal chunk of the K steps (stratified) rather than uniformly."})
-    jacobian_free_reward_gradient: bool = field(default=False, metadata={"help": "Approximation: take ε̂ at x_{k-1} from the sampling record as a constant, so the next-state reward gradient needs no UNet forward/backward (−31% per interior step; see the benchmark for its effect)."})
+    jacobian_free_reward_gradient: bool = field(default=False, metadata={"help": "Approximation: take ε̂ at x_{k-1} from the sampling record as a constant, so the next-state reward gradient needs no UNet forward/backward (about a third less compute per interior step; see the benchmark for its effect)."})
     train_on_previous_samples: bool = field(default=False, metadata={"help": "Train each epoch on the previous epoch's trajectories (as one published implementation does) instead of the ones just sampled. Off by default: it trains on stale, off-policy samples."})
 
     use_flow_head: bool = field(default=True, metadata={"help": "Learn the residual flow-gradient correction g_φ; False = forward-only with the guessed gradient (less memory, less diversity)."})

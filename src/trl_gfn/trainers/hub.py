@@ -69,7 +69,7 @@ def render_model_card(
     return CARD_TEMPLATE.format(
         title=f"{method} LoRA for {os.path.basename(base_model.rstrip('/')) or base_model}",
         base_model=base_model,
-        base_url=base_model if base_model.startswith("http") else f"https://huggingface.co/{base_model}",
+        base_url=_model_url(base_model),
         tags="\n".join(f"- {t}" for t in all_tags),
         method=method,
         paper=paper,
@@ -82,6 +82,15 @@ def render_model_card(
         metrics=metric_text,
         citation=citation.strip(),
     )
+
+
+def _model_url(base_model: str) -> str:
+    """Hub URL of a model id; a local directory (or unknown model) links to nothing."""
+    if base_model.startswith("http"):
+        return base_model
+    if base_model.startswith(("/", ".", "~", "<")) or base_model.count("/") != 1:
+        return "#"
+    return f"https://huggingface.co/{base_model}"
 
 
 def upload_folder(folder: str, repo_id: str, *, private: bool | None = None, token: str | None = None,
