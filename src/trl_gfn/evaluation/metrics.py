@@ -174,6 +174,12 @@ class TargetHistogram:
     def max_stderr(self) -> float:
         return float(np.max(self.stderr))
 
+    @property
+    def tv_error(self) -> float:
+        """Expected TV between this estimate and the exact target, ``0.5 sqrt(2/pi) sum_c stderr_c``
+        (normal approximation): the Monte-Carlo error of the target in the units of the TV metric."""
+        return float(0.5 * math.sqrt(2 / math.pi) * self.stderr.sum())
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
@@ -293,7 +299,8 @@ def distribution_matching(
     Returns ``tv``; ``tv_stderr`` (bootstrap over both the M fine-tuned samples and, when the base
     sample is given, the N base samples used for the target: the Monte-Carlo error of the figure);
     ``tv_noise_floor`` / ``tv_noise_floor_std`` (the TV an exact sampler of the target would read with M
-    samples, see :func:`tv_noise_floor`); ``target_ess``; ``target_max_stderr``.
+    samples, see :func:`tv_noise_floor`); ``target_ess``; ``target_max_stderr``; ``target_tv_error``
+    (:attr:`TargetHistogram.tv_error`).
     A model matches the target to within the measurement's resolution when ``tv`` is within a couple of
     ``tv_stderr`` of ``tv_noise_floor``.
     """
@@ -324,6 +331,7 @@ def distribution_matching(
         "tv_noise_floor_std": floor_std,
         "target_ess": target.ess,
         "target_max_stderr": target.max_stderr,
+        "target_tv_error": target.tv_error,
     }
 
 
