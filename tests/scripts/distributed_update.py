@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from trl_gfn import DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer
+from trl_gfn import DiffusionPipelineForRL, DRaFTConfig, DRaFTTrainer, NablaGFlowNetConfig, NablaGFlowNetTrainer
 from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion
 
 
@@ -17,16 +17,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
     parser.add_argument("--processes", type=int, required=True, help="number of processes sharing the global batch of 4")
+    parser.add_argument("--method", choices=["nabla_gfn", "draft"], default="nabla_gfn")
     args = parser.parse_args()
     torch.set_num_threads(1)
     per_process = 4 // args.processes
-    config = NablaGFlowNetConfig(
-        num_epochs=1, sample_num_steps=4, sample_batch_size=per_process // 2, sample_num_batches_per_epoch=2, train_batch_size=1,
-        train_gradient_accumulation_steps=per_process, logdir=os.path.join(args.out_dir, "logs"), run_name="run",
-        flow_block_out_channels=[8, 16], flow_attention_head_dim=4, reward_scale=1e6, unet_reg_scale=1.0, train_learning_rate=1e-2,
-        flow_learning_rate=1e-2, train_timestep_fraction=0.25, save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4,
-    )
-    trainer = NablaGFlowNetTrainer(config, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()),
+    common = dict(num_epochs=1, sample_num_steps=4, train_batch_size=1, logdir=os.path.join(args.out_dir, "logs"), run_name="run",
+                  train_learning_rate=1e-2, save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4)
+    if args.method == "nabla_gfn":
+        trainer_class = NablaGFlowNetTrainer
+        config = NablaGFlowNetConfig(
+            sample_batch_size=per_process // 2, sample_num_batches_per_epoch=2, train_gradient_accumulation_steps=per_process,
+            flow_block_out_channels=[8, 16], flow_attention_head_dim=4, reward_scale=1e6, unet_reg_scale=1.0, flow_learning_rate=1e-2,
+            train_timestep_fraction=0.25, **common)
+    else:  # DRaFT-2: several calls of the prepared UNet before one backward, with gradient checkpointing
+        trainer_class = DRaFTTrainer
+        config = DRaFTConfig(sample_batch_size=1, sample_num_batches_per_epoch=per_process, train_gradient_accumulation_steps=per_process,
+                             draft_k=2, **common)
+    trainer = trainer_class(config, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()),
                                    prompt_function=["a cat", "a dog", "a frog"])
     grads = {}
     inner = trainer.optimizer.optimizer

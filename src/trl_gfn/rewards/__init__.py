@@ -7,6 +7,7 @@ from .aesthetic import AestheticScorer
 from .base import RewardFunction, RewardModel, RewardOutput, check_images, validate_rewards
 from .clip_scorers import CLIPPreferenceScorer, HPSv2Scorer, PickScoreScorer
 from .composite import CallableReward, CompositeReward
+from .compressibility import JpegCompressibilityReward
 from .heads import AffineMLPHead
 from .hub import PretrainedRewardModel
 from .imagereward import ImageRewardScorer
@@ -20,6 +21,7 @@ __all__ = [
     "CompositeReward",
     "HPSv2Scorer",
     "ImageRewardScorer",
+    "JpegCompressibilityReward",
     "PickScoreScorer",
     "PretrainedRewardModel",
     "REWARD_CLASSES",
