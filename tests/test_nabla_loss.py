@@ -172,3 +172,14 @@ def test_transition_selection(tmp_path, tiny_pipeline):
     uniform = trainer.select_transitions(samples, epoch=0, inner_epoch=0)
     for row in uniform.tolist():
         assert row[-1] == 9 and len(set(row)) == 4 and max(row[:-1]) < 9 and row[:-1] == sorted(row[:-1])
+
+
+def test_v_prediction_models_train_with_the_same_guarantees(tmp_path):
+    from trl_gfn import DiffusionPipelineForRL
+    from trl_gfn.testing import tiny_stable_diffusion
+
+    trainer = make_trainer(tmp_path, DiffusionPipelineForRL(tiny_stable_diffusion(prediction_type="v_prediction")))
+    assert trainer.schedule.prediction_type == "v_prediction"
+    samples = trainer.sample_epoch(0)
+    _, terms = trainer.compute_loss(batch_at(samples, 2))
+    assert terms["loss_forward"].item() == 0.0 and terms["loss_reg"].item() < 1e-10

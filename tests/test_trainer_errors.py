@@ -130,3 +130,14 @@ def test_push_to_hub_uploads_lora_flow_head_and_card(tmp_path, monkeypatch):
     card = calls["card"]
     for needle in ("Nabla-GFlowNet", "2412.07775", "BrightnessReward", 'load_lora_weights("me/tiny-nabla-lora")', "reward_scale", "reward_mean"):
         assert needle in card, needle
+
+
+def test_from_pretrained_never_falls_back_to_random_weights(tmp_path):
+    with pytest.raises(Exception) as info:
+        DiffusionPipelineForRL.from_pretrained(str(tmp_path / "no-such-model"))
+    assert not isinstance(info.value, AssertionError)
+    saved = tmp_path / "tiny"
+    tiny_stable_diffusion().save_pretrained(saved)
+    os.remove(next(p for p in (saved / "unet").iterdir() if p.suffix == ".safetensors"))
+    with pytest.raises(Exception, match="(?i)no file named|error|not found"):
+        DiffusionPipelineForRL.from_pretrained(str(saved))
