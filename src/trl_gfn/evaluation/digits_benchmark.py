@@ -1,0 +1,366 @@
+"""The aligned-digits benchmark: align the bundled digits model with ``r = log p(y in S | x)`` using every trainer.
+
+Shared by ``benchmarks/digits_alignment.py`` (all methods x seeds) and ``examples/digits_demo.py``
+(Nabla-GFlowNet, one seed). Not imported by ``trl_gfn.evaluation`` itself (it pulls in the trainers).
+
+One *run* = one (method, seed): build the bundled pipeline and the classifier reward, train for
+``epochs`` epochs with the same sampling budget per epoch for every method, and evaluate the model
+before training and after every epoch on a fixed evaluation set (the same initial noise for every
+method, epoch and seed, no gradient) with :func:`evaluate_images`:
+
+- ``reward_mean`` / ``reward_std``: the log-reward ``log p(y in S | x)``;
+- ``diversity``: mean pairwise Euclidean distance of the classifier's penultimate features;
+- ``prior_fd``: Fréchet distance of those features to a large base-model sample's features (the
+  *reference*, computed once with other seeds);
+- ``class_histogram`` / ``entropy`` / ``mass_on_S``;
+- ``tv``: total variation between the class histogram and the class histogram of the ideal target
+  ``p_base · exp(β r)`` (SNIS from the reference sample, ``β`` = Nabla-GFlowNet's ``reward_scale``).
+
+Wall time counts training (``trainer.step``) only, not the evaluation passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .metrics import (
+    class_histogram,
+    classifier_outputs,
+    frechet_distance,
+    histogram_entropy,
+    ideal_target_histogram,
+    pairwise_diversity,
+    total_variation,
+    tv_noise_floor,
+)
+
+#: method name -> (trainer class, config class, method-specific config overrides, note for the table)
+METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "nabla_gfn": ("NablaGFlowNetTrainer", "NablaGFlowNetConfig",
+                  dict(train_timestep_fraction=0.2, flow_block_out_channels=[32, 64], flow_condition_on_prompt=False),
+                  "residual ∇-DB, β = reward_scale, λ = unet_reg_scale, f = 0.2 (3 of 10 transitions), flow head 32/64"),
+    "ddpo": ("DDPOTrainer", "DDPOConfig", dict(train_timestep_fraction=1.0),
+             "PPO-clip (clip 1e-4, adv. clip 5), all 10 transitions"),
+    "draft_k1": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=1), "DRaFT-1: reward gradient through the last step"),
+    "draft_lv": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=1, draft_lv_copies=2), "DRaFT-LV, n = 2 re-noised copies"),
+    "alignprop": ("AlignPropTrainer", "AlignPropConfig", dict(), "random truncation, first differentiated step in [0, K-1]"),
+    "refl": ("ReFLTrainer", "ReFLConfig", dict(refl_timestep_range=[0, 250]), "stop at τ ∈ [0, 250], one-step x̂_0"),
+}
+DEFAULT_METHODS = list(METHODS)
+
+
+@dataclass
+class BenchmarkSettings:
+    """Sizes and hyper-parameters of one benchmark (shared by every method unless noted)."""
+
+    target_digits: list[int] = field(default_factory=lambda: [0, 8])
+    prompt: str = "a handwritten digit"
+    epochs: int = 8
+    sample_num_steps: int = 10
+    guidance_scale: float = 2.0
+    sample_batch_size: int = 16
+    sample_num_batches_per_epoch: int = 2
+    train_batch_size: int = 8
+    learning_rate: float = 1e-3
+    lora_rank: int = 8
+    # Nabla-GFlowNet; beta is also the inverse temperature of the ideal target
+    reward_scale: float = 2.0
+    unet_reg_scale: float = 100.0
+    eval_samples: int = 128
+    eval_seed: int = 10_000_000
+    reference_samples: int = 2048
+    reference_seed: int = 20_000_000
+    batch: int = 256  # sampling batch of the evaluation passes
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample_batch_size * self.sample_num_batches_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+QUICK = dict(epochs=2, sample_batch_size=8, sample_num_batches_per_epoch=1, train_batch_size=4, eval_samples=64,
+             reference_samples=512, sample_num_steps=6)
+
+
+# ------------------------------------------------------------------------------------ building blocks
+def load_pipeline(use_lora: bool = False):
+    from ..assets import BUNDLED_DIGITS_MODEL
+    from ..pipelines import DiffusionPipelineForRL
+
+    pipeline = DiffusionPipelineForRL.from_pretrained(BUNDLED_DIGITS_MODEL, use_lora=use_lora, local_files_only=True)
+    return pipeline
+
+
+def load_reward(target_digits):
+    from ..assets import BUNDLED_DIGIT_CLASSIFIER
+    from ..rewards.digits import DigitClassifierReward
+
+    return DigitClassifierReward.from_pretrained(BUNDLED_DIGIT_CLASSIFIER, target_digits=list(target_digits))
+
+
+@torch.no_grad()
+def sample_images(pipeline, schedule, settings: BenchmarkSettings, n: int, first_seed: int) -> torch.Tensor:
+    """``n`` images of the pipeline's current policy (LoRA on if present), sample i drawn with seed ``first_seed + i``."""
+    out = []
+    for start in range(0, n, settings.batch):
+        ids = range(start, min(n, start + settings.batch))
+        gens = [torch.Generator().manual_seed(first_seed + i) for i in ids]
+        traj = pipeline.sample([settings.prompt] * len(gens), schedule, guidance_scale=settings.guidance_scale, generators=gens)
+        out.append(traj.images.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score(images: torch.Tensor, reward_fn) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(logits, features, log-rewards) of images under the digit classifier reward."""
+    logits, feats = classifier_outputs(images, reward_fn)
+    rewards = reward_fn(images, [""] * len(images), [{} for _ in range(len(images))])[0]
+    return logits, feats, rewards.float().cpu().numpy()
+
+
+def compute_reference(settings: BenchmarkSettings, reward_fn=None, cache: str | None = None) -> dict[str, Any]:
+    """Base-model reference: features of ``reference_samples`` base samples (for the Fréchet distance) and the
+    SNIS target histogram of ``p_base · exp(β r)`` with its Monte-Carlo error and ESS. Cached in ``cache`` (a .pt)."""
+    key = {k: getattr(settings, k) for k in ("target_digits", "prompt", "sample_num_steps", "guidance_scale", "reward_scale",
+                                              "reference_samples", "reference_seed")}
+    if cache and os.path.exists(cache):
+        ref = torch.load(cache, weights_only=False)
+        if ref.get("key") == key:
+            return ref
+    reward_fn = reward_fn if reward_fn is not None else load_reward(settings.target_digits)
+    pipeline = load_pipeline(use_lora=False)
+    schedule = pipeline.make_schedule("ddpm", settings.sample_num_steps, 1.0)
+    t0 = time.perf_counter()
+    images = sample_images(pipeline, schedule, settings, settings.reference_samples, settings.reference_seed)
+    logits, feats, rewards = score(images, reward_fn)
+    target = ideal_target_histogram(logits, rewards, settings.reward_scale, n_bootstrap=200, min_ess=0)
+    half = settings.reference_samples // 2
+    ref = {
+        "key": key,
+        "features": feats.double().numpy(),
+        "labels": logits.argmax(-1).numpy(),
+        "rewards": rewards,
+        "base_histogram": class_histogram(logits),
+        "target": target.to_dict(),
+        "target_hist": target.hist,
+        "seconds": time.perf_counter() - t0,
+        # Fréchet floor: base vs base with disjoint seeds at the evaluation size
+        "fd_floor_eval_size": frechet_distance(feats[:settings.eval_samples].double().numpy(), feats[half:].double().numpy())
+        if settings.reference_samples >= 2 * settings.eval_samples else float("nan"),
+        "tv_noise_floor_eval_size": tv_noise_floor(target.hist, settings.eval_samples)[0],
+    }
+    if cache:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        torch.save(ref, cache)
+    return ref
+
+
+def evaluate_images(images: torch.Tensor, reward_fn, reference: dict[str, Any], target_digits) -> dict[str, Any]:
+    """All figures of one evaluation pass (see the module docstring)."""
+    logits, feats, rewards = score(images, reward_fn)
+    hist = class_histogram(logits)
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(ddof=1)),
+        "diversity": pairwise_diversity(feats),
+        "prior_fd": frechet_distance(feats.double().numpy(), reference["features"]),
+        "class_histogram": hist.tolist(),
+        "entropy": histogram_entropy(hist),
+        "mass_on_S": float(hist[list(target_digits)].sum()),
+        "tv": total_variation(hist, reference["target_hist"]),
+    }
+
+
+def build_trainer(method: str, seed: int, settings: BenchmarkSettings, reward_fn, logdir: str | None = None, **overrides):
+    """A trainer of ``method`` on a fresh bundled pipeline (resets accelerate's process state first)."""
+    import trl_gfn.configs as configs
+    import trl_gfn.trainers as trainers
+    from trl_gfn.testing import reset_accelerate_state
+
+    reset_accelerate_state()
+    trainer_name, config_name, method_overrides, _ = METHODS[method]
+    kwargs = dict(
+        num_epochs=settings.epochs, sample_num_steps=settings.sample_num_steps, sample_guidance_scale=settings.guidance_scale,
+        sample_eta=1.0, sample_batch_size=settings.sample_batch_size, sample_num_batches_per_epoch=settings.sample_num_batches_per_epoch,
+        train_batch_size=settings.train_batch_size, train_gradient_accumulation_steps=1, train_learning_rate=settings.learning_rate,
+        lora_rank=settings.lora_rank, seed=seed, save_freq=0, log_image_freq=0, logdir=logdir or tempfile.mkdtemp(prefix="digits_bench_"),
+        run_name=f"{method}_seed{seed}", prompt_set="handwritten_digit",
+    )
+    if method.startswith("nabla"):
+        kwargs.update(reward_scale=settings.reward_scale, unet_reg_scale=settings.unet_reg_scale)
+    kwargs.update(method_overrides)
+    kwargs.update(overrides)
+    config = getattr(configs, config_name)(**kwargs)
+    pipeline = load_pipeline(use_lora=False)
+    return getattr(trainers, trainer_name)(config, reward_fn, pipeline, prompt_function=[settings.prompt])
+
+
+def run_method(method: str, seed: int, settings: BenchmarkSettings, reference: dict[str, Any], reward_fn=None,
+               on_epoch: Callable[[dict[str, Any]], None] | None = None, keep_images: bool = True) -> dict[str, Any]:
+    """Train ``method`` with ``seed`` and evaluate before training and after each epoch.
+
+    Returns ``{"method", "seed", "config", "epochs": [record per evaluation], "images_before", "images_after"}``;
+    each record has ``epoch``, ``update_step``, ``wall_time`` (cumulative training seconds), ``samples_seen``
+    and the figures of :func:`evaluate_images`.
+    """
+    reward_fn = reward_fn if reward_fn is not None else load_reward(settings.target_digits)
+    trainer = build_trainer(method, seed, settings, reward_fn)
+    pipeline = trainer.pipeline
+
+    def evaluate(epoch: int, step: int, wall: float) -> tuple[dict[str, Any], torch.Tensor]:
+        images = sample_images(pipeline, trainer.schedule, settings, settings.eval_samples, settings.eval_seed)
+        rec = {"epoch": epoch, "update_step": step, "wall_time": wall, "samples_seen": epoch * settings.samples_per_epoch}
+        rec.update(evaluate_images(images, reward_fn, reference, settings.target_digits))
+        if on_epoch is not None:
+            on_epoch(rec)
+        return rec, images
+
+    rec, images_before = evaluate(0, 0, 0.0)
+    records = [rec]
+    global_step, wall = 0, 0.0
+    images = images_before
+    for epoch in range(settings.epochs):
+        t0 = time.perf_counter()
+        global_step = trainer.step(epoch, global_step)
+        wall += time.perf_counter() - t0
+        rec, images = evaluate(epoch + 1, global_step, wall)
+        if not all(math.isfinite(v) for v in (rec["reward_mean"], rec["diversity"], rec["prior_fd"], rec["tv"])):
+            rec["non_finite"] = True
+        records.append(rec)
+    result = {"method": method, "seed": seed, "note": METHODS[method][3], "config": _jsonable(trainer.config.to_dict()), "epochs": records}
+    if keep_images:
+        result["images_before"], result["images_after"] = images_before, images
+    trainer.accelerator.end_training()
+    return result
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+# ------------------------------------------------------------------------------------------ summaries
+CURVE_KEYS = [("reward_mean", "reward  log p(y∈S|x)"), ("diversity", "diversity (feature pairwise dist.)"),
+              ("prior_fd", "prior distance (Fréchet to base)"), ("tv", "TV to ideal target p_base·e^{βr}")]
+TABLE_KEYS = [("reward_mean", "reward"), ("diversity", "diversity"), ("prior_fd", "prior FD"), ("tv", "TV to target"),
+              ("mass_on_S", "mass on S"), ("entropy", "class entropy")]
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: arrays (seeds x evaluations) of every curve key, update steps and wall times."""
+    by: dict[str, list] = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    out = {}
+    for m, rs in by.items():
+        n = min(len(r["epochs"]) for r in rs)
+        agg = {k: np.array([[e[k] for e in r["epochs"][:n]] for r in rs], dtype=float)
+               for k in ["update_step", "wall_time", "entropy", "mass_on_S"] + [k for k, _ in CURVE_KEYS]}
+        agg["seeds"] = [r["seed"] for r in rs]
+        out[m] = agg
+    return out
+
+
+def fmt(values: np.ndarray, digits: int = 3) -> str:
+    values = np.asarray(values, dtype=float)
+    if values.size > 1:
+        return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+    return f"{values.mean():.{digits}f}"
+
+
+def markdown_table(runs: list[dict[str, Any]], reference: dict[str, Any] | None = None) -> str:
+    """Final figures (last evaluation) per method, mean ± std over seeds; the base model's row first."""
+    agg = aggregate(runs)
+    header = "| method | seeds | updates | train wall time (s) | " + " | ".join(name for _, name in TABLE_KEYS) + " |"
+    lines = [header, "|" + "---|" * (4 + len(TABLE_KEYS))]
+    first = next(iter(agg.values()), None)
+    if first is not None:
+        lines.append("| base model (before training) | " + str(len(first["seeds"])) + " | 0 | 0 | "
+                     + " | ".join(fmt(first[k][:, 0]) for k, _ in TABLE_KEYS) + " |")
+    for m, a in agg.items():
+        lines.append(f"| {m} | {len(a['seeds'])} | {int(a['update_step'][0, -1])} | {fmt(a['wall_time'][:, -1], 0)} | "
+                     + " | ".join(fmt(a[k][:, -1]) for k, _ in TABLE_KEYS) + " |")
+    if reference is not None:
+        t = reference["target"]
+        lines.append("")
+        lines.append(f"Ideal target p_base·exp(β r), β = {t['beta']:g}: histogram "
+                     f"{np.round(np.asarray(t['hist']), 3).tolist()} from {t['n']} base samples (SNIS), ESS {t['ess']:.0f} "
+                     f"({100 * t['ess_fraction']:.0f} %), largest class std. error {max(t['stderr']):.3f}, expected TV error of the "
+                     f"target {0.5 * math.sqrt(2 / math.pi) * sum(t['stderr']):.3f}; TV noise floor of an exact sampler at the evaluation size "
+                     f"{reference['tv_noise_floor_eval_size']:.3f}; Fréchet floor (base vs base, disjoint seeds) {reference['fd_floor_eval_size']:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """Two rows of 4 panels (reward, diversity, prior distance, TV): vs update step, then vs training wall time;
+    mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(runs)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (m, a) in enumerate(agg.items()):
+        c = colors[i % len(colors)]
+        for row, xkey in enumerate(["update_step", "wall_time"]):
+            x = a[xkey].mean(0)
+            for col, (k, name) in enumerate(CURVE_KEYS):
+                ax = axes[row, col]
+                mu, sd = a[k].mean(0), a[k].std(0, ddof=1) if a[k].shape[0] > 1 else np.zeros(a[k].shape[1])
+                ax.plot(x, mu, color=c, label=m, marker="o", ms=2.5, lw=1.5)
+                ax.fill_between(x, mu - sd, mu + sd, color=c, alpha=0.18, lw=0)
+                ax.set_title(name, fontsize=10)
+                ax.set_xlabel("update steps" if row == 0 else "training wall time (s)")
+                ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def save_grid(images: torch.Tensor | list[torch.Tensor], path: str, nrow: int = 8, labels: list[str] | None = None, scale: int = 3) -> None:
+    """Save an image grid (images in [0, 1], (B, 3, H, W)); several tensors are placed side by side with a gap."""
+    from PIL import Image
+
+    blocks = images if isinstance(images, (list, tuple)) else [images]
+    grids = []
+    for imgs in blocks:
+        imgs = imgs.clamp(0, 1).cpu()
+        b, ch, h, w = imgs.shape
+        rows = math.ceil(b / nrow)
+        g = torch.ones(ch, rows * (h + 1) + 1, nrow * (w + 1) + 1)
+        for i in range(b):
+            r, c = divmod(i, nrow)
+            g[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = imgs[i]
+        grids.append(g)
+    height = max(g.shape[1] for g in grids)
+    gap = torch.ones(grids[0].shape[0], height, 6)
+    parts = []
+    for i, g in enumerate(grids):
+        if g.shape[1] < height:
+            g = torch.cat([g, torch.ones(g.shape[0], height - g.shape[1], g.shape[2])], dim=1)
+        parts += ([gap] if i else []) + [g]
+    full = torch.cat(parts, dim=2)
+    arr = (full.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+def strip_images(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if not k.startswith("images_")}
