@@ -33,7 +33,7 @@ def test_nabla_gfn_example_with_yaml_and_flags(tmp_path, tiny_model_dir):
                                       "flow_block_out_channels": [8, 16], "flow_attention_head_dim": 4, "reward_scale": 100.0}))
     run_example("nabla_gfn.py", ["--config", str(config), "--pretrained_model", tiny_model_dir, "--reward", "brightness",
                                  "--prompts", "a cat|a dog", "--logdir", str(tmp_path / "logs"), "--run_name", "ex",
-                                 "--lora_rank", "4"], cwd=tmp_path)
+                                 "--lora_rank", "4", "--log_with", "tensorboard"], cwd=tmp_path)
     final = tmp_path / "logs" / "ex" / "final"
     assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "flow_head" / "config.json").is_file()
     import json
@@ -41,6 +41,12 @@ def test_nabla_gfn_example_with_yaml_and_flags(tmp_path, tiny_model_dir):
     saved = json.loads((final / "training_config.json").read_text())
     assert saved["reward_scale"] == 100.0 and saved["lora_rank"] == 4 and saved["num_epochs"] == 1
     assert "Nabla-GFlowNet" in (final / "README.md").read_text()
+    # tracker events, and the image grid with prompts and rewards
+    run = tmp_path / "logs" / "ex"
+    assert any(p.name.startswith("events.out.tfevents") for p in run.rglob("*"))
+    assert (run / "samples" / "epoch_0000.png").is_file()
+    captions = (run / "samples" / "epoch_0000.txt").read_text().splitlines()
+    assert len(captions) == 2 and all(" | " in c for c in captions)
 
 
 def test_reward_preset_fills_fields_left_at_defaults():
