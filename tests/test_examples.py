@@ -46,7 +46,7 @@ def test_nabla_gfn_example_with_yaml_and_flags(tmp_path, tiny_model_dir):
     assert any(p.name.startswith("events.out.tfevents") for p in run.rglob("*"))
     assert (run / "samples" / "epoch_0000.png").is_file()
     captions = (run / "samples" / "epoch_0000.txt").read_text().splitlines()
-    assert len(captions) == 2 and all(" | " in c for c in captions)
+    assert len(captions) == 4 and all(" | " in c for c in captions)  # 2 batches of 2 samples
 
 
 def test_reward_preset_fills_fields_left_at_defaults():
