@@ -91,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
     run = run_method(method, int(seed), settings, reference, on_epoch=log)
     run["process_seconds"] = time.perf_counter() - t0
     base = os.path.join(args.out, "runs", f"{method}_seed{seed}")
-    torch.save({"before": run["images_before"][:32], "after": run["images_after"][:32]}, base + ".pt")
+    torch.save({"before": run["images_before"][:32].clone(), "after": run["images_after"][:32].clone()}, base + ".pt")
     with open(base + ".json", "w") as f:
         json.dump(strip_images(run), f)
 

@@ -64,20 +64,20 @@ class BenchmarkSettings:
 
     target_digits: list[int] = field(default_factory=lambda: [0, 8])
     prompt: str = "a handwritten digit"
-    epochs: int = 8
+    epochs: int = 10
     sample_num_steps: int = 10
     guidance_scale: float = 2.0
     sample_batch_size: int = 16
     sample_num_batches_per_epoch: int = 2
     train_batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     lora_rank: int = 8
     # Nabla-GFlowNet; beta is also the inverse temperature of the ideal target
-    reward_scale: float = 2.0
+    reward_scale: float = 30.0
     unet_reg_scale: float = 100.0
     eval_samples: int = 128
     eval_seed: int = 10_000_000
-    reference_samples: int = 2048
+    reference_samples: int = 3072
     reference_seed: int = 20_000_000
     batch: int = 256  # sampling batch of the evaluation passes
 
