@@ -11,8 +11,8 @@ sampling from ``--reference_samples`` base-model samples (other seeds), cached i
 
 Each (method, seed) runs in its own subprocess (``--jobs`` at a time, ``--threads`` torch threads each).
 
-    python benchmarks/digits_alignment.py                       # default size (3 seeds x 6 methods)
-    python benchmarks/digits_alignment.py --quick               # smoke run, ~1-2 min
+    python benchmarks/digits_alignment.py                       # default size (3 seeds x 6 methods), ~13 min on 2 cores
+    python benchmarks/digits_alignment.py --quick               # smoke run, ~2-3 min
     python benchmarks/digits_alignment.py --methods nabla_gfn,draft_k1 --seeds 0 --epochs 4
 
 Writes ``<out>/results.json`` (settings, reference, every figure of every evaluation of every run),
