@@ -183,3 +183,20 @@ def test_v_prediction_models_train_with_the_same_guarantees(tmp_path):
     samples = trainer.sample_epoch(0)
     _, terms = trainer.compute_loss(batch_at(samples, 2))
     assert terms["loss_forward"].item() == 0.0 and terms["loss_reg"].item() < 1e-10
+
+
+def test_variance_weighting_scales_each_transition_by_its_variance(tmp_path, tiny_pipeline):
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=50.0)
+    _randomise_flow_head(trainer)
+    samples = trainer.sample_epoch(0)
+    for step in (1, 5):
+        batch = batch_at(samples, step)
+        trainer.config.transition_loss_weighting = "none"
+        _, plain = trainer.compute_loss(batch)
+        trainer.config.transition_loss_weighting = "variance"
+        _, weighted = trainer.compute_loss(batch)
+        variance = trainer.schedule.std[step].float() ** 2
+        for key in ("loss_forward", "loss_reverse"):
+            torch.testing.assert_close(weighted[key], plain[key] * variance, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(weighted["loss_terminal"], plain["loss_terminal"])
+    assert plain["loss_forward"] > 0

@@ -8,6 +8,7 @@ from typing import Literal
 from .base import DiffusionRLConfig, _check
 
 REWARD_GRADIENT_SCALINGS = ("squared", "sqrt")
+TRANSITION_LOSS_WEIGHTINGS = ("none", "variance")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     reverse_loss_scale: float | None = field(default=None, metadata={"help": "Weight of the reverse ∇-DB term (trains the flow head only); default 1 with the flow head, 0 without."})
     pretrained_strength: float = field(default=1.0, metadata={"help": "s: multiplies the reference policy's score in the ∇-DB targets."})
     reward_gradient_scaling: Literal["squared", "sqrt"] = field(default="squared", metadata={"help": "γ_k in the flow-gradient guess β·γ_k·∇r(x̂_0): `squared` = ᾱ_k, `sqrt` = sqrt(ᾱ_k)."})
+    transition_loss_weighting: Literal["none", "variance"] = field(default="none", metadata={"help": "`none`: squared score residuals as in the paper (they scale like 1/σ_k², so the nearly noise-free last steps dominate the update); `variance`: multiply the forward and reverse residuals by σ_k², which weighs every transition alike and keeps the same minimiser."})
     low_var_subsampling: bool = field(default=True, metadata={"help": "Draw the trained interior transitions one per equal chunk of the K steps (stratified) rather than uniformly."})
     jacobian_free_reward_gradient: bool = field(default=False, metadata={"help": "Approximation: take ε̂ at x_{k-1} from the sampling record as a constant, so the next-state reward gradient needs no UNet forward/backward (about a third less compute per interior step; see the benchmark for its effect)."})
     train_on_previous_samples: bool = field(default=False, metadata={"help": "Train each epoch on the previous epoch's trajectories (as one published implementation does) instead of the ones just sampled. Off by default: it trains on stale, off-policy samples."})
@@ -51,6 +53,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
         _check(self.pretrained_strength >= 0, "pretrained_strength", f"must be >= 0, got {self.pretrained_strength}")
         _check(self.reward_gradient_scaling in REWARD_GRADIENT_SCALINGS, "reward_gradient_scaling",
                f"must be one of {REWARD_GRADIENT_SCALINGS}, got {self.reward_gradient_scaling!r}")
+        _check(self.transition_loss_weighting in TRANSITION_LOSS_WEIGHTINGS, "transition_loss_weighting",
+               f"must be one of {TRANSITION_LOSS_WEIGHTINGS}, got {self.transition_loss_weighting!r}")
         _check(bool(self.flow_block_out_channels) and all(int(c) > 0 for c in self.flow_block_out_channels), "flow_block_out_channels",
                f"must be a non-empty list of positive widths, got {self.flow_block_out_channels}")
         _check(all(int(c) % self.flow_attention_head_dim == 0 for c in self.flow_block_out_channels), "flow_attention_head_dim",

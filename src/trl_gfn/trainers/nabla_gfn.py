@@ -221,7 +221,8 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         target = ref_score_next + guess_next
         if use_flow:
             target = target + g_next * inter.view(-1, 1, 1, 1).to(x.dtype)
-        loss_forward = ((s_theta - target) ** 2).mean()
+        weight = std**2 if c.transition_loss_weighting == "variance" else torch.ones_like(std)
+        loss_forward = (weight * (s_theta - target) ** 2).mean()
         loss_terminal = (g_next[last] ** 2).mean() if use_flow and bool(last.any()) else zero
 
         # 6. reverse ∇-DB (trains g only): ∇_{x_k}[log P_θ + βγ_k r(x̂_0^θ(x_k))] + g(x_k) − s∇_{x_k} log P_ref = 0
@@ -234,7 +235,7 @@ class NablaGFlowNetTrainer(TransitionTrainer):
                 vjp[inter] = beta * self._gamma(a[inter]) * g0
             surrogate = -0.5 * ((x_next - mean) ** 2 / std**2).sum() + (vjp * x0).sum()
             (policy_side,) = torch.autograd.grad(surrogate, xp, retain_graph=True)
-            loss_reverse = ((policy_side.detach()[inter] - ref_score_cur[inter] + g_cur) ** 2).mean()
+            loss_reverse = (weight[inter] * (policy_side.detach()[inter] - ref_score_cur[inter] + g_cur) ** 2).mean()
 
         # 7. output regulariser: trust region around the sampling policy's guided prediction
         loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
