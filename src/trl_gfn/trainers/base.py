@@ -247,6 +247,11 @@ class DiffusionRLTrainer:
                    weight_decay=c.train_adam_weight_decay)
 
     @property
+    def hide_progress(self) -> bool:
+        """Progress bars show on the local main process only, and nowhere when ``TQDM_DISABLE`` is set."""
+        return not self.accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+    @property
     def unwrapped(self) -> TrainableModules:
         return self.accelerator.unwrap_model(self.model)
 
@@ -280,7 +285,7 @@ class DiffusionRLTrainer:
         """Sample ``sample_num_batches_per_epoch`` batches with the current policy and score them (no gradient)."""
         c, acc = self.config, self.accelerator
         parts = []
-        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=not acc.is_local_main_process, leave=False):
+        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
             traj = self.sample_batch(epoch, b)
             with torch.no_grad():
                 traj.rewards, _ = self.compute_rewards(traj.images, traj.prompts, traj.prompt_metadata, need_grad=False)
@@ -522,7 +527,7 @@ class TransitionTrainer(DiffusionRLTrainer):
             steps = self.select_transitions(shuffled, epoch, inner)
             info: dict[str, list[float]] = defaultdict(list)
             batches = range(0, len(shuffled), c.train_batch_size)
-            bar = tqdm(batches, desc=f"Epoch {epoch}.{inner}: training", disable=not acc.is_local_main_process, leave=False)
+            bar = tqdm(batches, desc=f"Epoch {epoch}.{inner}: training", disable=self.hide_progress, leave=False)
             loss_sum = torch.zeros((), device=acc.device)
             for start in bar:
                 part = shuffled.select(list(range(start, start + c.train_batch_size)))

@@ -119,7 +119,7 @@ class DDPOTrainer(TransitionTrainer):
             return super().sample_epoch(epoch)
         c, acc = self.config, self.accelerator
         parts, pending = [], []
-        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=not acc.is_local_main_process, leave=False):
+        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
             traj = self.sample_batch(epoch, b)
             parts.append(traj)
             pending.append(self.executor.submit(self._score_no_grad, traj.images, traj.prompts, traj.prompt_metadata))

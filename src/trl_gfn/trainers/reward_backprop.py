@@ -105,7 +105,7 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
         epoch_rewards = []
         loss_sum = torch.zeros((), device=acc.device)
         last = None
-        bar = tqdm(range(micro_batches), desc=f"Epoch {epoch}: training", disable=not acc.is_local_main_process, leave=False)
+        bar = tqdm(range(micro_batches), desc=f"Epoch {epoch}: training", disable=self.hide_progress, leave=False)
         for m in bar:
             ids = self.batch_sample_ids(m, c.train_batch_size)
             prompts, metadata = self.prompt_source(ids, epoch)
