@@ -158,3 +158,12 @@ def test_prompt_dataset_and_callable(tmp_path):
     trainer.prompt_source = type(trainer.prompt_source)(lambda: ("a frog", {"k": 1}))
     samples = trainer.sample_epoch(0)
     assert samples.prompts == ["a frog"] * 4 and samples.prompt_metadata[0] == {"k": 1}
+
+
+def test_resume_without_run_name_continues_in_the_checkpoints_run_directory(tmp_path):
+    first = NablaGFlowNetTrainer(config(tmp_path / "a", save_freq=1, use_flow_head=False), BrightnessReward(),
+                                 DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    first.train(epochs=1)
+    again = NablaGFlowNetTrainer(config(tmp_path / "elsewhere", run_name="", resume_from=first.run_dir, use_flow_head=False),
+                                 BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    assert os.path.abspath(again.run_dir) == os.path.abspath(first.run_dir) and again.first_epoch == 1

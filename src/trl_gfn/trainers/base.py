@@ -145,12 +145,14 @@ class DiffusionRLTrainer:
         self.resume_path = resolve_resume_path(config.resume_from) if config.resume_from else None
 
         run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y.%m.%d_%H.%M.%S')}"
+        run_dir = os.path.join(config.logdir, run_name)
         if self.resume_path is not None and not config.run_name:
-            # continue the run the checkpoint belongs to
-            run_dir = os.path.dirname(os.path.dirname(self.resume_path)) if os.path.basename(os.path.dirname(self.resume_path)) == "checkpoints" else os.path.dirname(self.resume_path)
+            # continue in the run directory the checkpoint belongs to (<run>/checkpoints/checkpoint_N)
+            parent = os.path.dirname(self.resume_path)
+            run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
             run_name = os.path.basename(run_dir)
         self.run_name = run_name
-        self.run_dir = os.path.join(config.logdir, run_name)
+        self.run_dir = run_dir
         self.output_dir = config.output_dir or os.path.join(self.run_dir, "final")
 
         accelerator_kwargs = dict(config.accelerator_kwargs)
