@@ -285,14 +285,27 @@ class DiffusionRLTrainer:
 
     def sample_epoch(self, epoch: int) -> Trajectories:
         """Sample ``sample_num_batches_per_epoch`` batches with the current policy and score them (no gradient)."""
-        c, acc = self.config, self.accelerator
-        parts = []
-        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
+        parts, pending = [], []
+        for b in tqdm(range(self.config.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
             traj = self.sample_batch(epoch, b)
-            with torch.no_grad():
-                traj.rewards, _ = self.compute_rewards(traj.images, traj.prompts, traj.prompt_metadata, need_grad=False)
             parts.append(traj)
+            pending.append(self.start_scoring(traj))
+        for traj, rewards in zip(parts, pending):
+            traj.rewards = rewards()
         return Trajectories.concatenate(parts)
+
+    def start_scoring(self, traj: Trajectories) -> Callable[[], torch.Tensor]:
+        """Begin scoring a sampled batch; returns a function that gives its rewards.
+
+        Scores at once here; DDPO's ``async_reward_computation`` overrides it to overlap scoring with sampling.
+        """
+        rewards = self.score_no_grad(traj.images, traj.prompts, traj.prompt_metadata)
+        return lambda: rewards
+
+    def score_no_grad(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
+        """Rewards without gradient (grad mode is thread-local, so it is set here, also in worker threads)."""
+        with torch.no_grad():
+            return self.compute_rewards(images, prompts, metadata, need_grad=False)[0]
 
     def batch_sample_ids(self, batch_index: int, batch_size: int) -> list[int]:
         """Global sample ids of this process's ``batch_index``-th batch of ``batch_size`` (same set for any process count)."""

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from ..configs.ddpo import DDPOConfig
 from ..diffusion import log_prob, step_mean
@@ -113,23 +112,11 @@ class DDPOTrainer(TransitionTrainer):
         return {}
 
     # ------------------------------------------------------------------ sampling (optionally async rewards)
-    def sample_epoch(self, epoch: int) -> Trajectories:
-        """Sample the epoch's batches; with ``async_reward_computation`` rewards run in a thread pool meanwhile."""
+    def start_scoring(self, traj: Trajectories):
+        """With ``async_reward_computation`` the rewards run in a thread pool while the next batch samples."""
         if self.executor is None:
-            return super().sample_epoch(epoch)
-        c, acc = self.config, self.accelerator
-        parts, pending = [], []
-        for b in tqdm(range(c.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
-            traj = self.sample_batch(epoch, b)
-            parts.append(traj)
-            pending.append(self.executor.submit(self._score_no_grad, traj.images, traj.prompts, traj.prompt_metadata))
-        for traj, future in zip(parts, pending):
-            traj.rewards = future.result()
-        return Trajectories.concatenate(parts)
-
-    def _score_no_grad(self, images, prompts, metadata) -> torch.Tensor:
-        with torch.no_grad():  # grad mode is thread-local: set it in the worker
-            return self.compute_rewards(images, prompts, metadata, need_grad=False)[0]
+            return super().start_scoring(traj)
+        return self.executor.submit(self.score_no_grad, traj.images, traj.prompts, traj.prompt_metadata).result
 
     # ------------------------------------------------------------------ advantages
     def compute_advantages(self, samples: Trajectories) -> torch.Tensor:
