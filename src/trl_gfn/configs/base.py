@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .public import redact, strip_local_path
+from .validation import PATH_FIELDS, check_fields, check_kwargs, check_name
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: a Hub repository id: ``name`` or ``namespace/name``
+HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -22,17 +28,19 @@ class DiffusionRLConfig:
 
     Sampling, optimisation, logging, checkpointing and Hub fields carry the names and meanings of TRL's
     former ``DDPOConfig`` so that existing configs move over unchanged. Values are checked in
-    ``__post_init__``; an invalid value raises ``ValueError`` naming the field.
+    ``__post_init__`` (and again by the trainer): every field's type against its annotation (no coercion:
+    ``'False'`` is not a bool), finiteness, the range declared in ``field_ranges``, then the combinations
+    of fields; an invalid value raises ``ValueError`` naming the field.
     """
 
     # --- run ---------------------------------------------------------------------------------------
-    exp_name: str = field(default=os.path.splitext(os.path.basename(sys.argv[0]))[0] or "trl_gfn", metadata={"help": "Experiment name (default: the script's file name); used for the tracker run and model card."})
-    run_name: str = field(default="", metadata={"help": "Run name for the tracker and the run directory under `logdir` (default: exp_name + timestamp)."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampling noise, prompt order, transition subsampling and initialisation."})
+    exp_name: str = field(default=os.path.splitext(os.path.basename(sys.argv[0]))[0] or "trl_gfn", metadata={"help": "Experiment name (default: the script's file name); used for the tracker run and model card. A plain folder name (no path separators)."})
+    run_name: str = field(default="", metadata={"help": "Run name for the tracker and the run directory under `logdir` (default: exp_name + timestamp). A plain folder name: no `/`, `\\`, `.` or `..`."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling noise, prompt order, transition subsampling and initialisation (0 to 2**32 - 1)."})
     log_with: Literal["wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "all"] | None = field(default=None, metadata={"help": "accelerate tracker(s) to log to; None logs nothing."})
-    tracker_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments for the tracker (e.g. wandb init kwargs), passed to `init_trackers`."})
-    accelerator_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for `accelerate.Accelerator`."})
-    project_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for `accelerate.utils.ProjectConfiguration`."})
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Init kwargs per tracker, passed to `init_trackers`, e.g. `{\"wandb\": {\"entity\": \"me\"}}`. Credential-like entries (keys containing key, token, secret, password, ...) are redacted from everything logged, saved or uploaded."})
+    accelerator_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for `accelerate.Accelerator` (not those set from config fields: mixed_precision, log_with, project_config, gradient accumulation)."})
+    project_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for `accelerate.utils.ProjectConfiguration` (not project_dir or the checkpoint naming, which the trainer sets)."})
     tracker_project_name: str = field(default="trl-gfn", metadata={"help": "Project name for the tracker."})
     logdir: str = field(default="logs", metadata={"help": "Top directory for runs: `<logdir>/<run_name>/checkpoints/checkpoint_N` and `<logdir>/<run_name>/final`."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the final LoRA (and flow head) are written; default `<logdir>/<run_name>/final`."})
@@ -56,7 +64,7 @@ class DiffusionRLConfig:
     negative_prompts: str | None = field(default=None, metadata={"help": "Negative prompt used for the unconditional branch of CFG (default: the empty prompt)."})
     prompt_set: str = field(default="simple_animals", metadata={"help": "Named prompt set shipped with trl_gfn (see `trl_gfn.prompts.available_prompt_sets()`), used when no prompt function or dataset is given."})
     log_image_freq: int = field(default=1, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables)."})
-    log_num_images: int = field(default=8, metadata={"help": "Number of images in the logged grid."})
+    log_num_images: int = field(default=8, metadata={"help": "Number of images in the logged grid (>= 1; set log_image_freq=0 to log none)."})
 
     # --- optimisation --------------------------------------------------------------------------------
     train_batch_size: int = field(default=1, metadata={"help": "Trajectories per training micro-batch (per process)."})
@@ -67,7 +75,7 @@ class DiffusionRLConfig:
     train_adam_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay of the LoRA parameters."})
     train_adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches whose gradients are summed per optimizer step."})
-    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (over all trainable parameters); <= 0 disables."})
+    train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (over all trainable parameters); 0 disables."})
     train_num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each epoch's samples."})
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the K transitions of each trajectory to train on."})
 
@@ -81,19 +89,30 @@ class DiffusionRLConfig:
     push_to_hub: bool = field(default=False, metadata={"help": "Push the final LoRA and model card to `hub_model_id` at the end of `train()`."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id for `push_to_hub` (e.g. `me/sd15-aesthetic-lora`)."})
 
+    #: range of every numeric field (checked with the type from the annotation by ``validation.check_fields``)
+    field_ranges = {
+        "seed": "[0, 4294967295]", "num_epochs": ">= 1", "save_freq": ">= 0", "num_checkpoint_limit": ">= 1",
+        "sample_num_steps": ">= 1", "sample_eta": "[0, 1]", "sample_guidance_scale": ">= 0", "sample_batch_size": ">= 1",
+        "sample_num_batches_per_epoch": ">= 1", "log_image_freq": ">= 0", "log_num_images": ">= 1", "train_batch_size": ">= 1",
+        "train_learning_rate": "> 0", "train_adam_beta1": "[0, 1)", "train_adam_beta2": "[0, 1)", "train_adam_weight_decay": ">= 0",
+        "train_adam_epsilon": "> 0", "train_gradient_accumulation_steps": ">= 1", "train_max_grad_norm": ">= 0",
+        "train_num_inner_epochs": ">= 1", "train_timestep_fraction": "(0, 1]", "lora_rank": ">= 1", "lora_alpha": ">= 1",
+    }
+
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
-        for name in ("num_epochs", "sample_num_steps", "sample_batch_size", "sample_num_batches_per_epoch", "train_batch_size",
-                     "train_gradient_accumulation_steps", "train_num_inner_epochs", "lora_rank", "num_checkpoint_limit"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
-        for name in ("save_freq", "log_image_freq", "log_num_images"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
-        _check(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        """Raise ``ValueError`` naming the first invalid field: every field's type and range first, then combinations."""
+        check_fields(self)
+        check_name("exp_name", self.exp_name, allow_empty=False)
+        check_name("run_name", self.run_name, allow_empty=True)
+        _check(bool(self.logdir), "logdir", f"must be a non-empty directory path, got {self.logdir!r}")
+        _check(bool(self.tracker_project_name), "tracker_project_name", f"must be a non-empty string, got {self.tracker_project_name!r}")
+        self._check_kwargs_fields()
+        from ..prompts import available_prompt_sets
+
+        _check(self.prompt_set in available_prompt_sets(), "prompt_set", f"must be one of {available_prompt_sets()}, got {self.prompt_set!r}")
         from ..diffusion import SUPPORTED_SAMPLERS
 
         _check(self.sampler in SUPPORTED_SAMPLERS, "sampler", f"must be one of {SUPPORTED_SAMPLERS}, got {self.sampler!r}")
@@ -101,17 +120,8 @@ class DiffusionRLConfig:
             _check(0.0 < self.sample_eta <= 1.0, "sample_eta", f"must be in (0, 1] for the stochastic `ddpm` sampler, got {self.sample_eta}")
         else:
             _check(self.sample_eta == 1.0, "sample_eta", f"is not used by the `dpm_solver_sde` sampler and must stay 1.0, got {self.sample_eta}")
-        _check(self.sample_guidance_scale >= 0.0, "sample_guidance_scale", f"must be >= 0, got {self.sample_guidance_scale}")
-        _check(0.0 < self.train_timestep_fraction <= 1.0, "train_timestep_fraction", f"must be in (0, 1], got {self.train_timestep_fraction}")
-        _check(self.train_learning_rate > 0, "train_learning_rate", f"must be > 0, got {self.train_learning_rate}")
-        _check(0.0 <= self.train_adam_beta1 < 1.0, "train_adam_beta1", f"must be in [0, 1), got {self.train_adam_beta1}")
-        _check(0.0 <= self.train_adam_beta2 < 1.0, "train_adam_beta2", f"must be in [0, 1), got {self.train_adam_beta2}")
-        _check(self.train_adam_weight_decay >= 0, "train_adam_weight_decay", f"must be >= 0, got {self.train_adam_weight_decay}")
-        _check(self.train_adam_epsilon > 0, "train_adam_epsilon", f"must be > 0, got {self.train_adam_epsilon}")
         _check(self.use_lora, "use_lora", "full fine-tuning is not supported: the reference policy is the UNet with its LoRA adapter disabled")
-        _check(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
-        if self.lora_alpha is not None:
-            _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _check(all(self.lora_target_modules), "lora_target_modules", f"must name modules (non-empty strings), got {self.lora_target_modules!r}")
         batches = self.sample_batch_size * self.sample_num_batches_per_epoch
         _check(batches % self.train_batch_size == 0, "train_batch_size",
                f"must divide the samples per process per epoch (sample_batch_size * sample_num_batches_per_epoch = {batches}), got {self.train_batch_size}")
@@ -121,11 +131,34 @@ class DiffusionRLConfig:
                f"got {self.train_gradient_accumulation_steps}")
         if self.push_to_hub:
             _check(bool(self.hub_model_id), "hub_model_id", "must be set when push_to_hub=True")
+        if self.hub_model_id is not None:
+            _check(bool(HUB_REPO_ID.match(self.hub_model_id)), "hub_model_id",
+                   f"must be a Hub repository id such as 'me/my-lora' (letters, digits, '-', '_', '.'), got {self.hub_model_id!r}")
         if self.train_use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as err:
                 raise ValueError("train_use_8bit_adam: requires the `bitsandbytes` package (pip install bitsandbytes)") from err
+
+    def _check_kwargs_fields(self) -> None:
+        """The kwargs dicts go to accelerate: unknown keys, or keys a config field already sets, are rejected here."""
+        from accelerate import Accelerator
+        from accelerate.utils import LoggerType, ProjectConfiguration
+
+        check_kwargs("accelerator_kwargs", self.accelerator_kwargs, Accelerator.__init__, reserved={
+            "log_with": "log_with", "mixed_precision": "mixed_precision", "project_config": "logdir/run_name and project_kwargs",
+            "project_dir": "logdir/run_name", "gradient_accumulation_steps": "train_gradient_accumulation_steps",
+            "gradient_accumulation_plugin": "train_gradient_accumulation_steps"})
+        check_kwargs("project_kwargs", self.project_kwargs, ProjectConfiguration, reserved={
+            "project_dir": "logdir/run_name", "automatic_checkpoint_naming": "the trainer (checkpoints/checkpoint_<epoch>)",
+            "total_limit": "num_checkpoint_limit", "iteration": "the trainer's epoch counter"})
+        trackers = [t.value for t in LoggerType]
+        for key, value in self.tracker_kwargs.items():
+            _check(key in trackers, "tracker_kwargs",
+                   f"must map a tracker name ({trackers}) to that tracker's init kwargs, e.g. {{'wandb': {{'entity': 'me'}}}}; got key {key!r}")
+            _check(isinstance(value, dict), "tracker_kwargs", f"[{key!r}] must be a dict of init kwargs, got {value!r}")
+            if self.log_with is None or (self.log_with != "all" and key != self.log_with):
+                warn_ignored(f"tracker_kwargs[{key!r}]", f"log_with={self.log_with!r} does not start that tracker")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -133,8 +166,20 @@ class DiffusionRLConfig:
         return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a plain dict (for trackers, model cards and YAML)."""
+        """All fields as a plain dict (e.g. to save the config as YAML); see :meth:`to_public_dict` for what may be shared."""
         return asdict(self)
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` safe to upload or log (what the trainers write to ``training_config.json``, model cards,
+        trackers and checkpoint manifests): credential-like entries of the kwargs dicts redacted, local absolute
+        paths reduced to ``<local>/<last component>``."""
+        out = self.to_dict()
+        for name, value in out.items():
+            if isinstance(value, dict):
+                out[name] = strip_local_path(redact(value))
+            elif name in PATH_FIELDS:
+                out[name] = strip_local_path(value)
+        return out
 
     @classmethod
     def field_help(cls) -> dict[str, str]:

@@ -27,13 +27,11 @@ class DDPOConfig(DiffusionRLConfig):
     async_reward_computation: bool = field(default=False, metadata={"help": "Compute rewards in a thread pool while the next batch is sampled (useful for slow, non-differentiable or remote rewards)."})
     max_workers: int = field(default=2, metadata={"help": "Threads of the reward pool when async_reward_computation=True."})
 
+    field_ranges = {"train_adv_clip_max": "> 0", "train_clip_range": "> 0", "per_prompt_stat_tracking_buffer_size": ">= 1",
+                    "per_prompt_stat_tracking_min_count": ">= 1", "max_workers": ">= 1"}
+
     def validate(self) -> None:
         super().validate()
-        _check(self.train_adv_clip_max > 0, "train_adv_clip_max", f"must be > 0, got {self.train_adv_clip_max}")
-        _check(self.train_clip_range > 0, "train_clip_range", f"must be > 0, got {self.train_clip_range}")
-        for name in ("per_prompt_stat_tracking_buffer_size", "per_prompt_stat_tracking_min_count", "max_workers"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
         if self.per_prompt_stat_tracking:
             _check(self.per_prompt_stat_tracking_min_count <= self.per_prompt_stat_tracking_buffer_size, "per_prompt_stat_tracking_min_count",
                    f"must be <= per_prompt_stat_tracking_buffer_size ({self.per_prompt_stat_tracking_buffer_size}), "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import DiffusionRLConfig, _check, warn_ignored
+from .validation import check_fields
 
 
 @dataclass
@@ -30,13 +31,12 @@ class DRaFTConfig(DiffusionRLConfig):
     truncated_backprop_rand: bool = field(default=False, metadata={"help": "AlignProp: randomise the truncation point per micro-batch (overrides draft_k)."})
     truncated_rand_backprop_minmax: list[int] | None = field(default=None, metadata={"help": "AlignProp: inclusive range [lo, hi] of the first differentiated step index t (sampling order, 0 = noisiest); steps t..K-1 get gradient. Default [0, sample_num_steps - 1]."})
 
+    field_ranges = {"draft_k": ">= 0", "draft_lv_copies": ">= 0", "truncated_rand_backprop_minmax": ">= 0"}
+
     def validate(self) -> None:
         super().validate()
         K = self.sample_num_steps
-        _check(isinstance(self.draft_k, int) and 0 <= self.draft_k <= K, "draft_k",
-               f"must be an integer in [0, sample_num_steps={K}] (0 = all steps), got {self.draft_k!r}")
-        _check(isinstance(self.draft_lv_copies, int) and self.draft_lv_copies >= 0, "draft_lv_copies",
-               f"must be a non-negative integer, got {self.draft_lv_copies!r}")
+        _check(self.draft_k <= K, "draft_k", f"must be an integer in [0, sample_num_steps={K}] (0 = all steps), got {self.draft_k!r}")
         if self.draft_lv_copies:
             _check(self.num_backprop_steps == 1, "draft_k", f"DRaFT-LV (draft_lv_copies={self.draft_lv_copies}) differentiates only the last step: draft_k must be 1, got {self.draft_k}")
             _check(not self.truncated_backprop_rand, "truncated_backprop_rand", "cannot be combined with DRaFT-LV (draft_lv_copies > 0)")
@@ -80,7 +80,10 @@ class AlignPropConfig(DRaFTConfig):
     truncated_backprop_rand: bool = field(default=True, metadata={"help": "Randomise the truncation point per micro-batch (AlignProp's randomised truncated backpropagation)."})
     truncated_backprop_timestep: int | None = field(default=None, metadata={"help": "With truncated_backprop_rand=False: the first step index (sampling order) that gets gradient; steps before it are detached. Default sample_num_steps - 1 (TRL's 49 for 50 steps): the last step only. Sets draft_k = sample_num_steps - truncated_backprop_timestep."})
 
+    field_ranges = {"truncated_backprop_timestep": ">= 0"}
+
     def validate(self) -> None:
+        check_fields(self)  # before the timestep is turned into draft_k
         K = self.sample_num_steps
         if self.truncated_backprop_timestep is not None:
             t = self.truncated_backprop_timestep

@@ -41,6 +41,10 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     flow_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay of the flow head."})
     flow_condition_on_prompt: bool = field(default=True, metadata={"help": "Feed the prompt embedding to the flow head; False feeds zeros (for prompt-free rewards such as aesthetics)."})
 
+    field_ranges = {"reward_scale": ">= 0", "unet_reg_scale": ">= 0", "reverse_loss_scale": ">= 0", "pretrained_strength": ">= 0",
+                    "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
+                    "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0"}
+
     def validate(self) -> None:
         super().validate()
         if self.reverse_loss_scale is None:

@@ -20,9 +20,9 @@ class ReFLConfig(DiffusionRLConfig):
     train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA parameters."})
     refl_timestep_range: list[int] = field(default_factory=lambda: [0, 250], metadata={"help": "Inclusive range [lo, hi] of UNet timesteps τ at which sampling stops; the stopping step is drawn uniformly among the sampler's steps with τ in range. The default matches ImageReward's ReFL (the last 10 of 40 steps, τ <= ~226)."})
 
+    field_ranges = {"refl_timestep_range": ">= 0"}
+
     def validate(self) -> None:
         super().validate()
         r = self.refl_timestep_range
-        _check(len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] <= r[1], "refl_timestep_range",
-               f"must be two integers 0 <= lo <= hi (UNet timesteps), got {r!r}")
-        self.refl_timestep_range = [int(r[0]), int(r[1])]
+        _check(len(r) == 2 and r[0] <= r[1], "refl_timestep_range", f"must be two integers 0 <= lo <= hi (UNet timesteps), got {r!r}")
