@@ -190,19 +190,27 @@ class DiffusionPipelineForRL:
                                                   weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata)
 
     def load_lora(self, load_directory: str | os.PathLike) -> None:
-        """Load LoRA weights saved by :meth:`save_lora` into the existing adapter (strict: every key must match)."""
+        """Load LoRA weights saved by :meth:`save_lora` into the existing adapter (strict: every key and shape must match).
+
+        A missing, unreadable or non-finite file raises an error naming it (:func:`trl_gfn.weights_io.read_safetensors`).
+        """
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+
+        from ..weights_io import read_safetensors
 
         path = os.path.join(load_directory, LORA_WEIGHT_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no LoRA weights at {path}")
-        state = load_file(path)
+        state = read_safetensors(path, what="LoRA weights")  # errors name the file; NaN/inf refused
         prefix = "unet."
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         state = convert_unet_state_dict_to_peft(state)
-        result = set_peft_model_state_dict(self.unet, state)
+        try:
+            result = set_peft_model_state_dict(self.unet, state)
+        except RuntimeError as err:  # e.g. size mismatches: the file has another LoRA rank
+            problems = [line.strip() for line in str(err).splitlines() if "mismatch" in line] or [str(err)]
+            rank = self._lora_config.r if self._lora_config is not None else "?"
+            raise ValueError(f"LoRA weights at {path} do not fit this pipeline's adapter (rank {rank}): {len(problems)} problem(s), "
+                             f"e.g. {problems[0]}") from err
         unexpected = getattr(result, "unexpected_keys", [])
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if unexpected or missing:

@@ -93,8 +93,13 @@ class PromptSource:
         for sid in sample_ids:
             if self.function is not None:
                 out = self.function()
-                if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], str)):
-                    raise ValueError(f"prompt_function must return (prompt: str, metadata: dict), got {out!r}")
+                expected = "prompt_function must return (prompt: str, metadata: dict or None)"
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise ValueError(f"{expected}, got {out!r}")
+                if not isinstance(out[0], str):
+                    raise ValueError(f"{expected}, got a prompt of type {type(out[0]).__name__}: {out[0]!r}")
+                if not (out[1] is None or isinstance(out[1], dict)):
+                    raise ValueError(f"{expected}, got metadata of type {type(out[1]).__name__}: {out[1]!r}")
                 prompts.append(out[0])
                 metadata.append(dict(out[1] or {}))
             else:
