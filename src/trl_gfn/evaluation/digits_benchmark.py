@@ -133,13 +133,21 @@ def score(images: torch.Tensor, reward_fn) -> tuple[torch.Tensor, torch.Tensor, 
     return logits, feats, rewards.float().cpu().numpy()
 
 
+def _numpy_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must be allowed to rebuild for the reference cache: numpy arrays and scalars."""
+    multiarray = getattr(np, "_core", np.core).multiarray
+    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType") if hasattr(np, "dtypes")]
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
 def compute_reference(settings: BenchmarkSettings, reward_fn=None, cache: str | None = None) -> dict[str, Any]:
     """Base-model reference: features of ``reference_samples`` base samples (for the Fréchet distance) and the
     SNIS target histogram of ``p_base · exp(β r)`` with its Monte-Carlo error and ESS. Cached in ``cache`` (a .pt)."""
     key = {k: getattr(settings, k) for k in ("target_digits", "prompt", "sample_num_steps", "guidance_scale", "reward_scale",
                                               "reference_samples", "reference_seed")}
     if cache and os.path.exists(cache):
-        ref = torch.load(cache, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_globals()):  # numbers and arrays only: no code from the cache file runs
+            ref = torch.load(cache, weights_only=True)
         if ref.get("key") == key:
             return ref
     reward_fn = reward_fn if reward_fn is not None else load_reward(settings.target_digits)
