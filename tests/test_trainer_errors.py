@@ -141,3 +141,76 @@ def test_from_pretrained_never_falls_back_to_random_weights(tmp_path):
     os.remove(next(p for p in (saved / "unet").iterdir() if p.suffix == ".safetensors"))
     with pytest.raises(Exception, match="(?i)no file named|error|not found"):
         DiffusionPipelineForRL.from_pretrained(str(saved))
+
+
+@pytest.mark.parametrize("output,match", [
+    (("a cat", ["not", "a dict"]), r"metadata of type list"),
+    (("a cat", "style"), r"metadata of type str"),
+    ((1, {}), r"prompt of type int"),
+    ("a cat", r"got 'a cat'"),
+])
+def test_a_prompt_function_returning_the_wrong_types_is_named(tmp_path, output, match):
+    trainer = trainer_with(tmp_path, BrightnessReward())
+    trainer.prompt_source = type(trainer.prompt_source)(lambda: output)
+    with pytest.raises(ValueError, match=rf"prompt_function must return \(prompt: str, metadata: dict or None\).*{match}"):
+        trainer.sample_epoch(0)
+
+
+def test_a_corrupt_lora_file_is_named(tmp_path):
+    trainer = trainer_with(tmp_path, BrightnessReward())
+    trainer.pipeline.save_lora(tmp_path / "lora")
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"LoRA weights: {path} is not a readable safetensors file"):
+        trainer.pipeline.load_lora(tmp_path / "lora")
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match=rf"LoRA weights: no file {path}"):
+        trainer.pipeline.load_lora(tmp_path / "lora")
+
+
+def test_resume_from_of_the_wrong_type_is_named(tmp_path):
+    with pytest.raises(ValueError, match="^resume_from: expected a string, got 123"):
+        config(tmp_path, resume_from=123)
+
+
+def _recorded_update_gradients(trainer, epochs=1):
+    """The gradient each optimizer step applies (after accumulation), per parameter group."""
+    grads = []
+    inner = trainer.optimizer.optimizer
+    original = inner.step
+
+    def recording(*args, **kwargs):
+        grads.append([p.grad.detach().clone() for group in inner.param_groups for p in group["params"]])
+        return original(*args, **kwargs)
+
+    inner.step = recording
+    trainer.train(epochs=epochs)
+    return grads
+
+
+def test_two_trainers_in_one_process_keep_their_own_gradient_scale(tmp_path):
+    """accelerate keeps the accumulation steps in a process-wide singleton: building a DDPO trainer (10 backward passes per
+    update) must not change how an existing Nabla-GFlowNet trainer (2 per update) scales and steps, nor the reverse."""
+    from trl_gfn import DDPOConfig, DDPOTrainer
+    from trl_gfn.testing import reset_accelerate_state
+
+    def ddpo(name):
+        c = DDPOConfig(num_epochs=1, sample_num_steps=10, train_timestep_fraction=1.0, sample_batch_size=2, sample_num_batches_per_epoch=1,
+                       train_batch_size=2, logdir=str(tmp_path / name), run_name="run", save_freq=0, log_image_freq=0, lora_rank=4)
+        return DDPOTrainer(c, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+
+    def nabla(name):
+        return trainer_with(tmp_path / name, BrightnessReward(), train_timestep_fraction=0.25)
+
+    alone_nabla = _recorded_update_gradients(nabla("n0"))
+    reset_accelerate_state()
+    alone_ddpo = _recorded_update_gradients(ddpo("d0"))
+    reset_accelerate_state()
+    first, second = nabla("n1"), ddpo("d1")  # both built before either trains
+    assert first.accumulation_steps == 2 and second.accumulation_steps == 10
+    together_nabla = _recorded_update_gradients(first)
+    together_ddpo = _recorded_update_gradients(second)
+    for alone, together in ((alone_nabla, together_nabla), (alone_ddpo, together_ddpo)):
+        assert len(alone) == len(together) == 1  # one update per epoch for both
+        for a, b in zip(alone[0], together[0], strict=True):
+            assert torch.equal(a, b)

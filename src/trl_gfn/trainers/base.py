@@ -9,6 +9,7 @@ epoch's samples (:meth:`train_on_samples`, usually through :class:`TransitionTra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -160,11 +161,13 @@ class DiffusionRLTrainer:
             # launched with several processes on a machine without GPUs (e.g. `accelerate launch --multi_gpu` on CPU):
             # accelerate only sets up its gloo MULTI_CPU backend when told it runs on the CPU
             accelerator_kwargs["cpu"] = True
+        #: backward calls per optimizer step; re-asserted before every accumulation step (see :meth:`accumulate`)
+        self.accumulation_steps = config.train_gradient_accumulation_steps * self.backward_passes_per_micro_batch
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
             project_config=ProjectConfiguration(project_dir=self.run_dir, **config.project_kwargs),
-            gradient_accumulation_steps=config.train_gradient_accumulation_steps * self.backward_passes_per_micro_batch,
+            gradient_accumulation_steps=self.accumulation_steps,
             **accelerator_kwargs,
         )
         if self.accelerator.is_main_process:
@@ -260,6 +263,18 @@ class DiffusionRLTrainer:
     def wrapped(self, name: str) -> _Dispatch:
         """Call sub-module ``name`` through the prepared model (use it wherever parameter gradients are needed)."""
         return _Dispatch(self.model, name)
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """``accelerator.accumulate(model)`` with this trainer's own number of accumulation steps.
+
+        accelerate keeps that number in a process-wide singleton (``GradientState``): a second trainer built in
+        the same process (a notebook, a sweep, a benchmark) would otherwise change how this one scales its loss
+        and when it steps. Setting it at every step makes each trainer's gradient scale its own.
+        """
+        self.accelerator.gradient_accumulation_steps = self.accumulation_steps
+        with self.accelerator.accumulate(self.model):
+            yield
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -548,7 +563,7 @@ class TransitionTrainer(DiffusionRLTrainer):
                 part = shuffled.select(list(range(start, start + c.train_batch_size)))
                 for j in range(steps.shape[1]):
                     batch = TransitionBatch.from_trajectories(part, steps[start:start + c.train_batch_size, j])
-                    with acc.accumulate(self.model):
+                    with self.accumulate():
                         loss, terms = self.compute_loss(batch)
                         acc.backward(loss)
                         loss_sum = loss_sum + loss.detach()

@@ -109,7 +109,7 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
         for m in bar:
             ids = self.batch_sample_ids(m, c.train_batch_size)
             prompts, metadata = self.prompt_source(ids, epoch)
-            with acc.accumulate(self.model):
+            with self.accumulate():
                 out = self.generate_with_grad(list(prompts), list(metadata), ids, epoch)
                 rewards, _ = self.compute_rewards(out.images, out.prompts, out.prompt_metadata, need_grad=True)
                 loss = -rewards.mean()
