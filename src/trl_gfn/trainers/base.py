@@ -10,10 +10,11 @@ epoch's samples (:meth:`train_on_samples`, usually through :class:`TransitionTra
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -28,49 +29,32 @@ from ..configs.base import DiffusionRLConfig
 from ..pipelines import DiffusionPipelineForRL, Trajectories, TransitionBatch
 from ..prompts import PromptSource
 from ..rewards.base import validate_rewards
+from .checkpoints import (
+    CHECKPOINT_PATTERN,
+    CheckpointError,
+    TrainingState,
+    config_differences,
+    crash_point,
+    partial_path,
+    prune,
+    publish,
+    read_manifest,
+    resolve_resume_path,
+    write_manifest,
+)
 from .hub import render_model_card, upload_folder
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+#: config fields that do not shape what a checkpoint holds: left out of the differences listed when one does not fit
+RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "num_epochs", "save_freq", "num_checkpoint_limit",
+                   "log_with", "tracker_kwargs", "tracker_project_name", "accelerator_kwargs", "project_kwargs", "log_image_freq",
+                   "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing"}
 
 
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed determined by integers only (stable across processes and Python runs)."""
     return hash(tuple(int(p) for p in parts)) & ((1 << 63) - 1)
-
-
-def resolve_resume_path(resume_from: str) -> str:
-    """A `checkpoint_N` directory from a run directory (its newest checkpoint) or a checkpoint directory.
-
-    Raises ``FileNotFoundError`` naming ``resume_from`` when nothing can be resumed from.
-    """
-    path = os.path.abspath(os.path.expanduser(resume_from))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"resume_from: {resume_from!r} is not a directory")
-    if CHECKPOINT_PATTERN.match(os.path.basename(path)):
-        return path
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(candidate):
-            found = [(int(m.group(1)), d) for d in os.listdir(candidate) if (m := CHECKPOINT_PATTERN.match(d))]
-            if found:
-                return os.path.join(candidate, max(found)[1])
-    raise FileNotFoundError(f"resume_from: no checkpoint_N directory in {resume_from!r} or its checkpoints/ folder")
-
-
-class TrainingState:
-    """Counters restored on resume (registered with ``accelerator.register_for_checkpointing``)."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.global_step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "global_step": self.global_step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
 
 
 class TrainableModules(torch.nn.Module):
@@ -200,8 +184,9 @@ class DiffusionRLTrainer:
         if plugin is not None:  # no dataloader tells DeepSpeed the micro-batch size: the config does
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
         self.model, self.optimizer = self.accelerator.prepare(self.modules, optimizer)
+        # the counters (and a method's extra state) live in the checkpoint manifest as JSON, not in accelerate's
+        # pickled custom-state files, which accelerate loads with weights_only=False
         self.state = TrainingState()
-        self.accelerator.register_for_checkpointing(self.state)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
 
@@ -212,7 +197,7 @@ class DiffusionRLTrainer:
                                            init_kwargs=config.tracker_kwargs)
         if self.resume_path is not None:
             logger.info(f"Resuming from {self.resume_path}")
-            self.accelerator.load_state(self.resume_path)
+            self.load_checkpoint(self.resume_path)
         self.first_epoch = self.state.epoch
 
     # ------------------------------------------------------------------ what a method overrides
@@ -238,6 +223,13 @@ class DiffusionRLTrainer:
     def samples_needed(self) -> bool:
         """Whether the epoch begins by sampling trajectories without gradient (all but direct backprop methods)."""
         return True
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """A method's extra state saved in each checkpoint (JSON-serialisable: it is stored in the manifest)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` saved."""
 
     # ------------------------------------------------------------------ building blocks
     def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -303,6 +295,7 @@ class DiffusionRLTrainer:
         parts, pending = [], []
         for b in tqdm(range(self.config.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
             traj = self.sample_batch(epoch, b)
+            crash_point("sample")
             parts.append(traj)
             pending.append(self.start_scoring(traj))
         for traj, rewards in zip(parts, pending):
@@ -369,6 +362,7 @@ class DiffusionRLTrainer:
         if self.config.train_max_grad_norm > 0:
             acc.clip_grad_norm_(params, self.config.train_max_grad_norm)
         self.optimizer.step()
+        crash_point("optimizer_step")
         self.optimizer.zero_grad(set_to_none=True)
         return info
 
@@ -438,6 +432,63 @@ class DiffusionRLTrainer:
             data = [[samples.images[:n], samples.prompts[:n], samples.prompt_metadata[:n], samples.rewards[:n]]]
             self.image_samples_hook(data, global_step, self.accelerator.trackers[0] if self.accelerator.trackers else None)
 
+    # ------------------------------------------------------------------ trained weights
+    def extra_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """The trained modules besides the UNet's LoRA (e.g. the flow head), by name."""
+        return [(name, module) for name, module in self.unwrapped.named_children() if name != "unet"]
+
+    def output_files(self) -> list[str]:
+        """The files :meth:`save_trained_weights` writes, relative to its directory (what a checkpoint and an upload hold)."""
+        from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+        from ..pipelines.rl_pipeline import LORA_WEIGHT_NAME
+
+        files = [LORA_WEIGHT_NAME]
+        for name, _ in self.extra_modules():
+            files += [f"{name}/{CONFIG_NAME}", f"{name}/{SAFETENSORS_WEIGHTS_NAME}"]
+        return files
+
+    def save_trained_weights(self, directory: str) -> list[str]:
+        """LoRA (``pytorch_lora_weights.safetensors``) and each extra module with ``save_pretrained`` in a sub-folder.
+
+        Returns :meth:`output_files`; raises ``FloatingPointError`` (writing nothing) if a parameter is not finite.
+        """
+        for p in self.trainable_parameters():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError("refusing to save: a trainable parameter is not finite")
+        os.makedirs(directory, exist_ok=True)
+        self.pipeline.save_lora(directory)
+        crash_point("save:weights")
+        for name, module in self.extra_modules():
+            module.save_pretrained(os.path.join(directory, name), safe_serialization=True)
+        files = self.output_files()
+        missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            raise RuntimeError(f"saving the trained weights to {directory} did not write {missing}")
+        return files
+
+    def load_trained_weights(self, directory: str) -> None:
+        """Load what :meth:`save_trained_weights` wrote (safetensors only; errors name the file)."""
+        from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+        from ..rewards.hub import load_state_dict_strict
+        from ..weights_io import read_safetensors
+
+        self.pipeline.load_lora(directory)
+        for name, module in self.extra_modules():
+            config_file = os.path.join(directory, name, CONFIG_NAME)
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"{name}: no file {config_file}")
+            with open(config_file, encoding="utf-8") as f:
+                saved = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+            own = {k: v for k, v in json.loads(module.to_json_string()).items() if not k.startswith("_")}
+            differ = {k: (saved.get(k), own.get(k)) for k in set(saved) | set(own) if saved.get(k) != own.get(k)}
+            if differ:
+                raise ValueError(f"{config_file}: the saved {name} has another architecture than this trainer's "
+                                 f"(saved vs now: {differ})")
+            weights = os.path.join(directory, name, SAFETENSORS_WEIGHTS_NAME)
+            load_state_dict_strict(module, read_safetensors(weights, what=f"{name} weights"), source=weights)
+
     # ------------------------------------------------------------------ checkpoints
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
         """Save only what is trained (LoRA in diffusers format + extra modules), not the frozen UNet."""
@@ -449,38 +500,82 @@ class DiffusionRLTrainer:
         self.load_trained_weights(input_dir)
         models.clear()
 
-    def save_trained_weights(self, directory: str) -> None:
-        """LoRA (``pytorch_lora_weights.safetensors``) and each extra module with ``save_pretrained`` in a sub-folder."""
-        for p in self.trainable_parameters():
-            if not torch.isfinite(p).all():
-                raise FloatingPointError("refusing to save: a trainable parameter is not finite")
-        os.makedirs(directory, exist_ok=True)
-        self.pipeline.save_lora(directory)
-        for name, module in self.unwrapped.named_children():
-            if name != "unet":
-                module.save_pretrained(os.path.join(directory, name))
-
-    def load_trained_weights(self, directory: str) -> None:
-        self.pipeline.load_lora(directory)
-        for name, module in self.unwrapped.named_children():
-            if name == "unet":
-                continue
-            loaded = type(module).from_pretrained(os.path.join(directory, name))
-            module.load_state_dict(loaded.state_dict())
+    def _manifest_config(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.config.to_public_dict(), default=str))
 
     def save_checkpoint(self) -> str:
-        """``accelerator.save_state`` (on every rank) into ``<run>/checkpoints/checkpoint_<epoch>``; keep the newest N."""
+        """Write ``<run>/checkpoints/checkpoint_<epoch>`` crash-safely and keep the newest ``num_checkpoint_limit``.
+
+        ``accelerator.save_state`` (every rank) writes into a hidden partial folder; the main process then adds
+        the manifest (counters, method state, config, size and SHA-256 of every file) and renames the folder
+        into place, so that a ``checkpoint_N`` folder is always complete (see :mod:`.checkpoints`).
+        """
         acc = self.accelerator
         folder = os.path.join(self.run_dir, "checkpoints")
-        path = os.path.join(folder, f"checkpoint_{self.state.epoch}")
+        final = os.path.join(folder, f"checkpoint_{self.state.epoch}")
+        partial = partial_path(folder, self.state.epoch)
         acc.wait_for_everyone()
-        acc.save_state(path)
         if acc.is_main_process:
-            found = sorted((int(m.group(1)), d) for d in os.listdir(folder) if (m := CHECKPOINT_PATTERN.match(d)))
-            for _, d in found[: max(0, len(found) - self.config.num_checkpoint_limit)]:
-                shutil.rmtree(os.path.join(folder, d))
+            os.makedirs(folder, exist_ok=True)
+            if os.path.exists(partial):  # left by a save that was killed
+                shutil.rmtree(partial)
         acc.wait_for_everyone()
-        return path
+        acc.save_state(partial)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            crash_point("save:files")
+            write_manifest(partial, {"trainer": type(self).__name__, **self.state.state_dict(), "num_processes": acc.num_processes,
+                                     "modules": [name for name, _ in self.extra_modules()], "state": self.checkpoint_state(),
+                                     "config": self._manifest_config()})
+            crash_point("save:manifest")
+            publish(partial, final)
+            crash_point("save:published")
+            prune(folder, self.config.num_checkpoint_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore weights, optimizer, RNG states, counters and method state from the complete checkpoint ``path``.
+
+        Refuses (``CheckpointError``, naming both sides) a checkpoint of another trainer, other trained modules
+        (e.g. ``use_flow_head``) or other method state; weights and optimizer state must be finite.
+        """
+        from accelerate.utils import load as load_weights_only  # torch.load(weights_only=True) with numpy's RNG types allowed
+
+        acc, me = self.accelerator, type(self).__name__
+        manifest = read_manifest(path)
+        diff = config_differences(manifest["config"], self._manifest_config(), RUN_ONLY_FIELDS)
+        hint = ("; the config differs from the checkpoint's in: " + "; ".join(diff)) if diff else ""
+        if manifest["trainer"] != me:
+            raise CheckpointError(f"resume_from: {path} was written by {manifest['trainer']}, not by {me}{hint}")
+        modules = [name for name, _ in self.extra_modules()]
+        if manifest["modules"] != modules:
+            raise CheckpointError(f"resume_from: {path} holds the trained modules {['lora', *manifest['modules']]} but this {me} "
+                                  f"trains {['lora', *modules]}{hint}")
+        state_keys = sorted(self.checkpoint_state())
+        if sorted(manifest["state"]) != state_keys:
+            raise CheckpointError(f"resume_from: {path} holds the {manifest['trainer']} state {sorted(manifest['state'])} but this "
+                                  f"{me} keeps {state_keys}{hint}")
+        rng = os.path.join(path, f"random_states_{acc.process_index}.pkl")
+        if os.path.isfile(rng):
+            try:  # accelerate would skip an unreadable RNG file with a log line only
+                load_weights_only(rng)
+            except Exception as err:  # noqa: BLE001 - re-raised naming the file
+                raise CheckpointError(f"{rng}: cannot be read with torch.load(weights_only=True): {err}") from err
+        else:
+            warnings.warn(f"resume_from: {path} was written by {manifest['num_processes']} process(es) and has no RNG state for "
+                          f"process {acc.process_index}; its global random state is not restored (trl-gfn draws samples, prompts "
+                          "and transitions from per-sample seeds, so training is unaffected)", UserWarning, stacklevel=2)
+        try:
+            acc.load_state(path)
+        except Exception as err:  # noqa: BLE001 - re-raised with the checkpoint and the config differences
+            raise CheckpointError(f"resume_from: cannot load {path}: {err}{hint}") from err
+        for group in self.optimizer.state_dict()["state"].values():
+            for key, value in group.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CheckpointError(f"{os.path.join(path, 'optimizer.bin')}: non-finite optimizer state ({key}); refusing to resume")
+        self.state.load_state_dict(manifest)
+        self.load_checkpoint_state(manifest["state"])
 
     # ------------------------------------------------------------------ final save, model card, Hub
     def save_pretrained(self, output_dir: str | None = None) -> str:
@@ -489,8 +584,6 @@ class DiffusionRLTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.save_trained_weights(output_dir)
-            import json
-
             with open(os.path.join(output_dir, "training_config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config.to_dict(), f, indent=2, default=str)
             with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
@@ -594,4 +687,5 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
 
 
-__all__ = ["DiffusionRLTrainer", "TrainableModules", "TrainingState", "TransitionTrainer", "resolve_resume_path", "sample_seed"]
+__all__ = ["CHECKPOINT_PATTERN", "CheckpointError", "DiffusionRLTrainer", "TrainableModules", "TrainingState", "TransitionTrainer",
+           "resolve_resume_path", "sample_seed"]

@@ -44,7 +44,7 @@ class PerPromptStatTracker:
 
     ``update(prompts, rewards)`` adds the rewards to their prompts' buffers (at most ``buffer_size`` each)
     and returns the advantages (r − mean) / (std + 1e-6) with the buffer's statistics, or the whole batch's
-    when the buffer holds fewer than ``min_count`` values. Saved and restored with the checkpoints.
+    when the buffer holds fewer than ``min_count`` values. Saved and restored with the checkpoints (as JSON).
     """
 
     def __init__(self, buffer_size: int, min_count: int) -> None:
@@ -74,7 +74,16 @@ class PerPromptStatTracker:
         return {"stats": {k: list(map(float, v)) for k, v in self.stats.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in state["stats"].items()}
+        stats = state.get("stats") if isinstance(state, dict) else None
+        valid = isinstance(stats, dict) and all(
+            isinstance(prompt, str) and isinstance(values, list) and all(_finite_number(v) for v in values) for prompt, values in stats.items())
+        if not valid:
+            raise ValueError(f"per-prompt stat tracker state: expected {{'stats': {{prompt: [finite rewards]}}}}, got {str(state)[:200]}")
+        self.stats = {k: deque(map(float, v), maxlen=self.buffer_size) for k, v in stats.items()}
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 class DDPOTrainer(TransitionTrainer):
@@ -104,12 +113,13 @@ class DDPOTrainer(TransitionTrainer):
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers) if config.async_reward_computation else None
         super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
 
-    def build_modules(self) -> dict[str, torch.nn.Module]:
-        # called by the base __init__ after the Accelerator exists and before any checkpoint is loaded:
-        # the stat tracker's buffers are saved with, and restored from, the accelerate checkpoints.
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The per-prompt reward buffers (JSON in the checkpoint manifest: restored without unpickling anything)."""
+        return {"stat_tracker": self.stat_tracker.state_dict()} if self.stat_tracker is not None else {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         if self.stat_tracker is not None:
-            self.accelerator.register_for_checkpointing(self.stat_tracker)
-        return {}
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
 
     # ------------------------------------------------------------------ sampling (optionally async rewards)
     def start_scoring(self, traj: Trajectories):
