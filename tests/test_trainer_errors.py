@@ -116,17 +116,17 @@ def test_push_to_hub_uploads_lora_flow_head_and_card(tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
 
-    def fake_upload(self, repo_id, folder_path, commit_message, **kw):
-        calls["files"] = sorted(os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs)
-        calls["card"] = open(os.path.join(folder_path, "README.md"), encoding="utf-8").read()
+    def fake_commit(self, repo_id, operations, commit_message, **kw):
+        calls["files"] = sorted(op.path_in_repo for op in operations)
+        calls["card"] = next(open(op.path_or_fileobj, encoding="utf-8").read() for op in operations if op.path_in_repo == "README.md")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_commit)
     trainer = trainer_with(tmp_path, BrightnessReward())
     trainer.train()
     trainer.push_to_hub("me/tiny-nabla-lora")
     assert calls["repo"] == "me/tiny-nabla-lora"
-    assert {"pytorch_lora_weights.safetensors", "README.md", "training_config.json", "flow_head/config.json",
-            "flow_head/diffusion_pytorch_model.safetensors"} <= set(calls["files"])
+    assert calls["files"] == sorted(["pytorch_lora_weights.safetensors", "README.md", "training_config.json", "flow_head/config.json",
+                                     "flow_head/diffusion_pytorch_model.safetensors"])
     card = calls["card"]
     for needle in ("Nabla-GFlowNet", "2412.07775", "BrightnessReward", 'load_lora_weights("me/tiny-nabla-lora")', "reward_scale", "reward_mean"):
         assert needle in card, needle

@@ -42,7 +42,7 @@ from .checkpoints import (
     resolve_resume_path,
     write_manifest,
 )
-from .hub import render_model_card, upload_folder
+from .hub import public_model_name, render_model_card, upload_files
 
 logger = get_logger(__name__)
 
@@ -193,7 +193,7 @@ class DiffusionRLTrainer:
         self.prompt_source = PromptSource(prompt_function if prompt_function is not None else config.prompt_set, seed=config.seed)
         self.last_metrics: dict[str, float] = {}
         if self.accelerator.is_main_process and config.log_with is not None:
-            self.accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config.to_dict()),
+            self.accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config.to_public_dict()),
                                            init_kwargs=config.tracker_kwargs)
         if self.resume_path is not None:
             logger.info(f"Resuming from {self.resume_path}")
@@ -578,14 +578,18 @@ class DiffusionRLTrainer:
         self.load_checkpoint_state(manifest["state"])
 
     # ------------------------------------------------------------------ final save, model card, Hub
+    def final_files(self) -> list[str]:
+        """The files :meth:`save_pretrained` writes and :meth:`push_to_hub` uploads (nothing else in the folder is uploaded)."""
+        return ["README.md", "training_config.json", *self.output_files()]
+
     def save_pretrained(self, output_dir: str | None = None) -> str:
-        """Write the final LoRA (diffusers format), extra modules, the config and a model card (main process)."""
+        """Write the final LoRA (diffusers format), extra modules, the public config and a model card (main process)."""
         output_dir = output_dir or self.output_dir
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.save_trained_weights(output_dir)
             with open(os.path.join(output_dir, "training_config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config.to_dict(), f, indent=2, default=str)
+                json.dump(self.config.to_public_dict(), f, indent=2, default=str)
             with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(self.create_model_card(repo_id=self.config.hub_model_id or os.path.basename(os.path.abspath(output_dir))))
         self.accelerator.wait_for_everyone()
@@ -600,13 +604,13 @@ class DiffusionRLTrainer:
         if reward == "function":
             reward = getattr(self.reward_fn, "__name__", "custom reward")
         metrics = {k: v for k, v in self.last_metrics.items() if not k.startswith("lr/")}
-        return render_model_card(repo_id=repo_id, base_model=self.pipeline.name_or_path, method=self.method_name, paper=self.paper,
-                                 citation=self.citation, reward=reward, config=self.config.to_dict(), key_fields=self.card_fields,
-                                 metrics=metrics, extra_usage=self.model_card_extra_usage())
+        return render_model_card(repo_id=repo_id, base_model=public_model_name(self.pipeline.name_or_path), method=self.method_name,
+                                 paper=self.paper, citation=self.citation, reward=reward, config=self.config.to_public_dict(),
+                                 key_fields=self.card_fields, metrics=metrics, extra_usage=self.model_card_extra_usage())
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload trl-gfn LoRA") -> Any:
-        """Save the final weights and model card (if not yet) and upload them to ``repo_id``."""
+        """Save the final weights and model card and upload exactly :meth:`final_files` to ``repo_id``."""
         if not repo_id:
             raise ValueError("push_to_hub: repo_id must be a non-empty Hub repository id such as 'me/my-lora'")
         folder = self.output_dir
@@ -614,7 +618,7 @@ class DiffusionRLTrainer:
         if self.accelerator.is_main_process:
             with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
                 f.write(self.create_model_card(repo_id=repo_id))
-            return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+            return upload_files(folder, self.final_files(), repo_id, private=private, token=token, commit_message=commit_message)
         return None
 
 
