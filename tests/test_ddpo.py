@@ -176,3 +176,17 @@ def test_training_raises_a_toy_reward(tmp_path):
     stderr = (after - before).std().item() / len(before) ** 0.5
     assert gain > 4 * stderr, (gain, stderr)
     assert trainer.state.global_step == 12
+
+
+def test_advantages_do_not_depend_on_the_order_the_samples_arrive_in(tmp_path):
+    """Several processes gather their samples in another order than one process holds them: the per-prompt buffers (and
+    what a full buffer drops) must see the samples in global sample-id order either way."""
+    c = config(tmp_path, sample_batch_size=4, train_batch_size=2, per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=2,
+               per_prompt_stat_tracking_min_count=1)
+    trainer = DDPOTrainer(c, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=["a cat"])
+    samples = trainer.sample_epoch(0)
+    in_order = trainer.compute_advantages(samples)
+    trainer.stat_tracker.stats.clear()
+    permutation = torch.tensor([3, 1, 0, 2])
+    shuffled = trainer.compute_advantages(samples.select(permutation))
+    torch.testing.assert_close(shuffled, in_order[permutation], rtol=0, atol=0)

@@ -130,12 +130,19 @@ class DDPOTrainer(TransitionTrainer):
 
     # ------------------------------------------------------------------ advantages
     def compute_advantages(self, samples: Trajectories) -> torch.Tensor:
-        """Advantages of this process's samples, normalised over the samples of all processes (as TRL did)."""
+        """Advantages of this process's samples, normalised over the samples of all processes (as TRL did).
+
+        The gathered rewards are put in global sample-id order first, so that the statistics (and which values a full
+        per-prompt buffer drops) are the same for any number of processes.
+        """
         acc = self.accelerator
         rewards = acc.gather(samples.rewards.detach().float())
         ids = acc.gather(samples.sample_ids)
+        order = torch.argsort(ids)
+        rewards, ids = rewards[order], ids[order]
         if self.stat_tracker is not None:
             prompts = gather_object(list(samples.prompts)) if acc.num_processes > 1 else list(samples.prompts)
+            prompts = [prompts[i] for i in order.tolist()]
             advantages = torch.as_tensor(self.stat_tracker.update(prompts, rewards.cpu().numpy()), dtype=torch.float32, device=rewards.device)
         else:
             advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
