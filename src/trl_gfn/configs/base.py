@@ -49,7 +49,7 @@ class DiffusionRLConfig:
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (one epoch = sample, score, train)."})
     save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables)."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints (older ones are deleted)."})
-    resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest checkpoint) or a `checkpoint_N` directory."})
+    resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward pass: less memory, about a third more compute."})
