@@ -80,6 +80,11 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, me
     for name, w in rank0["weights"].items():
         assert torch.equal(w, rank1["weights"][name]), name  # ranks agree exactly
         torch.testing.assert_close(w, single["weights"][name], rtol=0, atol=0.1 * LR * UPDATES, msg=name)
+    # every rank wrote its part of the checkpoints: the newest is complete and lists both ranks' RNG states
+    from trl_gfn.trainers import verify_checkpoint
+
+    manifest = verify_checkpoint(str(tmp_path / "two" / "logs" / "run" / "checkpoints" / f"checkpoint_{UPDATES}"))
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(manifest["files"]) and manifest["num_processes"] == 2
     # the updates did something: weights moved away from their initial value (LoRA B starts at zero)
     moved = [name for name, w in single["weights"].items() if name.startswith("lora") and w.abs().max() > 0]
     assert moved

@@ -23,7 +23,7 @@ def main() -> None:
     torch.set_num_threads(1)
     per_process = 4 // args.processes
     common = dict(num_epochs=args.epochs, sample_num_steps=4, train_batch_size=1, logdir=os.path.join(args.out_dir, "logs"), run_name="run",
-                  train_learning_rate=1e-2, save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4)
+                  train_learning_rate=1e-2, save_freq=1, num_checkpoint_limit=1, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4)
     if args.method == "nabla_gfn":
         trainer_class = NablaGFlowNetTrainer
         config = NablaGFlowNetConfig(

@@ -213,7 +213,7 @@ def check_kwargs(name: str, value: dict[str, Any], target: Any, *, reserved: dic
     for key in value:
         if key in reserved:
             fail(name, f"must not set {key!r}: it is set from {reserved[key]}", value)
-        if not accepts_any and key not in params:
+        if not accepts_any and (key not in params or key == "self"):
             allowed = sorted(k for k in params if k not in reserved and k != "self")
             fail(name, f"{key!r} is not an argument of {getattr(target, '__qualname__', target)}; expected keys among {allowed}", value)
 
