@@ -202,3 +202,9 @@ def test_the_benchmark_reference_cache_runs_no_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         compute_reference(BenchmarkSettings(), cache=str(tmp_path / "reference.pt"))
     assert not marker.exists()
+
+
+def test_resuming_with_train_on_previous_samples_says_what_is_not_restored(run):
+    with pytest.warns(UserWarning, match="train_on_previous_samples: checkpoints do not hold the previous epoch's samples"):
+        trainer = nabla(run.parent, resume_from=str(run), train_on_previous_samples=True)
+    assert trainer.first_epoch == 2

@@ -107,6 +107,13 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         previous, self._previous_samples = self._previous_samples, samples
         return previous if previous is not None else samples
 
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if self.config.train_on_previous_samples:
+            import warnings
+
+            warnings.warn("train_on_previous_samples: checkpoints do not hold the previous epoch's samples; the first resumed "
+                          "epoch trains on the samples it has just drawn", UserWarning, stacklevel=2)
+
     def select_transitions(self, samples: Trajectories, epoch: int, inner_epoch: int) -> torch.Tensor:
         """int(K·f)+1 steps per trajectory: every interior pick first (stratified or uniform), the last step last."""
         c = self.config
