@@ -1,144 +1,275 @@
-"""The residual ∇-DB loss: terms vanish where the theory says, and move exactly as DESIGN §2 says."""
+"""The residual ∇-DB loss: every term against an independent autograd computation, terms that vanish where the
+theory says, which term trains which parameters, and the paper's loss as an option."""
+
+import copy
 
 import pytest
 import torch
 
 from trl_gfn import NablaGFlowNetConfig, NablaGFlowNetTrainer, TransitionBatch
-from trl_gfn.diffusion import predict_x0
-
+from trl_gfn.diffusion import predict_x0, score_residual, step_mean
 from trl_gfn.testing import BrightnessReward, PromptAwareReward
 
 PROMPTS = ["a red cat", "a blue dog"]
+K = 6
 
 
-def make_trainer(tmp_path, pipeline, reward=None, **overrides):
-    kwargs = dict(sample_num_steps=6, sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2, logdir=str(tmp_path),
+def make_trainer(tmp_path, pipeline, reward=None, paper=False, **overrides):
+    kwargs = dict(sample_num_steps=K, sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2, logdir=str(tmp_path),
                   flow_block_out_channels=[8, 16], flow_attention_head_dim=4, save_freq=0, log_image_freq=0, reward_scale=0.0,
                   unet_reg_scale=1.0, sample_guidance_scale=3.0)
     kwargs.update(overrides)
-    return NablaGFlowNetTrainer(NablaGFlowNetConfig(**kwargs), reward or BrightnessReward(), pipeline, prompt_function=PROMPTS)
+    config = NablaGFlowNetConfig.paper(**kwargs) if paper else NablaGFlowNetConfig(**kwargs)
+    return NablaGFlowNetTrainer(config, reward or BrightnessReward(), pipeline, prompt_function=PROMPTS)
 
 
 def batch_at(samples, step):
     return TransitionBatch.from_trajectories(samples, torch.full((len(samples),), step))
 
 
-def independent_reward_grad(trainer, x, step_index, prompts):
-    """∇_x r(decode(x̂_0(x))) by plain autograd through the whole chain (no VJP split)."""
-    pipe, sched = trainer.pipeline, trainer.schedule
-    x = x.detach().clone().requires_grad_(True)
-    if step_index == sched.num_steps:  # x is the final sample x_0
-        x0 = x
-    else:
-        t = sched.timesteps[step_index].repeat(len(x))
-        a = sched.alphas_cumprod[step_index].float()
-        neg = pipe.encode_prompts([""]).expand(len(x), -1, -1)
-        eps = pipe.guided_epsilon(pipe.unet, x, t, pipe.encode_prompts(prompts), neg, trainer.config.sample_guidance_scale, a, "epsilon")
-        x0 = predict_x0(x, eps, a)
-    rewards, _ = trainer.reward_fn(pipe.decode(x0), prompts, [{}] * len(x))
-    return torch.autograd.grad(rewards.sum(), x)[0]
+def randomise(trainer, flow=True, lora=True, seed=3, lora_std=0.02):
+    """Move the flow head off zero and the policy off the reference, so that every term is non-trivial."""
+    torch.manual_seed(seed)
+    if flow:
+        conv = trainer.flow_head.unet.conv_out
+        torch.nn.init.normal_(conv.weight, std=0.05)
+        torch.nn.init.normal_(conv.bias, std=0.05)
+    if lora:
+        for p in trainer.pipeline.lora_parameters():
+            torch.nn.init.normal_(p, std=lora_std)
 
 
-@pytest.mark.parametrize("step", [2, 5])
-def test_all_terms_vanish_at_initialisation_with_zero_reward_scale(tmp_path, tiny_pipeline, step):
-    trainer = make_trainer(tmp_path, tiny_pipeline)
-    samples = trainer.sample_epoch(0)
-    loss, terms = trainer.compute_loss(batch_at(samples, step))
-    assert terms["loss_forward"].item() == 0.0  # policy == reference, g == 0, beta == 0
-    assert terms["loss_reverse"].item() == 0.0
-    assert terms["loss_terminal"].item() == 0.0
-    assert terms["loss_reg"].item() < 1e-10  # eps recorded while sampling == eps recomputed now
-    assert terms["norm_forward_target"].item() > 1.0  # the target itself is far from zero: the loss is not trivially 0
+# ----------------------------------------------------------------------- an independent computation of every term
+class Naive:
+    """Every quantity of DESIGN §2 in float64, by plain autograd on log-densities and rewards, with float64 copies of the
+    models and its own guided noise prediction and decoding: no VJP splits, no analytic parts, no shared code path."""
+
+    def __init__(self, trainer, batch):
+        self.tr, self.b = trainer, batch
+        self.pipe, self.sched, self.c = trainer.pipeline, trainer.schedule, trainer.config
+        self.unet = copy.deepcopy(self.pipe.unet).double()
+        self.vae = copy.deepcopy(self.pipe.vae).double()
+        self.head = copy.deepcopy(trainer.flow_head).double() if self.c.use_flow_head else None
+        self.emb, self.neg = batch.prompt_embeds.double(), batch.negative_prompt_embeds.double()
+
+    def eps(self, x, pos, reference):
+        n = len(x)
+        t = self.sched.timesteps[pos].repeat(2 * n)
+        if reference:
+            self.unet.disable_adapters()
+        try:
+            out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([self.neg, self.emb])).sample
+        finally:
+            self.unet.enable_adapters()
+        uncond, cond = out.chunk(2)
+        return uncond + self.c.sample_guidance_scale * (cond - uncond)
+
+    def mean(self, x, pos, reference):
+        s = self.sched
+        return s.coef_x[pos].double() * x + s.coef_eps[pos].double() * self.eps(x, pos, reference)
+
+    def reward(self, lat):
+        images = (self.vae.decode(lat / self.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        return self.tr.reward_fn.score(images, self.b.prompts, [{}] * len(lat))
+
+    def guess(self, y, pos):
+        """β γ ∇_y r(decode(x̂_0(y))) at a state y of sampling position pos (x̂_0 = y at pos = K)."""
+        y = y.detach().double().clone().requires_grad_(True)
+        a = self.sched.alphas_cumprod[pos].double()
+        with torch.enable_grad():
+            if pos == self.sched.num_steps:
+                x0 = y
+            else:
+                x0 = (y - (1 - a).sqrt() * self.eps(y, pos, self.c.flow_guess_model == "reference")) / a.sqrt()
+            (g,) = torch.autograd.grad(self.reward(x0).sum(), y)
+        gamma = a if self.c.reward_gradient_scaling == "squared" else a.sqrt()
+        return self.c.reward_scale * gamma * g
+
+    def g(self, y, pos):
+        y = y.double()
+        if self.head is None or pos == self.sched.num_steps:
+            return torch.zeros_like(y)
+        emb = self.emb if self.head.config.condition_on_prompt else torch.zeros_like(self.emb)
+        with torch.no_grad():
+            return self.head.unet(y, self.sched.timesteps[pos].repeat(len(y)), emb).sample
+
+    def terms(self, k):
+        """(forward, reverse) per-element losses of the transition leaving sampling position k (reverse None if not applied)."""
+        c, s = self.c, self.sched
+        x, xn = self.b.latents.detach().double(), self.b.next_latents.detach().double()
+        std = s.std[k].double()
+        w = std**2 if c.transition_loss_weighting == "variance" else torch.tensor(1.0, dtype=torch.float64)
+        strength = c.pretrained_strength
+
+        def logp(y_next, mean):
+            return (-0.5 * (y_next - mean) ** 2 / std**2).sum()
+
+        def score_next(reference):
+            y = xn.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(logp(y, self.mean(x, k, reference).detach()), y)
+            return g
+
+        def score_cur(reference):
+            y = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(logp(xn, self.mean(y, k, reference)), y)
+            return g
+
+        residual = score_next(False) - strength * score_next(True)
+        flow_next = self.guess(xn, k + 1) + self.g(xn, k + 1)
+        forward = w * (residual - flow_next) ** 2
+        if c.reverse_loss_type == "score" and k == s.num_steps - 1:
+            return forward, None
+        reverse = score_cur(False) - strength * score_cur(True) + self.guess(x, k) + self.g(x, k)
+        if c.reverse_loss_type == "pathwise":
+            rho = (flow_next - residual).detach()
+            y = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (jt_rho,) = torch.autograd.grad((self.mean(y, k, False) * rho).sum(), y)
+            reverse = reverse - jt_rho
+        return forward, w * reverse**2
 
 
-@pytest.mark.parametrize("step", [1, 5])
-def test_forward_target_moves_by_beta_gamma_grad_r(tmp_path, tiny_pipeline, step):
-    beta = 50.0
-    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=beta)
+CASES = {
+    "default": dict(),
+    "paper": dict(paper=True),
+    "sqrt_half_strength": dict(reward_gradient_scaling="sqrt", pretrained_strength=0.5),
+    "policy_guess_score_reverse": dict(flow_guess_model="policy", reverse_loss_type="score"),
+    "unweighted_pathwise": dict(transition_loss_weighting="none"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("step", [1, K - 1])
+def test_every_term_equals_an_independent_autograd_computation(tmp_path, tiny_pipeline, case, step):
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=20.0, **CASES[case])
+    randomise(trainer)
     samples = trainer.sample_epoch(0)
     batch = batch_at(samples, step)
     _, terms = trainer.compute_loss(batch)
-    grad = independent_reward_grad(trainer, batch.next_latents, step + 1, batch.prompts)
-    gamma = trainer.schedule.alphas_cumprod[step + 1].float()  # "squared": gamma = alpha_bar of x_{k-1}
-    expected = ((beta * gamma * grad) ** 2).mean()
-    torch.testing.assert_close(terms["loss_forward"], expected, rtol=1e-4, atol=0)
-    assert expected > 0
+    forward, reverse = Naive(trainer, batch).terms(step)
+    torch.testing.assert_close(terms["loss_forward"].double(), forward.mean(), rtol=1e-4, atol=0)
+    if reverse is None:
+        assert terms["loss_reverse"].item() == 0.0
+    else:
+        torch.testing.assert_close(terms["loss_reverse"].double(), reverse.mean(), rtol=1e-4, atol=0)
+        assert reverse.mean() > 0
+    assert forward.mean() > 0
+
+
+@pytest.mark.parametrize("paper", [False, True])
+@pytest.mark.parametrize("step", [2, K - 1])
+def test_all_terms_vanish_at_initialisation_with_zero_reward_scale(tmp_path, tiny_pipeline, step, paper):
+    trainer = make_trainer(tmp_path, tiny_pipeline, paper=paper)
+    samples = trainer.sample_epoch(0)
+    batch = batch_at(samples, step)
+    _, terms = trainer.compute_loss(batch)
+    assert terms["loss_forward"].item() == 0.0  # policy == reference, g == 0, β == 0
+    assert terms["loss_reverse"].item() == 0.0
+    assert terms["loss_terminal"].item() == 0.0
+    assert terms["loss_reg"].item() < 1e-10  # ε recorded while sampling == ε recomputed now
+    randomise(trainer, flow=False)  # the same batch with the policy moved: the loss is not trivially 0
+    _, moved = trainer.compute_loss(batch)
+    assert moved["loss_forward"].item() > 1e-8 and moved["norm_policy_residual"].item() > 1e-4
+
+
+@pytest.mark.parametrize("model", ["reference", "policy"])
+@pytest.mark.parametrize("step", [1, K - 1])
+def test_forward_target_is_beta_gamma_grad_r_of_the_guess_model(tmp_path, tiny_pipeline, step, model):
+    beta = 50.0
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=beta, flow_guess_model=model, use_flow_head=False)
+    samples = trainer.sample_epoch(0)
+    randomise(trainer, flow=False, seed=5)  # policy != reference: the two guess models differ
+    batch = batch_at(samples, step)
+    _, terms = trainer.compute_loss(batch)
+    naive = Naive(trainer, batch)
+    guess = naive.guess(batch.next_latents, step + 1)
+    torch.testing.assert_close(terms["norm_reward_guess"].double(), guess.flatten(1).norm(dim=1).mean(), rtol=1e-4, atol=0)
+
+    def guess_of(m):
+        trainer.config.flow_guess_model = m
+        return trainer.reward_guess(batch.next_latents, batch.step_index + 1, batch.prompt_embeds, batch.negative_prompt_embeds,
+                                    batch.prompts, [{}, {}])
+
+    other = "policy" if model == "reference" else "reference"
+    if step < K - 1:  # x̂_0 of the two models differ ...
+        assert not torch.allclose(guess_of(model), guess_of(other), rtol=1e-4, atol=0)
+    else:  # ... but at x_0 there is no x̂_0 to predict
+        torch.testing.assert_close(guess_of(model), guess_of(other), rtol=0, atol=0)
 
 
 def test_sqrt_scaling_divides_the_guess_by_sqrt_alpha(tmp_path, tiny_pipeline):
-    squared = make_trainer(tmp_path / "a", tiny_pipeline, reward_scale=10.0)
-    samples = squared.sample_epoch(0)
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=10.0)
+    samples = trainer.sample_epoch(0)
     batch = batch_at(samples, 2)
-    _, t_sq = squared.compute_loss(batch)
-    squared.config.reward_gradient_scaling = "sqrt"
-    _, t_sqrt = squared.compute_loss(batch)
-    a = squared.schedule.alphas_cumprod[3].float()
+    _, t_sq = trainer.compute_loss(batch)
+    trainer.config.reward_gradient_scaling = "sqrt"
+    _, t_sqrt = trainer.compute_loss(batch)
+    a = trainer.schedule.alphas_cumprod[3].float()
     torch.testing.assert_close(t_sqrt["norm_reward_guess"] / t_sq["norm_reward_guess"], 1 / a.sqrt(), rtol=1e-4, atol=0)
 
 
-def test_reward_gradient_uses_each_samples_own_prompt(tmp_path, tiny_pipeline):
+def test_reward_guess_uses_each_samples_own_prompt(tmp_path, tiny_pipeline):
     trainer = make_trainer(tmp_path, tiny_pipeline, PromptAwareReward(), reward_scale=1.0)
     samples = trainer.sample_epoch(0)
-    batch = batch_at(samples, 3)
-    together = trainer.next_state_reward_gradient(batch)
+    b = batch_at(samples, 3)
+
+    def guess(rows):
+        return trainer.reward_guess(b.next_latents[rows], b.step_index[rows] + 1, b.prompt_embeds[rows], b.negative_prompt_embeds[rows],
+                                    [b.prompts[i] for i in rows], [{} for _ in rows])
+
+    together = guess([0, 1])
     for i in range(2):
-        alone = trainer.next_state_reward_gradient(batch_at(samples.select([i]), 3))
+        alone = guess([i])
         torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-7)
-        own = independent_reward_grad(trainer, batch.next_latents[i:i + 1], 4, [batch.prompts[i]])
-        torch.testing.assert_close(alone, own, rtol=1e-4, atol=1e-7)
+        naive = Naive(trainer, batch_at(samples.select([i]), 3))
+        torch.testing.assert_close(alone, naive.guess(b.next_latents[i:i + 1], 4).float(), rtol=1e-4, atol=1e-7)
     assert not torch.allclose(together[0], together[1])
 
 
-def test_jacobian_free_gradient_treats_recorded_epsilon_as_constant(tmp_path, tiny_pipeline):
-    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=1.0, jacobian_free_reward_gradient=True)
+@pytest.mark.parametrize("model", ["policy", "reference"])
+def test_jacobian_free_guess_holds_the_noise_prediction_constant(tmp_path, tiny_pipeline, model):
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=1.0, jacobian_free_reward_gradient=True, flow_guess_model=model)
     samples = trainer.sample_epoch(0)
-    batch = batch_at(samples, 2)
-    got = trainer.next_state_reward_gradient(batch)
+    randomise(trainer, flow=False, seed=6)  # recorded ε (old policy) != reference ε now
+    b = batch_at(samples, 2)
+    got = trainer.reward_guess(b.next_latents, b.step_index + 1, b.prompt_embeds, b.negative_prompt_embeds, b.prompts, [{}, {}],
+                               recorded_epsilon=b.next_epsilons)
     a = trainer.schedule.alphas_cumprod[3].float()
-    x0 = predict_x0(batch.next_latents, samples.epsilons[:, 3], a).detach().requires_grad_(True)
-    rewards, _ = trainer.reward_fn(trainer.pipeline.decode(x0), batch.prompts, [{}, {}])
-    expected = torch.autograd.grad(rewards.sum(), x0)[0] / a.sqrt()
+    naive = Naive(trainer, b)
+    eps = b.next_epsilons if model == "policy" else naive.eps(b.next_latents.double(), 3, reference=True).detach().float()
+    x0 = predict_x0(b.next_latents, eps, a).detach().requires_grad_(True)
+    rewards, _ = trainer.reward_fn(trainer.pipeline.decode(x0), b.prompts, [{}, {}])
+    expected = a * torch.autograd.grad(rewards.sum(), x0)[0] / a.sqrt()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
-    exact = independent_reward_grad(trainer, batch.next_latents, 3, batch.prompts)
-    assert not torch.allclose(got, exact, rtol=1e-3)  # an approximation, not the exact gradient
+    trainer.config.jacobian_free_reward_gradient = False
+    assert not torch.allclose(got, naive.guess(b.next_latents, 3).float(), rtol=1e-3)  # an approximation, not the exact guess
 
 
-def _randomise_flow_head(trainer):
-    torch.manual_seed(3)
-    conv = trainer.flow_head.unet.conv_out
-    torch.nn.init.normal_(conv.weight, std=0.05)
-    torch.nn.init.normal_(conv.bias, std=0.05)
-
-
-def test_terminal_and_reverse_terms_measure_the_flow_head(tmp_path, tiny_pipeline):
+def test_terminal_term_and_the_flow_head_at_the_last_transition(tmp_path, tiny_pipeline):
     trainer = make_trainer(tmp_path, tiny_pipeline)
-    _randomise_flow_head(trainer)
+    randomise(trainer, lora=False)
     samples = trainer.sample_epoch(0)
-    head, emb, sched = trainer.flow_head, samples.prompt_embeds, trainer.schedule
-    # last transition: terminal = mean g(x_0, 0)^2, no reverse term, no g in the forward target
-    last = batch_at(samples, 5)
+    last = batch_at(samples, K - 1)
     _, terms = trainer.compute_loss(last)
     with torch.no_grad():
-        g0 = head(last.next_latents, torch.zeros(2, dtype=torch.long), emb)
+        g0 = trainer.flow_head(last.next_latents, torch.zeros(2, dtype=torch.long), samples.prompt_embeds)
+        g1 = trainer.flow_head(last.latents, trainer.schedule.timesteps[K - 1].repeat(2), samples.prompt_embeds)
     torch.testing.assert_close(terms["loss_terminal"], (g0**2).mean(), rtol=1e-5, atol=0)
-    assert terms["loss_reverse"].item() == 0.0 and terms["loss_forward"].item() == 0.0
-    # interior: forward = mean g(x_{k-1})^2 and reverse = mean g(x_k)^2 when policy == reference and beta == 0
-    mid = batch_at(samples, 2)
-    _, terms = trainer.compute_loss(mid)
-    with torch.no_grad():
-        g_next = head(mid.next_latents, sched.timesteps[3].repeat(2), emb)
-        g_cur = head(mid.latents, sched.timesteps[2].repeat(2), emb)
-    torch.testing.assert_close(terms["loss_forward"], (g_next**2).mean(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(terms["loss_reverse"], (g_cur**2).mean(), rtol=1e-4, atol=1e-12)
-    assert terms["loss_terminal"].item() == 0.0
+    assert terms["loss_forward"].item() == 0.0  # no g(x_0) in the forward target, β = 0, policy == reference
+    # pathwise: the reverse term also reaches x_1, whose target there is the exact flow gradient at x_0 (0 at β = 0)
+    var = trainer.schedule.std[K - 1].float() ** 2
+    torch.testing.assert_close(terms["loss_reverse"], var * (g1**2).mean(), rtol=1e-4, atol=1e-12)
+    trainer.config.reverse_loss_type = "score"  # the paper's: interior transitions only
+    _, score = trainer.compute_loss(last)
+    assert score["loss_reverse"].item() == 0.0
 
 
-def test_reverse_term_trains_only_the_flow_head(tmp_path, tiny_pipeline):
-    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=5.0)
-    _randomise_flow_head(trainer)
-    torch.manual_seed(4)
-    for p in trainer.pipeline.lora_parameters():  # move the policy away from the reference
-        torch.nn.init.normal_(p, std=0.02)
+@pytest.mark.parametrize("on_forward", [False, True])
+def test_which_term_trains_which_parameters(tmp_path, tiny_pipeline, on_forward):
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=5.0, train_flow_head_on_forward_loss=on_forward, unet_reg_scale=0.0)
+    randomise(trainer)
     samples = trainer.sample_epoch(0)
     batch = batch_at(samples, 2)
 
@@ -148,14 +279,52 @@ def test_reverse_term_trains_only_the_flow_head(tmp_path, tiny_pipeline):
         loss, terms = trainer.compute_loss(batch)
         loss.backward()
         lora = torch.cat([p.grad.flatten() for p in trainer.pipeline.lora_parameters()])
-        flow = torch.cat([p.grad.flatten() for p in trainer.flow_head.parameters() if p.grad is not None])
-        return lora, flow, terms
+        flow = [p.grad.flatten() for p in trainer.flow_head.parameters() if p.grad is not None]
+        return lora, (torch.cat(flow) if flow else None), terms
 
     lora_on, flow_on, terms = grads(1.0)
     lora_off, flow_off, _ = grads(0.0)
-    assert terms["loss_reverse"] > 0
-    torch.testing.assert_close(lora_on, lora_off, rtol=1e-5, atol=1e-9)
-    assert (flow_on - flow_off).abs().max() > 1e-6
+    assert terms["loss_reverse"] > 0 and lora_on.abs().max() > 0
+    torch.testing.assert_close(lora_on, lora_off, rtol=1e-5, atol=1e-9)  # the reverse term never trains the policy
+    assert (flow_on - (flow_off if flow_off is not None else 0)).abs().max() > 1e-6  # ... it trains the flow head
+    if on_forward:
+        assert flow_off is not None and flow_off.abs().max() > 0  # the forward term trains the flow head too
+    else:
+        assert flow_off is None or flow_off.abs().max() == 0  # the forward term trains the policy only
+
+
+def test_paper_config_is_the_papers_loss():
+    paper = NablaGFlowNetConfig.paper(sample_num_steps=10, reward_scale=3.0)
+    assert (paper.transition_loss_weighting, paper.flow_guess_model, paper.reverse_loss_type) == ("none", "policy", "score")
+    assert paper.train_flow_head_on_forward_loss and paper.flow_learning_rate == paper.train_learning_rate == 1e-3
+    assert paper.reward_scale == 3.0 and paper.sample_num_steps == 10
+    default = NablaGFlowNetConfig()
+    assert (default.transition_loss_weighting, default.flow_guess_model, default.reverse_loss_type) == ("variance", "reference", "pathwise")
+    with pytest.raises(ValueError, match="flow_guess_model"):
+        NablaGFlowNetConfig(flow_guess_model="teacher")
+    with pytest.raises(ValueError, match="reverse_loss_type"):
+        NablaGFlowNetConfig(reverse_loss_type="forward")
+
+
+def test_score_residual_from_the_noise_difference_survives_bf16_autocast():
+    """s_θ − s_ref at σ ≈ 0.02: from the noise difference within 1e-3 of float64 under bf16 autocast; the difference of
+    two scores, computed in the precision autocast gives the activations, is not."""
+    torch.manual_seed(0)
+    shape = (4, 4, 8, 8)
+    x = torch.randn(shape, dtype=torch.float64)
+    eps_ref = torch.randn(shape, dtype=torch.float64)
+    eps = eps_ref + 1e-3 * torch.randn(shape, dtype=torch.float64)  # a LoRA that has moved a little
+    cx, ce, std = torch.tensor(1.0006, dtype=torch.float64), torch.tensor(-0.0205, dtype=torch.float64), torch.tensor(0.021, dtype=torch.float64)
+    x_next = cx * x + ce * eps + std * torch.randn(shape, dtype=torch.float64)
+    exact = ce * (eps - eps_ref) / std**2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = score_residual(eps.float(), eps_ref.float(), ce.float(), std.float())
+        lo = {k: v.to(torch.bfloat16) for k, v in dict(x=x, x_next=x_next, eps=eps, eps_ref=eps_ref).items()}
+        naive = (-(lo["x_next"] - step_mean(lo["x"], lo["eps"], cx.float(), ce.float()))
+                 + (lo["x_next"] - step_mean(lo["x"], lo["eps_ref"], cx.float(), ce.float()))) / std.float() ** 2
+    rel = lambda v: ((v.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert got.dtype == torch.float32 and rel(got) < 1e-3
+    assert rel(naive) > 1e-1
 
 
 def test_transition_selection(tmp_path, tiny_pipeline):
@@ -187,9 +356,9 @@ def test_v_prediction_models_train_with_the_same_guarantees(tmp_path):
 
 def test_variance_weighting_scales_each_transition_by_its_variance(tmp_path, tiny_pipeline):
     trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=50.0)
-    _randomise_flow_head(trainer)
+    randomise(trainer)
     samples = trainer.sample_epoch(0)
-    for step in (1, 5):
+    for step in (1, K - 1):
         batch = batch_at(samples, step)
         trainer.config.transition_loss_weighting = "none"
         _, plain = trainer.compute_loss(batch)
@@ -200,3 +369,20 @@ def test_variance_weighting_scales_each_transition_by_its_variance(tmp_path, tin
             torch.testing.assert_close(weighted[key], plain[key] * variance, rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(weighted["loss_terminal"], plain["loss_terminal"])
     assert plain["loss_forward"] > 0
+
+
+def test_flow_gradient_is_the_guess_plus_the_flow_head(tmp_path, tiny_pipeline):
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=10.0)
+    randomise(trainer, lora_std=0.2)  # a policy far enough from the reference that float32 ε differences are resolved
+    samples = trainer.sample_epoch(0)
+    b = batch_at(samples, 2)
+    naive = Naive(trainer, b)
+    got = trainer.flow_gradient(b.latents, 2, b.prompts)
+    torch.testing.assert_close(got, (naive.guess(b.latents, 2) + naive.g(b.latents, 2)).float(), rtol=1e-4, atol=1e-6)
+    final = trainer.flow_gradient(samples.latents[:, K], K, b.prompts)  # at x_0: β ∇r exactly, no flow head
+    torch.testing.assert_close(final, naive.guess(samples.latents[:, K], K).float(), rtol=1e-4, atol=1e-7)
+    residual = trainer.policy_score_residual(b.latents, 2, b.prompts)
+    s = trainer.schedule
+    x = b.latents.double()
+    expected = (naive.mean(x, 2, False) - naive.mean(x, 2, True)) / s.std[2].double() ** 2
+    assert ((residual.double() - expected).norm() / expected.norm()).item() < 1e-4

@@ -9,15 +9,26 @@ from .base import DiffusionRLConfig, _check
 
 REWARD_GRADIENT_SCALINGS = ("squared", "sqrt")
 TRANSITION_LOSS_WEIGHTINGS = ("none", "variance")
+FLOW_GUESS_MODELS = ("reference", "policy")
+REVERSE_LOSS_TYPES = ("pathwise", "score")
+
+#: the loss exactly as the paper (and its released code) specifies it; :meth:`NablaGFlowNetConfig.paper` sets these
+PAPER_LOSS = dict(transition_loss_weighting="none", flow_guess_model="policy", reverse_loss_type="score", train_flow_head_on_forward_loss=True)
 
 
 @dataclass
 class NablaGFlowNetConfig(DiffusionRLConfig):
     """Configuration of :class:`~trl_gfn.NablaGFlowNetTrainer`.
 
-    Defaults follow the paper's Stable Diffusion 1.5 setup (DESIGN.md §2): 50-step DDPM, CFG 5, LoRA
-    rank 8, AdamW lr 1e-3 for LoRA and flow head, train on int(K·f) + 1 transitions with f = 0.1.
-    Per-reward presets (β, λ) are in ``trl_gfn.rewards.presets``.
+    Sizes follow the paper's Stable Diffusion 1.5 setup (DESIGN.md §2): 50-step DDPM, CFG 5, LoRA rank 8,
+    AdamW lr 1e-3, train on int(K·f) + 1 transitions with f = 0.1. Per-reward presets (β, λ) are in
+    ``trl_gfn.rewards.presets``.
+
+    The loss defaults are this library's, not the paper's: with the paper's loss the fine-tuned model does not
+    reach the target p_ref·exp(βr) on our benchmark (docs/benchmark.md). Four fields differ:
+    ``transition_loss_weighting="variance"``, ``flow_guess_model="reference"``, ``reverse_loss_type="pathwise"``
+    and ``train_flow_head_on_forward_loss=False`` (docs/nabla_gfn.md explains each). :meth:`paper` builds a
+    config with the paper's exact loss.
     """
 
     train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA parameters."})
@@ -28,7 +39,10 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     reverse_loss_scale: float | None = field(default=None, metadata={"help": "Weight of the reverse ∇-DB term (trains the flow head only); default 1 with the flow head, 0 without."})
     pretrained_strength: float = field(default=1.0, metadata={"help": "s: multiplies the reference policy's score in the ∇-DB targets."})
     reward_gradient_scaling: Literal["squared", "sqrt"] = field(default="squared", metadata={"help": "γ_k in the flow-gradient guess β·γ_k·∇r(x̂_0): `squared` = ᾱ_k, `sqrt` = sqrt(ᾱ_k)."})
-    transition_loss_weighting: Literal["none", "variance"] = field(default="none", metadata={"help": "`none`: squared score residuals as in the paper (they scale like 1/σ_k², so the nearly noise-free last steps dominate the update); `variance`: multiply the forward and reverse residuals by σ_k², which weighs every transition alike and keeps the same minimiser."})
+    transition_loss_weighting: Literal["none", "variance"] = field(default="variance", metadata={"help": "`variance` (default): multiply each transition's forward and reverse squared residuals by σ_k², i.e. match mean shifts in units of the step's std, which weighs every transition alike and keeps the same minimiser; `none` (the paper's): plain squared score residuals, which scale like 1/σ_k², so the nearly noise-free last steps dominate the update."})
+    flow_guess_model: Literal["reference", "policy"] = field(default="reference", metadata={"help": "Whose one-step prediction x̂_0 the flow-gradient guess β·γ_k·∇r(x̂_0(x)) uses: `reference` (default; the residual flow is a property of the reference sampler, so the flow head then learns a fixed target) or `policy` (the paper's: the fine-tuned model, a guess that moves with the policy and feeds back its bias)."})
+    reverse_loss_type: Literal["pathwise", "score"] = field(default="pathwise", metadata={"help": "Target of the reverse term for ∇ log F̃ at x_k: `pathwise` (default) carries the flow gradient of the sampled next state back through the policy step (J_θᵀ·∇log F̃(x_{k-1}) plus the score terms), also on the last transition where β∇r(x_0) is exact, so information reaches the noisy steps in one hop per update; `score` (the paper's) uses ∇_{x_k} of the two log-densities only, on interior transitions, which holds only once the policy is already optimal. Both share the same fixed point."})
+    train_flow_head_on_forward_loss: bool = field(default=False, metadata={"help": "Let the forward term also train the flow head (the paper's). Off by default: the flow head is then a critic trained only by the reverse and terminal terms, and the forward term no longer pulls it towards the current policy (at initialisation, towards cancelling the guess)."})
     low_var_subsampling: bool = field(default=True, metadata={"help": "Draw the trained interior transitions one per equal chunk of the K steps (stratified) rather than uniformly."})
     jacobian_free_reward_gradient: bool = field(default=False, metadata={"help": "Approximation: take ε̂ at x_{k-1} from the sampling record as a constant, so the next-state reward gradient needs no UNet forward/backward (about a third less compute per interior step; see the benchmark for its effect)."})
     train_on_previous_samples: bool = field(default=False, metadata={"help": "Train each epoch on the previous epoch's trajectories (as one published implementation does) instead of the ones just sampled. Off by default: it trains on stale, off-policy samples."})
@@ -37,7 +51,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     flow_block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256], metadata={"help": "Widths of the flow head UNet's blocks (its depth is their number)."})
     flow_layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per flow-head block."})
     flow_attention_head_dim: int = field(default=8, metadata={"help": "Attention head dim of the flow head's cross-attention."})
-    flow_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the flow head."})
+    flow_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the flow head (the paper's 1e-3 equals the LoRA's; a faster critic than actor lets the flow head track the policy)."})
     flow_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay of the flow head."})
     flow_condition_on_prompt: bool = field(default=True, metadata={"help": "Feed the prompt embedding to the flow head; False feeds zeros (for prompt-free rewards such as aesthetics)."})
 
@@ -45,8 +59,20 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                     "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0"}
 
+    @classmethod
+    def paper(cls, **overrides) -> NablaGFlowNetConfig:
+        """A config with the paper's exact loss (Liu et al., ICLR 2025 and its released code): unweighted score
+        residuals, the policy's x̂_0 in the guess, the score form of the reverse term on interior transitions, the
+        flow head also trained by the forward term, and the flow head's learning rate equal to the LoRA's 1e-3.
+        ``overrides`` set any other field (or override these)."""
+        kwargs = dict(PAPER_LOSS, flow_learning_rate=1e-3)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     def validate(self) -> None:
         super().validate()
+        _check(self.flow_guess_model in FLOW_GUESS_MODELS, "flow_guess_model", f"must be one of {FLOW_GUESS_MODELS}, got {self.flow_guess_model!r}")
+        _check(self.reverse_loss_type in REVERSE_LOSS_TYPES, "reverse_loss_type", f"must be one of {REVERSE_LOSS_TYPES}, got {self.reverse_loss_type!r}")
         if self.reverse_loss_scale is None:
             self.reverse_loss_scale = 1.0 if self.use_flow_head else 0.0
         _check(self.reverse_loss_scale >= 0, "reverse_loss_scale", f"must be >= 0, got {self.reverse_loss_scale}")

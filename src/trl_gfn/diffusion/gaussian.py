@@ -45,6 +45,17 @@ def score_next(next_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
     return -(next_sample - mean) / std**2
 
 
+def score_residual(epsilon: torch.Tensor, reference_epsilon: torch.Tensor, coef_eps: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """s_θ − s_ref = (μ_θ − μ_ref)/σ² = coef_eps·(ε̂_θ − ε̂_ref)/σ² for two Gaussian steps from the same state with the same σ.
+
+    Computed from the noise difference in float32 (autocast off), not as the difference of the two scores
+    −(x' − μ)/σ²: at σ ≈ 0.02 those are ~1/σ large and cancel, which loses 1e-5–1e-4 relative in float32 and
+    everything in bfloat16.
+    """
+    with torch.autocast(device_type=epsilon.device.type, enabled=False):
+        return coef_eps.float() * (epsilon.float() - reference_epsilon.float()) / std.float() ** 2
+
+
 def score_current(next_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, sample: torch.Tensor, *, retain_graph: bool = True) -> torch.Tensor:
     """∇_{x_k} log P_F(x_{k-1} | x_k) by one vector-Jacobian product through ``mean(sample)``.
 

@@ -13,12 +13,14 @@ implemented below:
 
 from __future__ import annotations
 
+import contextlib
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..configs.nabla_gfn import NablaGFlowNetConfig
-from ..diffusion import predict_x0, score_current, score_next, step_mean
+from ..diffusion import predict_x0, score_residual, step_mean
 from ..models import FlowHead
 from ..pipelines import Trajectories, TransitionBatch
 from .base import TransitionTrainer, sample_seed
@@ -144,105 +146,174 @@ class NablaGFlowNetTrainer(TransitionTrainer):
     def _gamma(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         return alpha_bar if self.config.reward_gradient_scaling == "squared" else alpha_bar.sqrt()
 
-    def next_state_reward_gradient(self, batch: TransitionBatch) -> torch.Tensor:
-        """∇_{x_{k-1}} r(decode(x̂_0^θ(x_{k-1}))) per sample (input gradient only; no parameter gradient).
+    def _guess_model(self):
+        """Context in which the UNet is the model whose x̂_0 the flow-gradient guess uses (``flow_guess_model``)."""
+        return self.pipeline.reference_mode() if self.config.flow_guess_model == "reference" else contextlib.nullcontext()
 
-        For the last transition x̂_0(x_0) = x_0 (no UNet call). With ``jacobian_free_reward_gradient``
-        the recorded ε̂ at x_{k-1} is held constant, so ∇_x x̂_0 = 1/sqrt(ᾱ) and no UNet call is made.
+    def reward_guess(self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                     prompts: list, prompt_metadata: list, recorded_epsilon: torch.Tensor | None = None) -> torch.Tensor:
+        """The guessed flow gradient β γ ∇_x r(decode(x̂_0(x))) at states ``latents`` of sampling positions ``step_index``
+        (0 = initial noise, K = final sample: there x̂_0 = x and no UNet is called).
+
+        x̂_0 comes from the ``flow_guess_model``'s guided noise prediction; the gradient flows through that UNet to
+        x (input gradient only, every graph freed on return). With ``jacobian_free_reward_gradient`` the noise
+        prediction is held constant (``recorded_epsilon`` for the policy, a no-grad reference forward otherwise).
         """
-        sched = self.schedule
-        x_next = batch.next_latents.float()
-        last = batch.step_index == sched.num_steps - 1
-        grad = torch.zeros_like(x_next)
-        if last.any():
-            grad[last], _ = self.reward_gradient(x_next[last], _rows(batch.prompts, last), _rows(batch.prompt_metadata, last))
-        inter = ~last
-        if inter.any():
-            xn = x_next[inter]
-            idx = batch.step_index[inter] + 1
-            a = sched.gather("alphas_cumprod", idx, like=xn)
-            prompts, meta = _rows(batch.prompts, inter), _rows(batch.prompt_metadata, inter)
-            if self.config.jacobian_free_reward_gradient:
-                g0, _ = self.reward_gradient(predict_x0(xn, batch.next_epsilons[inter].float(), a), prompts, meta)
-                grad[inter] = g0 / a.sqrt()
+        c, sched = self.config, self.schedule
+        x = latents.detach().float()
+        if c.reward_scale == 0:
+            return torch.zeros_like(x)
+        K = sched.num_steps
+        a = sched.gather("alphas_cumprod", step_index, like=x)
+        grad = torch.zeros_like(x)
+        final = step_index == K
+        if final.any():
+            grad[final], _ = self.reward_gradient(x[final], _rows(prompts, final), _rows(prompt_metadata, final))
+        inner = ~final
+        if inner.any():
+            xi, ai, ti = x[inner], a[inner], sched.timesteps[step_index[inner].clamp(max=K - 1)]
+            emb, neg = prompt_embeds[inner], negative_prompt_embeds[inner]
+            sub_prompts, sub_meta = _rows(prompts, inner), _rows(prompt_metadata, inner)
+            guided = partial(self.pipeline.guided_epsilon, guidance_scale=c.sample_guidance_scale, alpha_bar=ai,
+                             prediction_type=sched.prediction_type)
+            if c.jacobian_free_reward_gradient:
+                if c.flow_guess_model == "policy" and recorded_epsilon is not None:
+                    eps = recorded_epsilon[inner].float()
+                else:
+                    with self._guess_model(), torch.no_grad():
+                        eps = guided(self.pipeline.unet, xi, ti, emb, neg)
+                g0, _ = self.reward_gradient(predict_x0(xi, eps, ai), sub_prompts, sub_meta)
+                grad[inner] = g0 / ai.sqrt()
             else:
-                xn = xn.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    eps = self._guided(self.pipeline.unet, xn, sched.timesteps[idx], batch, inter, a)
-                    x0 = predict_x0(xn, eps, a)
-                    g0, _ = self.reward_gradient(x0, prompts, meta)  # ∇_{x̂0} r on its own graph (VAE + reward freed)
-                    (grad[inter],) = torch.autograd.grad((x0 * g0).sum(), xn)
-        return grad
+                xi = xi.requires_grad_(True)
+                with torch.enable_grad(), self._guess_model():
+                    x0 = predict_x0(xi, guided(self.pipeline.unet, xi, ti, emb, neg), ai)
+                    g0, _ = self.reward_gradient(x0, sub_prompts, sub_meta)  # ∇_{x̂0} r on its own graph (VAE + reward freed)
+                    (grad[inner],) = torch.autograd.grad((x0 * g0).sum(), xi)
+        return c.reward_scale * self._gamma(a) * grad
+
+    @torch.no_grad()
+    def flow_gradient(self, latents: torch.Tensor, position: int, prompts: list[str], prompt_metadata: list | None = None, *,
+                      include_flow_head: bool = True) -> torch.Tensor:
+        """This trainer's estimate of ∇ log F̃ at states ``latents`` (B, C, h, w) of sampling position ``position``
+        (0 = initial noise, K = final sample): the guess β γ ∇r(x̂_0(x)) plus, with the flow head, g_φ(x, τ)
+        (g is 0 at x_0 by the boundary condition). Compare it with
+        :func:`trl_gfn.evaluation.soft_value.soft_value_gradient`, the Monte-Carlo ground truth."""
+        n = latents.shape[0]
+        x = latents.detach().float().to(self.accelerator.device)
+        metadata = list(prompt_metadata) if prompt_metadata is not None else [{} for _ in range(n)]
+        emb = self.pipeline.encode_prompts(list(prompts))
+        neg = self.pipeline.encode_prompts([self.config.negative_prompts or ""]).expand(n, -1, -1)
+        idx = torch.full((n,), position, dtype=torch.long, device=x.device)
+        out = self.reward_guess(x, idx, emb, neg, list(prompts), metadata)
+        if include_flow_head and self.config.use_flow_head and position < self.schedule.num_steps:
+            out = out + self.flow_head(x, self.schedule.timesteps[idx], emb).float()
+        return out
+
+    @torch.no_grad()
+    def policy_score_residual(self, latents: torch.Tensor, position: int, prompts: list[str]) -> torch.Tensor:
+        """s_θ − s_ref = (μ_θ − μ_ref)/σ² of the step leaving sampling position ``position`` at states ``latents``
+        (the quantity the forward ∇-DB fits to the flow gradient of the next state)."""
+        c, sched = self.config, self.schedule
+        n = latents.shape[0]
+        x = latents.detach().float().to(self.accelerator.device)
+        idx = torch.full((n,), position, dtype=torch.long, device=x.device)
+        a = sched.gather("alphas_cumprod", idx, like=x)
+        emb = self.pipeline.encode_prompts(list(prompts))
+        neg = self.pipeline.encode_prompts([c.negative_prompts or ""]).expand(n, -1, -1)
+        guided = partial(self.pipeline.guided_epsilon, timesteps=sched.timesteps[idx], prompt_embeds=emb, negative_prompt_embeds=neg,
+                         guidance_scale=c.sample_guidance_scale, alpha_bar=a, prediction_type=sched.prediction_type)
+        eps = guided(self.pipeline.unet, x)
+        with self.pipeline.reference_mode():
+            eps_ref = guided(self.pipeline.unet, x)
+        return score_residual(eps, eps_ref, sched.gather("coef_eps", idx, like=x), sched.gather("std", idx, like=x))
 
     def compute_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Residual ∇-DB loss of a batch of transitions x_k → x_{k-1} (DESIGN.md §2).
+        """Residual ∇-DB loss of a batch of transitions x_k → x_{k-1} (docs/nabla_gfn.md, "The loss").
 
         Returns ``(loss, terms)`` with ``terms`` the detached scalars: ``loss_forward``, ``loss_reverse``,
-        ``loss_terminal``, ``loss_reg`` and per-sample L2 norms of the policy score residual
-        s_θ − s_ref, of the reward guess β·γ·∇r, of the flow head output and of the forward target.
+        ``loss_terminal``, ``loss_reg`` and per-sample L2 norms of the policy score residual s_θ − s·s_ref,
+        of the reward guess β·γ·∇r, of the flow head output at x_{k-1} and of the forward target.
         """
         c, sched = self.config, self.schedule
         x, x_next = batch.latents.float(), batch.next_latents.float()
         idx = batch.step_index
-        last = idx == sched.num_steps - 1
+        K = sched.num_steps
+        last = idx == K - 1
         inter = ~last
-        beta, strength = c.reward_scale, c.pretrained_strength
+        inter_f = inter.view(-1, 1, 1, 1).to(x.dtype)
+        strength = c.pretrained_strength
         t, t_next = sched.timesteps[idx], sched.next_timesteps[idx]
-        a, a_next = sched.gather("alphas_cumprod", idx, like=x), sched.gather("alphas_cumprod", idx + 1, like=x)
+        a = sched.gather("alphas_cumprod", idx, like=x)
         cx, ce, std = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
         use_flow = c.use_flow_head
-        use_reverse = use_flow and c.reverse_loss_scale > 0 and bool(inter.any())
+        pathwise = c.reverse_loss_type == "pathwise"
+        rev = torch.ones_like(inter) if pathwise else inter  # states x_k whose flow the reverse term trains
+        use_reverse = use_flow and c.reverse_loss_scale > 0 and bool(rev.any())
         zero = x.new_zeros(())
+        emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
 
-        # 1. next-state reward gradient first: input gradient only, its graph freed before the policy graph exists
-        guess_next = beta * self._gamma(a_next) * self.next_state_reward_gradient(batch) if beta > 0 else torch.zeros_like(x)
+        # 1. guessed flow gradient at x_{k-1} first: input gradient only, its graph freed before any other graph exists
+        guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons)
 
-        # 2. reference policy at x_k (adapter off): mean, and with the reverse term its score w.r.t. x_k
-        if use_reverse:
-            xr = x.detach().requires_grad_(True)
-            with self.pipeline.reference_mode(), torch.enable_grad():
-                mean_ref = step_mean(xr, self._guided(self.pipeline.unet, xr, t, batch, None, a), cx, ce)
-                ref_score_cur = strength * score_current(x_next, mean_ref, std, xr, retain_graph=False)
-            mean_ref = mean_ref.detach()
-        else:
-            with self.pipeline.reference_mode(), torch.no_grad():
-                mean_ref = step_mean(x, self._guided(self.pipeline.unet, x, t, batch, None, a), cx, ce)
-        ref_score_next = strength * score_next(x_next, mean_ref, std)
+        # 2. reference at x_k (adapter off). With the reverse term: the reference side of the x_k-gradient, as one VJP
+        #    (s·∇_{x_k} log P_ref without its identity part, minus the guess at x_k when the reference makes it)
+        xr = x.detach().requires_grad_(use_reverse)
+        with self.pipeline.reference_mode(), torch.set_grad_enabled(use_reverse):
+            eps_ref = self._guided(self.pipeline.unet, xr, t, batch, None, a)
+            v_ref = (x_next - step_mean(x, eps_ref.detach(), cx, ce)) / std**2  # = −s_ref
+            ref_side = None
+            if use_reverse:
+                surrogate = strength * (eps_ref * (ce * v_ref)).sum()
+                if c.flow_guess_model == "reference" and c.reward_scale > 0:
+                    x0 = predict_x0(xr, eps_ref, a)
+                    g0, _ = self.reward_guess_at_x0(x0, rev, batch)
+                    surrogate = surrogate - (g0 * x0).sum()
+                (ref_side,) = torch.autograd.grad(surrogate, xr)
+        eps_ref = eps_ref.detach()
 
         # 3. policy at x_k through the prepared model (parameter gradients synchronised across processes)
         xp = x.detach().requires_grad_(use_reverse)
         eps = self._guided(self.wrapped("unet"), xp, t, batch, None, a)
-        mean = step_mean(xp, eps, cx, ce)
-        s_theta = score_next(x_next, mean, std)
+        # s_θ − s·s_ref from the noise difference (no cancellation of two large scores at small σ)
+        residual = score_residual(eps, eps_ref, ce, std) - (1 - strength) * v_ref
 
-        # 4. flow head at x_{k-1} (and at x_k for the reverse term), one call
+        # 4. flow head at x_{k-1} (all rows: the last ones for the terminal term) and at the reverse term's x_k, one call
         g_next = g_cur = None
         if use_flow:
-            lat, ts, emb = [x_next], [t_next], [batch.prompt_embeds]
+            lat, ts, embs = [x_next], [t_next], [emb]
             if use_reverse:
-                lat.append(x[inter]), ts.append(t[inter]), emb.append(batch.prompt_embeds[inter])
-            g_all = self.wrapped("flow_head")(torch.cat(lat), torch.cat(ts), torch.cat(emb))
+                lat.append(x[rev]), ts.append(t[rev]), embs.append(emb[rev])
+            g_all = self.wrapped("flow_head")(torch.cat(lat), torch.cat(ts), torch.cat(embs))
             g_next, g_cur = g_all[: x.shape[0]], g_all[x.shape[0]:]
 
-        # 5. forward ∇-DB: s_θ = s_ref + g(x_{k-1}) + βγ∇r(x̂_0(x_{k-1})); no g on the last transition
-        target = ref_score_next + guess_next
+        # 5. forward ∇-DB: s_θ − s·s_ref = g(x_{k-1}) + βγ∇r(x̂_0(x_{k-1})); no g on the last transition (g(x_0) = 0)
+        flow_next = guess_next
         if use_flow:
-            target = target + g_next * inter.view(-1, 1, 1, 1).to(x.dtype)
+            g_fwd = g_next if c.train_flow_head_on_forward_loss else g_next.detach()
+            flow_next = flow_next + g_fwd * inter_f
         weight = std**2 if c.transition_loss_weighting == "variance" else torch.ones_like(std)
-        loss_forward = (weight * (s_theta - target) ** 2).mean()
+        loss_forward = (weight * (residual - flow_next) ** 2).mean()
         loss_terminal = (g_next[last] ** 2).mean() if use_flow and bool(last.any()) else zero
 
-        # 6. reverse ∇-DB (trains g only): ∇_{x_k}[log P_θ + βγ_k r(x̂_0^θ(x_k))] + g(x_k) − s∇_{x_k} log P_ref = 0
+        # 6. reverse ∇-DB at x_k (trains g only). The policy side is ∇_{x_k} log P_θ(x_{k-1}|x_k), plus the guess at x_k
+        #    when the policy makes it; `pathwise` adds −J_θᵀρ, ρ = flow(x_{k-1}) − residual (the forward residual's negative).
+        #    Identity parts of the two x_k-scores are combined analytically: coef_x·(v_θ − s·v_ref) = −coef_x·residual.
         loss_reverse = zero
         if use_reverse:
-            x0 = predict_x0(xp, eps, a)
-            vjp = torch.zeros_like(x)
-            if beta > 0:
-                g0, _ = self.reward_gradient(x0[inter], _rows(batch.prompts, inter), _rows(batch.prompt_metadata, inter))
-                vjp[inter] = beta * self._gamma(a[inter]) * g0
-            surrogate = -0.5 * ((x_next - mean) ** 2 / std**2).sum() + (vjp * x0).sum()
+            v_theta = (x_next - step_mean(x, eps.detach(), cx, ce)) / std**2
+            if pathwise:
+                rho = (guess_next + g_next.detach() * inter_f - residual.detach()) * rev.view(-1, 1, 1, 1).to(x.dtype)
+            else:
+                rho = torch.zeros_like(x)
+            surrogate = (eps * (ce * (v_theta - rho))).sum()
+            if c.flow_guess_model == "policy" and c.reward_scale > 0:
+                x0 = predict_x0(xp, eps, a)
+                g0, _ = self.reward_guess_at_x0(x0, rev, batch)
+                surrogate = surrogate + (g0 * x0).sum()
             (policy_side,) = torch.autograd.grad(surrogate, xp, retain_graph=True)
-            loss_reverse = (weight[inter] * (policy_side.detach()[inter] - ref_score_cur[inter] + g_cur) ** 2).mean()
+            total = -cx * (residual.detach() + rho) + policy_side - ref_side
+            loss_reverse = (weight[rev] * (total[rev] + g_cur) ** 2).mean()
 
         # 7. output regulariser: trust region around the sampling policy's guided prediction
         loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
@@ -253,5 +324,14 @@ class NablaGFlowNetTrainer(TransitionTrainer):
             return zero if v is None else v.detach().flatten(1).norm(dim=1).mean()
 
         terms = dict(zip(LOSS_KEYS, (loss.detach(), loss_forward.detach(), loss_reverse.detach(), loss_terminal.detach(),
-                                     loss_reg.detach(), norm(s_theta - ref_score_next), norm(guess_next), norm(g_next), norm(target))))
+                                     loss_reg.detach(), norm(residual), norm(guess_next), norm(g_next), norm(flow_next))))
         return loss, terms
+
+    def reward_guess_at_x0(self, x0: torch.Tensor, rows: torch.Tensor, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """β γ_k ∇r at the clean predictions ``x0`` of the states x_k of ``rows`` (zero elsewhere), detached: the vector of
+        the VJP that turns it into the guess at x_k."""
+        vec = torch.zeros_like(x0)
+        g0, rewards = self.reward_gradient(x0[rows].detach(), _rows(batch.prompts, rows), _rows(batch.prompt_metadata, rows))
+        a = self.schedule.gather("alphas_cumprod", batch.step_index, like=x0)
+        vec[rows] = self.config.reward_scale * self._gamma(a[rows]) * g0
+        return vec, rewards
