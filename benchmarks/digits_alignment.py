@@ -49,6 +49,16 @@ from trl_gfn.evaluation.digits_benchmark import (  # noqa: E402
 )
 
 
+def _digits(text: str) -> list[int]:
+    try:
+        digits = sorted({int(d) for d in text.split(",") if d.strip()})
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--target_digits: expected comma-separated digits such as 0,8, got {text!r}") from err
+    if not digits or any(d < 0 or d > 9 for d in digits):
+        raise argparse.ArgumentTypeError(f"--target_digits: expected digits in 0..9, got {text!r}")
+    return digits
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/digits_benchmark", help="output folder")
@@ -57,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"smoke size: {QUICK}, seeds 0,1")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--target_digits", type=_digits, default=None, help="the target set S, comma-separated digits (default 0,8)")
     for f in fields(BenchmarkSettings):
         if f.name in ("target_digits", "prompt", "batch"):
             continue
@@ -86,7 +97,8 @@ def worker(args: argparse.Namespace) -> None:
 
     def log(rec):
         print(f"[{method} seed {seed}] epoch {rec['epoch']} step {rec['update_step']} train {rec['wall_time']:.0f}s "
-              f"reward {rec['reward_mean']:.3f} div {rec['diversity']:.2f} FD {rec['prior_fd']:.2f} TV {rec['tv']:.3f}", flush=True)
+              f"reward {rec['reward_mean']:.3f} TV {rec['tv']:.3f} FD-target {rec['target_fd']:.2f} div/target {rec['diversity_vs_target']:.2f} "
+              f"FD-base {rec['prior_fd']:.2f}", flush=True)
 
     run = run_method(method, int(seed), settings, reference, on_epoch=log)
     run["process_seconds"] = time.perf_counter() - t0
@@ -121,7 +133,9 @@ def main(argv=None) -> dict:
     forwarded = []
     for f in fields(BenchmarkSettings):
         v = getattr(settings, f.name)
-        if f.name not in ("target_digits", "prompt", "batch"):
+        if f.name == "target_digits":
+            forwarded += ["--target_digits", ",".join(map(str, v))]
+        elif f.name not in ("prompt", "batch"):
             forwarded += [f"--{f.name}", str(v)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     todo = [(m, s) for s in seeds for m in methods]

@@ -62,7 +62,8 @@ def test_run_structure_and_finite_figures(tiny_run):
     assert run["epochs"][0]["update_step"] == 0 and run["epochs"][-1]["update_step"] >= 1
     assert run["config"]["reward_scale"] == settings.reward_scale
     for rec in run["epochs"]:
-        for key in ("reward_mean", "reward_std", "diversity", "prior_fd", "entropy", "mass_on_S", "tv", "wall_time"):
+        for key in ("reward_mean", "reward_std", "diversity", "diversity_vs_target", "prior_fd", "target_fd", "entropy", "mass_on_S", "tv",
+                    "wall_time"):
             assert math.isfinite(rec[key]), key
         assert len(rec["class_histogram"]) == 10 and 0 <= rec["tv"] <= 1
     assert run["images_after"].shape == (settings.eval_samples, 3, 16, 16)
@@ -86,7 +87,32 @@ def test_benchmark_cli_settings():
     assert s.epochs == 3 and s.sample_batch_size == 8  # --quick size, explicit flag wins
     assert set(METHODS) >= {"nabla_gfn", "ddpo", "draft_k1", "draft_lv", "alignprop", "refl"}
     default = bench.settings_from_args(bench.parse_args([]))
-    assert default == BenchmarkSettings()
+    assert default == BenchmarkSettings() and default.epochs * default.samples_per_epoch // default.train_batch_size == 200  # updates
+    other = bench.settings_from_args(bench.parse_args(["--target_digits", "7,3", "--reward_scale", "10"]))
+    assert other.target_digits == [3, 7] and other.reward_scale == 10.0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--target_digits", "3,12"])
+    assert "nabla_gfn_paper" in METHODS and all(m in METHODS for m in ("nabla_gfn_no_reg", "nabla_gfn_no_flow_head", "nabla_gfn_no_reverse",
+                                                                        "nabla_gfn_unweighted", "nabla_gfn_jacobian_free"))
+
+
+def test_target_relative_figures(tiny_run):
+    settings, reference, run, _ = tiny_run
+    tf = reference["target_features"]
+    assert tf["eval_size"] == settings.eval_samples and tf["diversity"] > 0 and tf["fd_floor"] >= 0
+    first = run["epochs"][0]
+    assert first["diversity_vs_target"] == pytest.approx(first["diversity"] / tf["diversity"])
+
+
+def test_calibration_summary(tiny_run, tmp_path):
+    cal = _load(ROOT / "benchmarks" / "digits_calibration.py", "digits_calibration")
+    _, reference, run, _ = tiny_run
+    res = {"settings": {"target_digits": [0, 8]}, "reference": {"target": reference["target"]},
+           "runs": [strip_images(run), dict(strip_images(run), seed=1), dict(strip_images(run), method="ddpo")]}
+    table, panels = cal.summarise({3.0: res, 30.0: res}, ["nabla_gfn"])
+    assert table.count("| nabla_gfn | 2 |") == 2 and "ddpo" not in table
+    cal.plot(panels, str(tmp_path / "calibration.png"))
+    assert (tmp_path / "calibration.png").stat().st_size > 0
 
 
 def test_demo_argument_parsing():

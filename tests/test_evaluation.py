@@ -186,3 +186,23 @@ def test_evaluate_samples_with_toy_classifier():
     assert sum(out["class_histogram"]) == pytest.approx(1.0)
     assert out["reward_mean"] == pytest.approx(images.mean().item(), rel=1e-5)
     assert isinstance(ideal_target_histogram(np.zeros(3, int), np.zeros(3), 0.0, min_ess=0), TargetHistogram)
+
+
+def test_target_features_of_a_two_group_tilt():
+    """r = 0 on group A, -10 on group B: at β = 5 the target is group A (weights e^-50 on B), at β = 0 the base sample."""
+    from trl_gfn.evaluation import frechet_distance, pairwise_diversity, target_features
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 1.0, size=(400, 3))
+    b = rng.normal(6.0, 2.0, size=(400, 3))
+    feats = np.concatenate([a, b])[rng.permutation(800)]
+    is_a = (np.abs(feats - 0.0).sum(1) < np.abs(feats - 6.0).sum(1))
+    rewards = np.where(is_a, 0.0, -10.0)
+    tilted = target_features(feats, rewards, beta=5.0, eval_size=64)
+    np.testing.assert_allclose(tilted.mean, feats[is_a].mean(0), atol=1e-9)
+    np.testing.assert_allclose(tilted.cov, np.cov(feats[is_a], rowvar=False), rtol=1e-9)
+    assert abs(tilted.diversity - pairwise_diversity(feats[is_a])) < 0.1 * pairwise_diversity(feats[is_a])
+    assert tilted.fd(feats[is_a][:64]) < 3 * tilted.fd_floor + 0.5 < tilted.fd(feats[~is_a][:64])  # group A reads near the floor
+    plain = target_features(feats, rewards, beta=0.0, eval_size=64)
+    np.testing.assert_allclose(plain.cov, np.cov(feats, rowvar=False), rtol=1e-9)  # uniform weights: the unbiased covariance
+    assert plain.fd(feats) < 1e-9 and frechet_distance(feats[:400], feats[400:]) < plain.fd(feats[~is_a])

@@ -3,10 +3,12 @@
 Reward (:func:`reward_stats`), diversity (:func:`pairwise_diversity`), prior preservation
 (:func:`frechet_distance`), mode coverage (:func:`class_histogram`, :func:`histogram_entropy`) and
 distribution matching (:func:`ideal_target_histogram`, :func:`total_variation`,
-:func:`distribution_matching`), plus :func:`evaluate_samples` that computes them all for a set of images.
+:func:`distribution_matching`, :func:`target_features`; and in :mod:`~trl_gfn.evaluation.soft_value`, the Monte-Carlo
+ground truth of the flow gradient Nabla-GFlowNet learns), plus :func:`evaluate_samples` that computes them all for a set of images.
 """
 
 from .metrics import (
+    TargetFeatures,
     TargetHistogram,
     class_histogram,
     class_labels,
@@ -21,11 +23,13 @@ from .metrics import (
     importance_weights,
     pairwise_diversity,
     reward_stats,
+    target_features,
     total_variation,
     tv_noise_floor,
 )
 
 __all__ = [
+    "TargetFeatures",
     "TargetHistogram",
     "class_histogram",
     "class_labels",
@@ -40,6 +44,7 @@ __all__ = [
     "importance_weights",
     "pairwise_diversity",
     "reward_stats",
+    "target_features",
     "total_variation",
     "tv_noise_floor",
 ]

@@ -259,6 +259,66 @@ def ideal_target_histogram(
     )
 
 
+@dataclass
+class TargetFeatures:
+    """Feature statistics of the ideal target ``p_base · exp(β r)`` from a weighted base sample, for judging a
+    fine-tuned sample's *features* (not only its class marginal) against the target rather than the base model.
+
+    Attributes:
+        mean, cov: the self-normalised-IS weighted mean (D,) and covariance (D, D) of the base features.
+        diversity: the expected :func:`pairwise_diversity` of ``eval_size`` samples of the target (resampled).
+        fd_floor: the expected Fréchet distance of ``eval_size`` target samples to the target's statistics: what an
+            exact sampler of the target reads at that size (resampled from one half of the base sample, the
+            statistics from the other half).
+        eval_size: the sample size the two expectations are for.
+    """
+
+    mean: np.ndarray
+    cov: np.ndarray
+    diversity: float
+    fd_floor: float
+    eval_size: int
+
+    def fd(self, features: ArrayLike) -> float:
+        """Fréchet distance of ``features`` (N, D) (a Gaussian fit) to the target's feature Gaussian."""
+        f = _np(features)
+        return frechet_distance_from_stats(f.mean(0), np.cov(f, rowvar=False), self.mean, self.cov)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "cov": self.cov, "diversity": self.diversity, "fd_floor": self.fd_floor, "eval_size": self.eval_size}
+
+
+def target_features(base_features: ArrayLike, base_log_rewards: ArrayLike, beta: float, eval_size: int, n_resample: int = 20,
+                    seed: int = 0) -> TargetFeatures:
+    """:class:`TargetFeatures` of ``p_base · exp(β r)`` from base-model features (N, D) and log-rewards (N,).
+
+    The tilted target keeps only part of the base model's modes, so its own diversity and its Fréchet distance to
+    the base sample differ from the base model's: a sampler of the target is judged against these figures (the
+    diversity ratio to :attr:`TargetFeatures.diversity`, the FD to the target), not against the base model's.
+    """
+    f = _np(base_features)
+    w, _ = importance_weights(base_log_rewards, beta)
+    mean = w @ f
+    centred = f - mean
+    cov = (centred.T * w) @ centred / max(1e-12, 1.0 - (w**2).sum())
+    rng = np.random.default_rng(seed)
+    # the floor: samples resampled from one half of the base sample against the target statistics of the other half
+    # (resampling the very points that define the statistics would read too low)
+    half = f.shape[0] // 2
+    wa, _ = importance_weights(_np(base_log_rewards)[:half], beta)
+    wb, _ = importance_weights(_np(base_log_rewards)[half:], beta)
+    fa, fb = f[:half], f[half:]
+    mean_a = wa @ fa
+    cov_a = ((fa - mean_a).T * wa) @ (fa - mean_a) / max(1e-12, 1.0 - (wa**2).sum())
+    divs, fds = [], []
+    for _ in range(n_resample):
+        idx = rng.choice(f.shape[0], size=eval_size, replace=True, p=w)
+        divs.append(pairwise_diversity(f[idx]))
+        sample = fb[rng.choice(fb.shape[0], size=eval_size, replace=True, p=wb)]
+        fds.append(frechet_distance_from_stats(sample.mean(0), np.cov(sample, rowvar=False), mean_a, cov_a))
+    return TargetFeatures(mean=mean, cov=cov, diversity=float(np.mean(divs)), fd_floor=float(np.mean(fds)), eval_size=int(eval_size))
+
+
 def exact_target_histogram(base_hist: ArrayLike, class_log_reward_mgf: ArrayLike) -> np.ndarray:
     """Exact target histogram when ``E_base[exp(beta r) | c]`` is known per class: ``p(c) m_c / sum p m``.
 
