@@ -188,6 +188,17 @@ def soft_value_gradient(
                              optimal_score_residual=torch.stack(shifts))
 
 
+def combine_estimates(a: SoftValueEstimate, b: SoftValueEstimate) -> SoftValueEstimate:
+    """Inverse-variance combination (per state, from the reported standard errors) of two estimates of the same
+    gradient; the optimal score residual is taken from ``a`` (the score estimator's). A NaN error counts as infinite."""
+    va = torch.nan_to_num(a.stderr**2, nan=float("inf")).clamp_min(1e-30)
+    vb = torch.nan_to_num(b.stderr**2, nan=float("inf")).clamp_min(1e-30)
+    wa = (1 / va) / (1 / va + 1 / vb)
+    grad = wa.view(-1, 1, 1, 1) * a.grad + (1 - wa).view(-1, 1, 1, 1) * b.grad
+    return SoftValueEstimate(grad=grad, log_value=a.log_value, ess=torch.minimum(a.ess, b.ess), stderr=(1 / (1 / va + 1 / vb)).sqrt(),
+                             optimal_score_residual=a.optimal_score_residual)
+
+
 def flow_gradient_report(
     estimators: dict[str, Callable[[torch.Tensor, int], torch.Tensor]],
     pipeline,
@@ -204,6 +215,7 @@ def flow_gradient_report(
     seed: int = 0,
     residual_estimators: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] | None = None,
     truths: dict[int, SoftValueEstimate] | None = None,
+    pathwise_rollouts: int = 0,
 ) -> list[dict[str, float]]:
     """Error of flow-gradient estimates against the Monte-Carlo ground truth, per sampling position.
 
@@ -218,6 +230,9 @@ def flow_gradient_report(
             (:attr:`SoftValueEstimate.optimal_score_residual`); keys ``<name>_rel_error`` etc. as above.
         truths: position -> a precomputed :class:`SoftValueEstimate` at those states (reused, e.g. before and
             after training on the same states); missing ones are computed and added to the dict.
+        pathwise_rollouts: if > 0, the ground truth combines the score estimate (``num_rollouts``) with a pathwise
+            one (this many rollouts) by inverse-variance weighting per state: the score form is precise at noisy
+            steps, the pathwise one at nearly noise-free steps.
 
     Returns one dict per position: ``position``, ``timestep``, ``true_norm`` (mean L2 norm of the
     estimate), ``mc_rel_error`` (mean MC standard error relative to that norm), ``ess``, and per
@@ -232,6 +247,11 @@ def flow_gradient_report(
         else:
             truth = soft_value_gradient(pipeline, schedule, reward_fn, x, p, prompts=prompts, guidance_scale=guidance_scale, beta=beta,
                                         num_rollouts=num_rollouts, chunk_size=chunk_size, seed=seed + 1000 * p)
+            if pathwise_rollouts and p < K:
+                path = soft_value_gradient(pipeline, schedule, reward_fn, x, p, prompts=prompts, guidance_scale=guidance_scale, beta=beta,
+                                           num_rollouts=pathwise_rollouts, chunk_size=min(chunk_size, pathwise_rollouts // 2),
+                                           estimator="pathwise", seed=seed + 1000 * p + 1)
+                truth = combine_estimates(truth, path)
             if truths is not None:
                 truths[p] = truth
         tn = truth.grad.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -256,4 +276,4 @@ def flow_gradient_report(
     return rows
 
 
-__all__ = ["SoftValueEstimate", "flow_gradient_report", "soft_value_gradient"]
+__all__ = ["SoftValueEstimate", "combine_estimates", "flow_gradient_report", "soft_value_gradient"]
