@@ -50,6 +50,7 @@ class DiffusionRLConfig:
     save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables)."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints (older ones are deleted)."})
     resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
+    init_from: str = field(default="", metadata={"help": "Start a new run from trained weights: a folder written by trl-gfn (`<run>/final` or a `checkpoint_N`), or any folder or Hub repo (`owner/name`, `owner/name@revision`) holding `pytorch_lora_weights.safetensors` in diffusers format; Nabla-GFlowNet also loads the flow head from its `flow_head/` sub-folder when there is one. lora_rank, lora_alpha and lora_target_modules must be those the LoRA was trained with. Counters and optimizer start fresh (resume_from continues an interrupted run instead)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward pass: less memory, about a third more compute."})
@@ -108,6 +109,9 @@ class DiffusionRLConfig:
         check_name("exp_name", self.exp_name, allow_empty=False)
         check_name("run_name", self.run_name, allow_empty=True)
         _check(bool(self.logdir), "logdir", f"must be a non-empty directory path, got {self.logdir!r}")
+        _check(not (self.init_from and self.resume_from), "init_from",
+               "cannot be combined with resume_from: resume_from continues a run (weights, optimizer, counters from a checkpoint), "
+               f"init_from starts a new one from trained weights; got init_from={self.init_from!r}, resume_from={self.resume_from!r}")
         _check(bool(self.tracker_project_name), "tracker_project_name", f"must be a non-empty string, got {self.tracker_project_name!r}")
         self._check_kwargs_fields()
         from ..prompts import available_prompt_sets

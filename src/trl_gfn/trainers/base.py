@@ -47,7 +47,7 @@ from .hub import public_model_name, render_model_card, upload_files
 logger = get_logger(__name__)
 
 #: config fields that do not shape what a checkpoint holds: left out of the differences listed when one does not fit
-RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "num_epochs", "save_freq", "num_checkpoint_limit",
+RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "init_from", "num_epochs", "save_freq", "num_checkpoint_limit",
                    "log_with", "tracker_kwargs", "tracker_project_name", "accelerator_kwargs", "project_kwargs", "log_image_freq",
                    "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing"}
 
@@ -176,6 +176,8 @@ class DiffusionRLTrainer:
 
         self.modules = TrainableModules(pipeline.unet, **self.build_modules())
         self.modules.to(device)
+        if config.init_from:
+            self.init_weights_from(config.init_from)
         optimizer = self.build_optimizer(self.param_groups())
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and int(plugin.zero_stage or 0) >= 3:
@@ -435,7 +437,7 @@ class DiffusionRLTrainer:
     # ------------------------------------------------------------------ trained weights
     def extra_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """The trained modules besides the UNet's LoRA (e.g. the flow head), by name."""
-        return [(name, module) for name, module in self.unwrapped.named_children() if name != "unet"]
+        return [(name, module) for name, module in self.modules.named_children() if name != "unet"]
 
     def output_files(self) -> list[str]:
         """The files :meth:`save_trained_weights` writes, relative to its directory (what a checkpoint and an upload hold)."""
@@ -469,25 +471,35 @@ class DiffusionRLTrainer:
 
     def load_trained_weights(self, directory: str) -> None:
         """Load what :meth:`save_trained_weights` wrote (safetensors only; errors name the file)."""
-        from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-
-        from ..rewards.hub import load_state_dict_strict
-        from ..weights_io import read_safetensors
+        from .initial_weights import load_module
 
         self.pipeline.load_lora(directory)
         for name, module in self.extra_modules():
-            config_file = os.path.join(directory, name, CONFIG_NAME)
-            if not os.path.isfile(config_file):
-                raise FileNotFoundError(f"{name}: no file {config_file}")
-            with open(config_file, encoding="utf-8") as f:
-                saved = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-            own = {k: v for k, v in json.loads(module.to_json_string()).items() if not k.startswith("_")}
-            differ = {k: (saved.get(k), own.get(k)) for k in set(saved) | set(own) if saved.get(k) != own.get(k)}
-            if differ:
-                raise ValueError(f"{config_file}: the saved {name} has another architecture than this trainer's "
-                                 f"(saved vs now: {differ})")
-            weights = os.path.join(directory, name, SAFETENSORS_WEIGHTS_NAME)
-            load_state_dict_strict(module, read_safetensors(weights, what=f"{name} weights"), source=weights)
+            load_module(module, directory, name)
+
+    def init_weights_from(self, source: str) -> None:
+        """Start from trained weights (``config.init_from``): the LoRA, and each extra module the source has.
+
+        A module the source lacks (e.g. a flow head when starting Nabla-GFlowNet from a DDPO LoRA) keeps its
+        initialisation, and a module folder this trainer does not use is left alone; both with a warning.
+        """
+        from .initial_weights import check_lora_metadata, load_module, module_files, resolve_weights_source
+
+        names = [name for name, _ in self.extra_modules()]
+        folder = resolve_weights_source(source, names)
+        c = self.config
+        check_lora_metadata(folder, c.lora_rank, c.lora_alpha if c.lora_alpha is not None else c.lora_rank)
+        self.pipeline.load_lora(folder)
+        for name, module in self.extra_modules():
+            if os.path.isdir(os.path.join(folder, name)):
+                load_module(module, folder, name)
+            else:
+                warnings.warn(f"init_from: {source} has no {name}/ folder; the {name} starts from its initialisation", UserWarning, stacklevel=2)
+        unused = sorted(d for d in os.listdir(folder) if d not in names and all(os.path.isfile(os.path.join(folder, f)) for f in module_files(d)))
+        if unused:
+            warnings.warn(f"init_from: {source} also holds {unused}, which {type(self).__name__} does not train; only the LoRA is used",
+                          UserWarning, stacklevel=2)
+        logger.info(f"Initialised the LoRA{' and ' + ', '.join(names) if names else ''} from {source}")
 
     # ------------------------------------------------------------------ checkpoints
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:

@@ -220,6 +220,10 @@ def resolve_resume_path(resume_from: str | os.PathLike) -> str:
             return checkpoint
         if skipped:
             raise CheckpointError(f"resume_from: no complete checkpoint in {candidate}: " + "; ".join(skipped))
+    if os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
+        raise FileNotFoundError(f"resume_from: {os.fspath(resume_from)!r} holds trained weights (a saved model such as <run>/final), not "
+                                "checkpoints. To start a new run from these weights set init_from to it; resume_from continues an "
+                                "interrupted run from <run>/checkpoints/checkpoint_N")
     raise FileNotFoundError(f"resume_from: no checkpoint_N directory in {os.fspath(resume_from)!r} or its checkpoints/ folder")
 
 
