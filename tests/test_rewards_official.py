@@ -198,3 +198,21 @@ def test_the_official_aesthetic_head_is_pinned_to_its_github_file():
     assert spec.size == 3714759 and len(spec.sha256) == 64
     with pytest.raises(ValueError, match="rewards with official checkpoints: aesthetic, hpsv2, hpsv2.1, imagereward, pickscore"):
         official.official_reward("clip")
+
+
+def test_trls_aesthetic_scorer_import_path_builds_the_same_reward(stand_ins):
+    """``trl_gfn.models.auxiliary_modules.aesthetic_scorer`` (TRL's import path): TRL's head file on the Hub + CLIP ViT-L/14."""
+    import shutil
+
+    from trl_gfn.models.auxiliary_modules import TRL_AESTHETIC_MODEL_FILENAME, TRL_AESTHETIC_MODEL_ID, aesthetic_scorer
+
+    cache, head_file = stand_ins
+    _hub_file(cache, TRL_AESTHETIC_MODEL_ID, TRL_AESTHETIC_MODEL_FILENAME, lambda p: shutil.copy(head_file, p))
+    reward = aesthetic_scorer(TRL_AESTHETIC_MODEL_ID, TRL_AESTHETIC_MODEL_FILENAME, cache_dir=cache, local_files_only=True)
+    images = _images().requires_grad_(True)
+    scores, metadata = reward(images, PROMPTS, [{}, {}])
+    assert metadata == {} and torch.allclose(scores, _direct("aesthetic", cache, head_file)(images)[0])
+    scores.sum().backward()  # differentiable, as AlignProp needs
+    assert images.grad.abs().sum() > 0
+    with pytest.raises(OfficialCheckpointError, match="missing.pth of hub:trl-lib/ddpo-aesthetic-predictor"):
+        aesthetic_scorer(TRL_AESTHETIC_MODEL_ID, "missing.pth", cache_dir=cache, local_files_only=True)

@@ -92,8 +92,12 @@ class DiffusionRLTrainer:
         pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` is wrapped).
         prompt_function: a callable ``() -> (prompt, metadata)``, a list of prompts, a ``datasets.Dataset``
             with a ``prompt`` column, or a prompt-set name; default ``config.prompt_set``.
-        image_samples_hook: optional ``hook(prompt_image_data, global_step, tracker)`` called when images
-            are logged (as in TRL's former DDPOTrainer).
+        image_samples_hook: optional ``hook(image_data, global_step, tracker)`` called on the main process every
+            ``log_image_freq`` epochs with what :meth:`image_hook_data` returns (TRL's structures) and the first
+            tracker (None without ``log_with``).
+
+    TRL's argument order ``(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)`` and its
+    ``sd_pipeline=`` keyword are accepted too: the pipeline is recognised by its type.
     """
 
     config_class: type[DiffusionRLConfig] = DiffusionRLConfig
@@ -110,10 +114,13 @@ class DiffusionRLTrainer:
         self,
         config: DiffusionRLConfig,
         reward_function: Callable,
-        pipeline: DiffusionPipelineForRL,
+        pipeline: DiffusionPipelineForRL | None = None,
         prompt_function: Any = None,
         image_samples_hook: Callable | None = None,
+        *,
+        sd_pipeline: Any = None,
     ) -> None:
+        pipeline, prompt_function = _pipeline_and_prompts(pipeline, prompt_function, sd_pipeline)
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         config.validate()
@@ -129,8 +136,15 @@ class DiffusionRLTrainer:
         self.image_samples_hook = image_samples_hook
         self.resume_path = resolve_resume_path(config.resume_from) if config.resume_from else None
 
+        project_kwargs = dict(config.project_kwargs)
+        project_dir = project_kwargs.pop("project_dir", None)  # TRL's way of naming the run directory
+        for key in ("automatic_checkpoint_naming", "total_limit"):  # TRL's checkpoint naming and limit: the trainer applies them
+            project_kwargs.pop(key, None)
         run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y.%m.%d_%H.%M.%S')}"
         run_dir = os.path.join(config.logdir, run_name)
+        if project_dir:
+            run_dir = os.fspath(project_dir)
+            run_name = config.run_name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
         if self.resume_path is not None and not config.run_name:
             # continue in the run directory the checkpoint belongs to (<run>/checkpoints/checkpoint_N)
             parent = os.path.dirname(self.resume_path)
@@ -150,7 +164,7 @@ class DiffusionRLTrainer:
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
-            project_config=ProjectConfiguration(project_dir=self.run_dir, **config.project_kwargs),
+            project_config=ProjectConfiguration(project_dir=self.run_dir, **project_kwargs),
             gradient_accumulation_steps=self.accumulation_steps,
             **accelerator_kwargs,
         )
@@ -193,6 +207,8 @@ class DiffusionRLTrainer:
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
 
         self.prompt_source = PromptSource(prompt_function if prompt_function is not None else config.prompt_set, seed=config.seed)
+        if self.needs_reward_gradient:
+            self.probe_reward_gradient()
         self.last_metrics: dict[str, float] = {}
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config.to_public_dict()),
@@ -232,6 +248,33 @@ class DiffusionRLTrainer:
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`checkpoint_state` saved."""
+
+    def probe_reward_gradient(self) -> None:
+        """Fail at start-up, not after the first sampling epoch, if the reward cannot be differentiated w.r.t. the images.
+
+        A reward declaring ``differentiable = False`` is refused; otherwise it is called once on one random image of the
+        pipeline's output size with a prompt of the prompt source, and its gradient w.r.t. the image must exist and be finite.
+        """
+        name = getattr(self.reward_fn, "name", None) or getattr(self.reward_fn, "__name__", None) or type(self.reward_fn).__name__
+        me = type(self).__name__
+        if getattr(self.reward_fn, "differentiable", True) is False:
+            raise ValueError(f"reward_function: {name} is not differentiable (differentiable=False), but {me} back-propagates the reward "
+                             "into the images; use DDPOTrainer for non-differentiable rewards")
+        _, h, w = self.pipeline.latent_shape
+        scale = 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+        generator = torch.Generator().manual_seed(sample_seed(self.config.seed, 997))
+        images = torch.rand(1, 3, h * scale, w * scale, generator=generator).to(self.accelerator.device).requires_grad_(True)
+        prompts, metadata = self.prompt_source([0], 0)
+        try:
+            with torch.enable_grad():
+                rewards, _ = self.compute_rewards(images, prompts, metadata, need_grad=True)
+                (grad,) = torch.autograd.grad(rewards.sum(), images, allow_unused=True)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ValueError(f"reward_function: {me} differentiates the reward w.r.t. the images, and a probe call at start-up "
+                             f"(one random {h * scale}x{w * scale} image, prompt {prompts[0]!r}) failed: {err}") from err
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"reward_function: {name}'s rewards have {'no' if grad is None else 'a non-finite'} gradient w.r.t. the images "
+                             f"(probe at start-up, prompt {prompts[0]!r}); {me} needs a differentiable reward. Use DDPOTrainer otherwise.")
 
     # ------------------------------------------------------------------ building blocks
     def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -300,22 +343,25 @@ class DiffusionRLTrainer:
             crash_point("sample")
             parts.append(traj)
             pending.append(self.start_scoring(traj))
-        for traj, rewards in zip(parts, pending):
-            traj.rewards = rewards()
+        #: per sampling batch ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (TRL DDPO's hook data)
+        self.sampled_batches = []
+        for traj, scored in zip(parts, pending):
+            traj.rewards, reward_metadata = scored()
+            self.sampled_batches.append([traj.images, list(traj.prompts), list(traj.prompt_metadata), traj.rewards, reward_metadata])
         return Trajectories.concatenate(parts)
 
-    def start_scoring(self, traj: Trajectories) -> Callable[[], torch.Tensor]:
-        """Begin scoring a sampled batch; returns a function that gives its rewards.
+    def start_scoring(self, traj: Trajectories) -> Callable[[], tuple[torch.Tensor, dict]]:
+        """Begin scoring a sampled batch; returns a function that gives its ``(rewards, reward_metadata)``.
 
         Scores at once here; DDPO's ``async_reward_computation`` overrides it to overlap scoring with sampling.
         """
-        rewards = self.score_no_grad(traj.images, traj.prompts, traj.prompt_metadata)
-        return lambda: rewards
+        scored = self.score_no_grad(traj.images, traj.prompts, traj.prompt_metadata)
+        return lambda: scored
 
-    def score_no_grad(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
-        """Rewards without gradient (grad mode is thread-local, so it is set here, also in worker threads)."""
+    def score_no_grad(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> tuple[torch.Tensor, dict]:
+        """``(rewards, reward_metadata)`` without gradient (grad mode is thread-local, so it is set here, also in worker threads)."""
         with torch.no_grad():
-            return self.compute_rewards(images, prompts, metadata, need_grad=False)[0]
+            return self.compute_rewards(images, prompts, metadata, need_grad=False)
 
     def batch_sample_ids(self, batch_index: int, batch_size: int) -> list[int]:
         """Global sample ids of this process's ``batch_index``-th batch of ``batch_size`` (same set for any process count)."""
@@ -431,8 +477,13 @@ class DiffusionRLTrainer:
 
                 tracker.log({"samples": [wandb.Image(img, caption=cap) for img, cap in zip(images, captions)]}, step=global_step)
         if self.image_samples_hook is not None:
-            data = [[samples.images[:n], samples.prompts[:n], samples.prompt_metadata[:n], samples.rewards[:n]]]
-            self.image_samples_hook(data, global_step, self.accelerator.trackers[0] if self.accelerator.trackers else None)
+            self.image_samples_hook(self.image_hook_data(samples), global_step, self.accelerator.trackers[0] if self.accelerator.trackers else None)
+
+    def image_hook_data(self, samples: Trajectories) -> Any:
+        """What ``image_samples_hook`` receives: as TRL's DDPOTrainer passed it, one
+        ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` per sampling batch of the epoch (this process's)."""
+        return list(getattr(self, "sampled_batches", None) or [[samples.images, list(samples.prompts), list(samples.prompt_metadata),
+                                                                 samples.rewards, {}]])
 
     # ------------------------------------------------------------------ trained weights
     def extra_modules(self) -> list[tuple[str, torch.nn.Module]]:
@@ -542,7 +593,7 @@ class DiffusionRLTrainer:
             crash_point("save:manifest")
             publish(partial, final)
             crash_point("save:published")
-            prune(folder, self.config.num_checkpoint_limit)
+            prune(folder, self.config.checkpoint_limit)
         acc.wait_for_everyone()
         return final
 
@@ -606,6 +657,10 @@ class DiffusionRLTrainer:
                 f.write(self.create_model_card(repo_id=self.config.hub_model_id or os.path.basename(os.path.abspath(output_dir))))
         self.accelerator.wait_for_everyone()
         return output_dir
+
+    def save_model(self, output_dir: str | None = None) -> str:
+        """TRL's name for :meth:`save_pretrained` (its example scripts end with ``trainer.save_model(output_dir)``)."""
+        return self.save_pretrained(output_dir)
 
     def model_card_extra_usage(self) -> str:
         return ""
@@ -691,6 +746,24 @@ class TransitionTrainer(DiffusionRLTrainer):
                         info = defaultdict(list)
                         loss_sum = torch.zeros((), device=acc.device)
         return global_step
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return isinstance(obj, DiffusionPipelineForRL) or (hasattr(obj, "unet") and hasattr(obj, "vae"))
+
+
+def _pipeline_and_prompts(pipeline: Any, prompt_function: Any, sd_pipeline: Any) -> tuple[Any, Any]:
+    """``(pipeline, prompt_function)`` from the native order, TRL's order ``(..., prompt_function, sd_pipeline)`` or ``sd_pipeline=``."""
+    if sd_pipeline is not None:
+        if pipeline is not None and prompt_function is not None:
+            raise TypeError("got a pipeline twice: pass either pipeline or sd_pipeline (TRL's name)")
+        prompt_function = prompt_function if prompt_function is not None else pipeline
+        return sd_pipeline, prompt_function
+    if pipeline is not None and not _is_pipeline(pipeline) and _is_pipeline(prompt_function):
+        return prompt_function, pipeline  # TRL's order: (config, reward_function, prompt_function, sd_pipeline, ...)
+    if pipeline is None:
+        raise TypeError("missing the pipeline: a DiffusionPipelineForRL or a diffusers Stable Diffusion pipeline")
+    return pipeline, prompt_function
 
 
 def _has_accelerator_device() -> bool:

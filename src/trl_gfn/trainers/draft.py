@@ -55,8 +55,8 @@ class DRaFTTrainer(RewardBackpropTrainer):
                    "gradient_checkpointing"]
     log_keys = ("backprop_steps",)
 
-    def __init__(self, config: DRaFTConfig, reward_function, pipeline, prompt_function=None, image_samples_hook=None):
-        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
+    def __init__(self, config: DRaFTConfig, reward_function, pipeline=None, prompt_function=None, image_samples_hook=None, **kwargs):
+        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook, **kwargs)
         if type(self) is DRaFTTrainer:
             c = self.config
             if c.truncated_backprop_rand:
