@@ -42,7 +42,7 @@ from .checkpoints import (
     resolve_resume_path,
     write_manifest,
 )
-from .hub import public_model_name, render_model_card, upload_files
+from .publishing import PublishingMixin
 
 logger = get_logger(__name__)
 
@@ -82,7 +82,7 @@ class _Dispatch:
         return self.model(self.name, *args, **kwargs)
 
 
-class DiffusionRLTrainer:
+class DiffusionRLTrainer(PublishingMixin):
     """Base class of the trl-gfn trainers (see the module docstring for what a method overrides).
 
     Args:
@@ -134,6 +134,8 @@ class DiffusionRLTrainer:
         self.config = config
         self.pipeline = pipeline
         self.image_samples_hook = image_samples_hook
+        #: the first distinct prompts trained on (:meth:`note_prompts`), shown in the model card
+        self.card_prompts: list[str] = []
         self.resume_path = resolve_resume_path(config.resume_from) if config.resume_from else None
 
         project_kwargs = dict(config.project_kwargs)
@@ -377,6 +379,7 @@ class DiffusionRLTrainer:
         c, acc = self.config, self.accelerator
         ids = self.batch_sample_ids(batch_index, c.sample_batch_size)
         prompts, metadata = self.prompt_source(ids, epoch)
+        self.note_prompts(prompts)
         traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
                                     prompt_metadata=metadata, generators=self.sample_generators(epoch, ids))
         traj.sample_ids = torch.tensor(ids, device=acc.device)
@@ -639,54 +642,6 @@ class DiffusionRLTrainer:
                     raise CheckpointError(f"{os.path.join(path, 'optimizer.bin')}: non-finite optimizer state ({key}); refusing to resume")
         self.state.load_state_dict(manifest)
         self.load_checkpoint_state(manifest["state"])
-
-    # ------------------------------------------------------------------ final save, model card, Hub
-    def final_files(self) -> list[str]:
-        """The files :meth:`save_pretrained` writes and :meth:`push_to_hub` uploads (nothing else in the folder is uploaded)."""
-        return ["README.md", "training_config.json", *self.output_files()]
-
-    def save_pretrained(self, output_dir: str | None = None) -> str:
-        """Write the final LoRA (diffusers format), extra modules, the public config and a model card (main process)."""
-        output_dir = output_dir or self.output_dir
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.save_trained_weights(output_dir)
-            with open(os.path.join(output_dir, "training_config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config.to_public_dict(), f, indent=2, default=str)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
-                f.write(self.create_model_card(repo_id=self.config.hub_model_id or os.path.basename(os.path.abspath(output_dir))))
-        self.accelerator.wait_for_everyone()
-        return output_dir
-
-    def save_model(self, output_dir: str | None = None) -> str:
-        """TRL's name for :meth:`save_pretrained` (its example scripts end with ``trainer.save_model(output_dir)``)."""
-        return self.save_pretrained(output_dir)
-
-    def model_card_extra_usage(self) -> str:
-        return ""
-
-    def create_model_card(self, repo_id: str = "<repo_id>") -> str:
-        """The model card text: method and paper, base model, reward, key config values, final metrics, loading code."""
-        reward = getattr(self.reward_fn, "name", None) or type(self.reward_fn).__name__
-        if reward == "function":
-            reward = getattr(self.reward_fn, "__name__", "custom reward")
-        metrics = {k: v for k, v in self.last_metrics.items() if not k.startswith("lr/")}
-        return render_model_card(repo_id=repo_id, base_model=public_model_name(self.pipeline.name_or_path), method=self.method_name,
-                                 paper=self.paper, citation=self.citation, reward=reward, config=self.config.to_public_dict(),
-                                 key_fields=self.card_fields, metrics=metrics, extra_usage=self.model_card_extra_usage())
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload trl-gfn LoRA") -> Any:
-        """Save the final weights and model card and upload exactly :meth:`final_files` to ``repo_id``."""
-        if not repo_id:
-            raise ValueError("push_to_hub: repo_id must be a non-empty Hub repository id such as 'me/my-lora'")
-        folder = self.output_dir
-        self.save_pretrained(folder)
-        if self.accelerator.is_main_process:
-            with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-                f.write(self.create_model_card(repo_id=repo_id))
-            return upload_files(folder, self.final_files(), repo_id, private=private, token=token, commit_message=commit_message)
-        return None
 
 
 class TransitionTrainer(DiffusionRLTrainer):

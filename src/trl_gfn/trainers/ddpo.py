@@ -100,6 +100,7 @@ class DDPOTrainer(TransitionTrainer):
 
     config_class = DDPOConfig
     method_name = "DDPO"
+    method_tag = "ddpo"
     paper = "Black et al., *Training Diffusion Models with Reinforcement Learning*, ICLR 2024, arXiv:2305.13301"
     citation = CITATION
     needs_reward_gradient = False

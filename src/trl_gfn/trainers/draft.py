@@ -49,6 +49,7 @@ class DRaFTTrainer(RewardBackpropTrainer):
 
     config_class = DRaFTConfig
     method_name = "DRaFT"
+    method_tag = "draft"
     paper = "Clark et al., *Directly Fine-Tuning Diffusion Models on Differentiable Rewards*, ICLR 2024, arXiv:2309.17400"
     citation = DRAFT_CITATION
     card_fields = [*RewardBackpropTrainer.card_fields, "draft_k", "draft_lv_copies", "truncated_backprop_rand", "truncated_rand_backprop_minmax",
@@ -113,6 +114,7 @@ class AlignPropTrainer(DRaFTTrainer):
 
     config_class = AlignPropConfig
     method_name = "AlignProp"
+    method_tag = "alignprop"
     paper = "Prabhudesai et al., *Aligning Text-to-Image Diffusion Models with Reward Backpropagation*, arXiv:2310.03739"
     citation = ALIGNPROP_CITATION
     card_fields = [*RewardBackpropTrainer.card_fields, "truncated_backprop_rand", "truncated_backprop_timestep", "truncated_rand_backprop_minmax",

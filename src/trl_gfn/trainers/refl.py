@@ -39,6 +39,7 @@ class ReFLTrainer(RewardBackpropTrainer):
 
     config_class = ReFLConfig
     method_name = "ReFL"
+    method_tag = "refl"
     paper = "Xu et al., *ImageReward: Learning and Evaluating Human Preferences for Text-to-Image Generation*, NeurIPS 2023, arXiv:2304.05977"
     citation = CITATION
     card_fields = [*RewardBackpropTrainer.card_fields, "refl_timestep_range"]

@@ -106,6 +106,7 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
         for m in bar:
             ids = self.batch_sample_ids(m, c.train_batch_size)
             prompts, metadata = self.prompt_source(ids, epoch)
+            self.note_prompts(prompts)
             with self.accumulate():
                 out = self.generate_with_grad(list(prompts), list(metadata), ids, epoch)
                 # a randomised truncation may draw t = K (TRL's default range reaches it): that micro-batch has no gradient
