@@ -231,3 +231,12 @@ def test_two_trainers_in_one_process_keep_their_own_gradient_scale(tmp_path):
         assert len(alone) == len(together) == 1  # one update per epoch for both
         for a, b in zip(alone[0], together[0], strict=True):
             assert torch.equal(a, b)
+
+
+def test_a_launch_that_asked_for_several_processes_but_started_one_warns(tmp_path, monkeypatch):
+    """`accelerate launch --num_processes 2 script.py` without --multi_gpu: accelerate starts one process (MASTER_ADDR, no WORLD_SIZE)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match=r"--num_processes > 1 but started ONE process.*--multi_gpu"):
+        trainer_with(tmp_path, BrightnessReward())

@@ -156,6 +156,7 @@ class DiffusionRLTrainer(PublishingMixin):
         self.run_dir = run_dir
         self.output_dir = config.output_dir or os.path.join(self.run_dir, "final")
 
+        _warn_if_launched_as_one_process()
         accelerator_kwargs = dict(config.accelerator_kwargs)
         if "cpu" not in accelerator_kwargs and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device():
             # launched with several processes on a machine without GPUs (e.g. `accelerate launch --multi_gpu` on CPU):
@@ -719,6 +720,19 @@ def _pipeline_and_prompts(pipeline: Any, prompt_function: Any, sd_pipeline: Any)
     if pipeline is None:
         raise TypeError("missing the pipeline: a DiffusionPipelineForRL or a diffusers Stable Diffusion pipeline")
     return pipeline, prompt_function
+
+
+def _warn_if_launched_as_one_process() -> None:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` (or a distributed config file) starts a single process.
+
+    accelerate's single-process launcher still exports ``MASTER_ADDR`` when it was given more than one process, but no
+    ``WORLD_SIZE``: that combination means the requested processes were not started.
+    """
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env and env.get("MASTER_ADDR") and "WORLD_SIZE" not in env:
+        warnings.warn("accelerate launch was given --num_processes > 1 but started ONE process: the process count is used only with "
+                      "--multi_gpu (which also starts several CPU processes on a machine without GPUs), --use_deepspeed, --use_fsdp or "
+                      "a config file with a distributed_type. Training continues in one process.", UserWarning, stacklevel=3)
 
 
 def _has_accelerator_device() -> bool:
