@@ -136,6 +136,8 @@ class DiffusionRLTrainer(PublishingMixin):
         self.image_samples_hook = image_samples_hook
         #: the first distinct prompts trained on (:meth:`note_prompts`), shown in the model card
         self.card_prompts: list[str] = []
+        #: per sampling batch of the last epoch: ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (TRL DDPO's hook data)
+        self.sampled_batches: list[list[Any]] = []
         self.resume_path = resolve_resume_path(config.resume_from) if config.resume_from else None
 
         project_kwargs = dict(config.project_kwargs)
@@ -346,7 +348,6 @@ class DiffusionRLTrainer(PublishingMixin):
             crash_point("sample")
             parts.append(traj)
             pending.append(self.start_scoring(traj))
-        #: per sampling batch ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (TRL DDPO's hook data)
         self.sampled_batches = []
         for traj, scored in zip(parts, pending):
             traj.rewards, reward_metadata = scored()
@@ -486,8 +487,7 @@ class DiffusionRLTrainer(PublishingMixin):
     def image_hook_data(self, samples: Trajectories) -> Any:
         """What ``image_samples_hook`` receives: as TRL's DDPOTrainer passed it, one
         ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` per sampling batch of the epoch (this process's)."""
-        return list(getattr(self, "sampled_batches", None) or [[samples.images, list(samples.prompts), list(samples.prompt_metadata),
-                                                                 samples.rewards, {}]])
+        return list(self.sampled_batches)
 
     # ------------------------------------------------------------------ trained weights
     def extra_modules(self) -> list[tuple[str, torch.nn.Module]]:

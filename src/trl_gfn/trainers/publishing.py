@@ -33,7 +33,7 @@ class PublishingMixin:
             with open(os.path.join(output_dir, "training_config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config.to_public_dict(), f, indent=2, default=str)
             with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
-                f.write(self.create_model_card(repo_id=self.config.hub_model_id or os.path.basename(os.path.abspath(output_dir))))
+                f.write(self.create_model_card(repo_id=self.config.hub_model_id or "<this folder, or its Hub repo id>"))
         self.accelerator.wait_for_everyone()
         return output_dir
 
@@ -42,6 +42,7 @@ class PublishingMixin:
         return self.save_pretrained(output_dir)
 
     def model_card_extra_usage(self) -> str:
+        """Extra text under the card's usage example (Nabla-GFlowNet: where its flow head is)."""
         return ""
 
     def note_prompts(self, prompts: Sequence[str]) -> None:
