@@ -29,6 +29,8 @@ MANIFEST = "trl_gfn_checkpoint.json"
 FORMAT = "trl-gfn-checkpoint"
 VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+#: manifest key holding the SHA-256 of the rest of the manifest (canonical JSON)
+SELF_DIGEST = "manifest_sha256"
 #: fault injection for the crash tests: ``TRL_GFN_CRASH_AT=<point>[@<n>]`` kills the process the n-th time it reaches <point>
 CRASH_ENV = "TRL_GFN_CRASH_AT"
 
@@ -86,6 +88,7 @@ def write_manifest(directory: str, info: dict[str, Any]) -> None:
         _fsync(path)
         files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
     manifest = {"format": FORMAT, "version": VERSION, **info, "files": files}
+    manifest[SELF_DIGEST] = _content_digest(manifest)  # the manifest's own content: a flipped byte in it is caught too
     tmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, allow_nan=False)
@@ -148,6 +151,10 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{file}: not a trl-gfn checkpoint manifest (expected format {FORMAT!r})")
     if manifest.get("version") != VERSION:
         raise CheckpointError(f"{file}: checkpoint format version {manifest.get('version')!r}; this trl-gfn reads version {VERSION}")
+    if SELF_DIGEST in manifest:  # (manifests written before the digest was added have none)
+        recorded = manifest.pop(SELF_DIGEST)
+        if recorded != _content_digest(manifest):
+            raise CheckpointError(f"{file}: altered or corrupt: its content does not match the digest it was written with")
     expected = {"trainer": str, "epoch": int, "global_step": int, "num_processes": int, "modules": list, "state": dict, "config": dict,
                 "files": dict}
     for key, kind in expected.items():
@@ -220,6 +227,10 @@ def resolve_resume_path(resume_from: str | os.PathLike) -> str:
             return checkpoint
         if skipped:
             raise CheckpointError(f"resume_from: no complete checkpoint in {candidate}: " + "; ".join(skipped))
+    if os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
+        raise FileNotFoundError(f"resume_from: {os.fspath(resume_from)!r} holds trained weights (a saved model such as <run>/final), not "
+                                "checkpoints. To start a new run from these weights set init_from to it; resume_from continues an "
+                                "interrupted run from <run>/checkpoints/checkpoint_N")
     raise FileNotFoundError(f"resume_from: no checkpoint_N directory in {os.fspath(resume_from)!r} or its checkpoints/ folder")
 
 
@@ -246,6 +257,10 @@ def _list_files(directory: str) -> list[str]:
 
 def _safe_relpath(rel: Any) -> bool:
     return isinstance(rel, str) and bool(rel) and not os.path.isabs(rel) and ".." not in rel.replace("\\", "/").split("/")
+
+
+def _content_digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
 def _sha256(path: str) -> str:
