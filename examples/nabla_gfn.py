@@ -6,7 +6,8 @@
 
 Without flags it trains on the bundled digits model with the classifier reward r = log p(digit in {0, 8}) (about
 a fifth of the base model's samples are zeros or eights, so there is something to learn), with the settings of
-examples/configs/nabla_gfn_digits.yaml (10 epochs of 32 samples x 20 steps); any flag or `--config` overrides them.
+examples/configs/nabla_gfn_digits.yaml (50 epochs of 32 samples x 10 steps, 200 updates: the shipped default for this
+model, docs/benchmark.md); any flag or `--config` overrides them.
 Every `NablaGFlowNetConfig` field is a flag (`--help` lists them) and can come from a YAML file given with
 `--config`. `--reward aesthetic|hpsv2|hpsv2.1|imagereward|pickscore` converts the reward's official checkpoint on
 first use and fills `reward_scale`, `unet_reg_scale` and `flow_condition_on_prompt` from its preset (DESIGN §2)

@@ -98,7 +98,7 @@ def test_examples_without_flags_are_cpu_sized_on_the_bundled_model():
     assert applied == expected and args.reward == "digits" and args.target_digits == [0, 8]
     for key in ("num_epochs", "sample_num_steps", "sample_batch_size", "train_batch_size", "reward_scale", "flow_block_out_channels"):
         assert getattr(config, key) == expected[key], key
-    assert config.num_epochs * config.sample_num_steps <= 200  # versus 100 x 50 with the config's SD defaults
+    assert config.num_epochs * config.sample_num_steps <= 500  # versus 100 x 50 with the config's SD defaults
     assert parse(NablaGFlowNetConfig, ["--num_epochs", "2"], digits_yaml)[1].num_epochs == 2
     args, config, applied = parse(DDPOConfig, [])
     assert applied == BUNDLED_MODEL_DEFAULTS and config.num_epochs == 10 and args.target_digits == [0, 8]
