@@ -102,7 +102,7 @@ def pinned_to_stand_in(stand_ins, monkeypatch):
     _, head_file = stand_ins
     spec = OFFICIAL_REWARDS["aesthetic"]
     (real,) = spec.files["head"]
-    fake = dataclasses.replace(real, sha256=official._sha256(head_file), size=os.path.getsize(head_file))
+    fake = dataclasses.replace(real, sha256=official.sha256_of_file(head_file), size=os.path.getsize(head_file))
     monkeypatch.setitem(OFFICIAL_REWARDS, "aesthetic", dataclasses.replace(spec, files={**spec.files, "head": (fake,)}))
     return fake
 

@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..weights_io import sha256_of_file
 from .base import RewardModel
 
 #: bump when a converter changes what it writes: converted folders of older versions are not reused
@@ -253,16 +254,9 @@ def _check_pinned(spec: OfficialFile, path: str, shown: str | None = None) -> No
     if spec.size is not None and os.path.getsize(path) != spec.size:
         raise OfficialCheckpointError(f"{shown or path}: {os.path.getsize(path)} bytes, the official {spec.filename} has {spec.size} "
                                       "(truncated or another file)")
-    if spec.sha256 is not None and _sha256(path) != spec.sha256:
+    if spec.sha256 is not None and sha256_of_file(path) != spec.sha256:
         raise OfficialCheckpointError(f"{shown or path}: its SHA-256 differs from the official {spec.filename}'s ({spec.sha256})")
 
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- converting and caching

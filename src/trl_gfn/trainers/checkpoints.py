@@ -25,6 +25,8 @@ import warnings
 from collections import Counter
 from typing import Any
 
+from ..weights_io import sha256_of_file
+
 MANIFEST = "trl_gfn_checkpoint.json"
 FORMAT = "trl-gfn-checkpoint"
 VERSION = 1
@@ -86,7 +88,7 @@ def write_manifest(directory: str, info: dict[str, Any]) -> None:
     for rel in _list_files(directory):
         path = os.path.join(directory, rel)
         _fsync(path)
-        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+        files[rel] = {"size": os.path.getsize(path), "sha256": sha256_of_file(path)}
     manifest = {"format": FORMAT, "version": VERSION, **info, "files": files}
     manifest[SELF_DIGEST] = _content_digest(manifest)  # the manifest's own content: a flipped byte in it is caught too
     tmp = os.path.join(directory, MANIFEST + ".tmp")
@@ -184,7 +186,7 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
         size = os.path.getsize(file)
         if size != entry["size"]:
             raise CheckpointError(f"{file}: truncated or altered: {size} bytes, the checkpoint manifest records {entry['size']}")
-        if _sha256(file) != entry["sha256"]:
+        if sha256_of_file(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: corrupt: its SHA-256 differs from the one recorded in the checkpoint manifest")
     extra = sorted(set(_list_files(path)) - set(manifest["files"]) - {MANIFEST})
     if extra:
@@ -262,13 +264,6 @@ def _safe_relpath(rel: Any) -> bool:
 def _content_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: str) -> None:
