@@ -142,3 +142,16 @@ def test_shipped_digits_yaml_is_the_benchmarks_nabla_gfn():
     differ = {k: (v, getattr(bench, k)) for k, v in shipped.to_dict().items() if k not in skip and v != getattr(bench, k)}
     assert not differ, differ
     assert yaml.safe_load(digits_yaml.read_text())["num_epochs"] * 4 == 200  # 4 updates per epoch
+
+
+def test_target_feasibility_script(tmp_path):
+    """The exact-sampler figures: the tilted target concentrates on S, is less diverse than the base model and far
+    from it in FD (the reason the benchmark judges samplers against the target, not the base model)."""
+    feas = _load(ROOT / "benchmarks" / "digits_target_feasibility.py", "digits_target_feasibility")
+    torch.set_num_threads(1)
+    rows = feas.main(["--samples", "192", "--eval_size", "32", "--targets", "0,8;1", "--betas", "30", "--out", str(tmp_path)])
+    assert [(r["target"], r["beta"]) for r in rows] == [([0, 8], 30.0), ([1], 30.0)]
+    for r in rows:
+        assert r["mass_on_S"] > 0.9 and 0 < r["ess"] <= 192
+        assert r["diversity_vs_base"] < 0.95 and r["fd_to_base_population"] > 20
+    assert (tmp_path / "feasibility.md").read_text().count("| {") == 2
