@@ -75,6 +75,12 @@ def test_table_plot_grid(tiny_run, tmp_path):
     runs = [strip_images(run), dict(strip_images(run), seed=1)]
     table = markdown_table(runs, reference)
     assert "| nabla_gfn | 2 |" in table and "base model" in table and "ESS" in table
+    # last column: TV averaged over the last evaluations (here the single trained one), per seed then over seeds
+    fake = [dict(strip_images(run), seed=s, epochs=[dict(run["epochs"][0], tv=tv) for tv in tvs])
+            for s, tvs in ((0, [0.8, 0.5, 0.1, 0.3]), (1, [0.8, 0.6, 0.2, 0.1]))]
+    row = next(line for line in markdown_table(fake).splitlines() if line.startswith("| nabla_gfn"))
+    assert "| 0.200 ± 0.141 |" in row  # final TV (0.3, 0.1)
+    assert row.endswith("| 0.300 ± 0.000 |")  # mean of the (here 3) trained evaluations per seed: 0.3 and 0.3
     plot_curves(runs, str(tmp_path / "curves.png"))
     save_grid([run["images_before"], run["images_after"]], str(tmp_path / "grid.png"))
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0
