@@ -52,7 +52,8 @@ class DiffusionRLConfig:
     resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward pass: less memory, about a third more compute."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Checkpoint every UNet call made with gradient as a whole (non-reentrant `torch.utils.checkpoint`, as TRL's AlignProp did): the call keeps only its inputs and the backward pass recomputes it. Same gradients; one more UNet forward per differentiated call (docs/memory.md)."})
+    vae_gradient_checkpointing: bool = field(default=False, metadata={"help": "Checkpoint the VAE decoder block by block when the reward is differentiated through it: same gradients, less memory, one more decoder forward per reward gradient (docs/memory.md)."})
 
     # --- sampling ------------------------------------------------------------------------------------
     sampler: Literal["ddpm", "dpm_solver_sde"] = field(default="ddpm", metadata={"help": "Stochastic sampler: `ddpm` (DDIM with eta=sample_eta) or `dpm_solver_sde` (first-order SDE-DPM-Solver++)."})

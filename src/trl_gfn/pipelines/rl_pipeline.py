@@ -150,10 +150,13 @@ class DiffusionPipelineForRL:
             p.data = p.data.float()
 
     def ensure_lora(self, rank: int, alpha: int | None, target_modules: Sequence[str]) -> None:
-        """Add the LoRA adapter the config asks for, or check that the existing one matches it."""
+        """Add the LoRA adapter the config asks for, or check that the existing one matches it and make it trainable
+        (wrapping a pipeline freezes all of its UNet, an existing adapter included)."""
         if not self.has_lora:
             self.add_lora(rank, alpha, target_modules)
             return
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
         cfg = self._lora_config
         if cfg is not None:
             if cfg.r != rank:

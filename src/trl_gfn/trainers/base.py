@@ -49,7 +49,8 @@ logger = get_logger(__name__)
 #: config fields that do not shape what a checkpoint holds: left out of the differences listed when one does not fit
 RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "num_epochs", "save_freq", "num_checkpoint_limit",
                    "log_with", "tracker_kwargs", "tracker_project_name", "accelerator_kwargs", "project_kwargs", "log_image_freq",
-                   "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing"}
+                   "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing",
+                   "vae_gradient_checkpointing"}
 
 
 def sample_seed(*parts: int) -> int:
@@ -60,25 +61,42 @@ def sample_seed(*parts: int) -> int:
 class TrainableModules(torch.nn.Module):
     """Every module the optimizer updates, behind one ``forward`` so that a single accelerate wrapper
     (DDP, DeepSpeed) synchronises all of their gradients. ``model("unet", *args)`` calls the UNet,
-    ``model("flow_head", *args)`` another module by name."""
+    ``model("flow_head", *args)`` another module by name.
+
+    Modules named in :attr:`checkpointed` are called through non-reentrant ``torch.utils.checkpoint`` whenever
+    grad mode is on: the call keeps only its inputs, and the backward pass recomputes the whole call (TRL's
+    AlignProp checkpointed the whole UNet call the same way). The checkpoint sits *inside* this module, so under
+    DDP the recomputation runs the plain sub-module, never the DDP wrapper's forward (which would re-arm gradient
+    synchronisation in the middle of a backward pass).
+    """
 
     def __init__(self, unet: torch.nn.Module, **extra: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
         for name, module in extra.items():
             self.add_module(name, module)
+        #: names of the sub-modules whose calls with gradient are checkpointed as a whole
+        self.checkpointed: frozenset[str] = frozenset()
 
-    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, name)(*args, **kwargs)
+    def forward(self, name: str, *args: Any, checkpoint: bool | None = None, **kwargs: Any) -> Any:
+        """Call sub-module ``name``; ``checkpoint`` overrides :attr:`checkpointed` for this call (None: follow it)."""
+        module = getattr(self, name)
+        if checkpoint is None:
+            checkpoint = name in self.checkpointed
+        if checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
+        return module(*args, **kwargs)
 
 
 class _Dispatch:
     """Calls a named sub-module through the (possibly wrapped) :class:`TrainableModules`."""
 
-    def __init__(self, model: torch.nn.Module, name: str) -> None:
-        self.model, self.name = model, name
+    def __init__(self, model: torch.nn.Module, name: str, checkpoint: bool | None = None) -> None:
+        self.model, self.name, self.checkpoint = model, name, checkpoint
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.checkpoint is not None:
+            kwargs["checkpoint"] = self.checkpoint
         return self.model(self.name, *args, **kwargs)
 
 
@@ -164,8 +182,11 @@ class DiffusionRLTrainer:
         pipeline.to(device)
         pipeline.ensure_lora(config.lora_rank, config.lora_alpha, config.lora_target_modules)
         pipeline.set_precision(config.mixed_precision)
-        if config.gradient_checkpointing:
-            pipeline.enable_gradient_checkpointing()
+        # the VAE decoder's checkpointing follows the config both ways (the UNet's is set on self.modules below)
+        if config.vae_gradient_checkpointing:
+            pipeline.vae.enable_gradient_checkpointing()
+        else:
+            pipeline.vae.disable_gradient_checkpointing()
         self.schedule = pipeline.make_schedule(config.sampler, config.sample_num_steps, config.sample_eta)
 
         if isinstance(reward_function, torch.nn.Module):
@@ -175,6 +196,8 @@ class DiffusionRLTrainer:
         self.reward_fn = reward_function
 
         self.modules = TrainableModules(pipeline.unet, **self.build_modules())
+        if config.gradient_checkpointing:
+            self.modules.checkpointed = frozenset({"unet"})
         self.modules.to(device)
         optimizer = self.build_optimizer(self.param_groups())
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -255,6 +278,12 @@ class DiffusionRLTrainer:
     def wrapped(self, name: str) -> _Dispatch:
         """Call sub-module ``name`` through the prepared model (use it wherever parameter gradients are needed)."""
         return _Dispatch(self.model, name)
+
+    def local(self, name: str, checkpoint: bool | None = None) -> _Dispatch:
+        """Call sub-module ``name`` through the unwrapped :class:`TrainableModules`, without gradient synchronisation (for
+        input-gradient and reference passes, which update no parameter); checkpointed as :meth:`wrapped`'s calls are, or
+        always (``checkpoint=True``) / never (``False``)."""
+        return _Dispatch(self.modules, name, checkpoint)
 
     @contextlib.contextmanager
     def accumulate(self):

@@ -146,6 +146,12 @@ class NablaGFlowNetTrainer(TransitionTrainer):
     def _gamma(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         return alpha_bar if self.config.reward_gradient_scaling == "squared" else alpha_bar.sqrt()
 
+    def _input_gradient_unet(self):
+        """The UNet call of a pass that only yields an input gradient pulled back from ∇r (the guess): checkpointed with
+        ``checkpoint_reward_guess`` (its activations are not alive while the VAE decoder and the reward are differentiated;
+        the VJP recomputes them), else as ``gradient_checkpointing`` says."""
+        return self.local("unet", checkpoint=True if self.config.checkpoint_reward_guess else None)
+
     def _guess_model(self):
         """Context in which the UNet is the model whose x̂_0 the flow-gradient guess uses (``flow_guess_model``)."""
         return self.pipeline.reference_mode() if self.config.flow_guess_model == "reference" else contextlib.nullcontext()
@@ -187,7 +193,7 @@ class NablaGFlowNetTrainer(TransitionTrainer):
             else:
                 xi = xi.requires_grad_(True)
                 with torch.enable_grad(), self._guess_model():
-                    x0 = predict_x0(xi, guided(self.pipeline.unet, xi, ti, emb, neg), ai)
+                    x0 = predict_x0(xi, guided(self._input_gradient_unet(), xi, ti, emb, neg), ai)
                     g0, _ = self.reward_gradient(x0, sub_prompts, sub_meta)  # ∇_{x̂0} r on its own graph (VAE + reward freed)
                     (grad[inner],) = torch.autograd.grad((x0 * g0).sum(), xi)
         return c.reward_scale * self._gamma(a) * grad
@@ -252,6 +258,8 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         use_reverse = use_flow and c.reverse_loss_scale > 0 and bool(rev.any())
         zero = x.new_zeros(())
         emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
+        # the model whose x̂_0(x_k) the reverse term's guess at x_k differentiates the reward at (None: no such guess)
+        guess_at_x = c.flow_guess_model if use_reverse and c.reward_scale > 0 else None
 
         # 1. guessed flow gradient at x_{k-1} first: input gradient only, its graph freed before any other graph exists
         guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons)
@@ -260,19 +268,26 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         #    (s·∇_{x_k} log P_ref without its identity part, minus the guess at x_k when the reference makes it)
         xr = x.detach().requires_grad_(use_reverse)
         with self.pipeline.reference_mode(), torch.set_grad_enabled(use_reverse):
-            eps_ref = self._guided(self.pipeline.unet, xr, t, batch, None, a)
+            eps_ref = self._guided(self._input_gradient_unet() if guess_at_x == "reference" else self.local("unet"), xr, t, batch, None, a)
             v_ref = (x_next - step_mean(x, eps_ref.detach(), cx, ce)) / std**2  # = −s_ref
             ref_side = None
             if use_reverse:
                 surrogate = strength * (eps_ref * (ce * v_ref)).sum()
-                if c.flow_guess_model == "reference" and c.reward_scale > 0:
+                if guess_at_x == "reference":
                     x0 = predict_x0(xr, eps_ref, a)
                     g0, _ = self.reward_guess_at_x0(x0, rev, batch)
                     surrogate = surrogate - (g0 * x0).sum()
                 (ref_side,) = torch.autograd.grad(surrogate, xr)
         eps_ref = eps_ref.detach()
 
-        # 3. policy at x_k through the prepared model (parameter gradients synchronised across processes)
+        # 3. policy at x_k through the prepared model (parameter gradients synchronised across processes). When the policy
+        #    makes the guess at x_k, ∇r at its x̂_0(x_k) is taken first, from a forward without grad (same values), so that
+        #    the VAE and reward graphs are gone before the policy graph is built
+        g0_policy = None
+        if guess_at_x == "policy" and c.checkpoint_reward_guess and not c.gradient_checkpointing:
+            with torch.no_grad():
+                x0_policy = predict_x0(x, self._guided(self.pipeline.unet, x, t, batch, None, a), a)
+            g0_policy, _ = self.reward_guess_at_x0(x0_policy, rev, batch)
         xp = x.detach().requires_grad_(use_reverse)
         eps = self._guided(self.wrapped("unet"), xp, t, batch, None, a)
         # s_θ − s·s_ref from the noise difference (no cancellation of two large scores at small σ)
@@ -307,10 +322,11 @@ class NablaGFlowNetTrainer(TransitionTrainer):
             else:
                 rho = torch.zeros_like(x)
             surrogate = (eps * (ce * (v_theta - rho))).sum()
-            if c.flow_guess_model == "policy" and c.reward_scale > 0:
+            if guess_at_x == "policy":
                 x0 = predict_x0(xp, eps, a)
-                g0, _ = self.reward_guess_at_x0(x0, rev, batch)
-                surrogate = surrogate + (g0 * x0).sum()
+                if g0_policy is None:  # the policy graph is checkpointed, or the memory ordering is off
+                    g0_policy, _ = self.reward_guess_at_x0(x0, rev, batch)
+                surrogate = surrogate + (g0_policy * x0).sum()
             (policy_side,) = torch.autograd.grad(surrogate, xp, retain_graph=True)
             total = -cx * (residual.detach() + rho) + policy_side - ref_side
             loss_reverse = (weight[rev] * (total[rev] + g_cur) ** 2).mean()
