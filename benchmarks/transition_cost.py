@@ -19,9 +19,10 @@ transition batch (interior = step 2 of 10, last = x_1 -> x_0); for DRaFT-K / ReF
 - units: wall time of the block / wall time of one guided UNet forward without grad on the batch, the two timed
   alternately, median over ``--reps`` (robust to a shared machine's load; absolute seconds are not);
 - model calls made by the block (a CFG forward of both branches is one UNet call).
-Checkpointing settings: ``-`` none, ``U`` whole-UNet-call checkpointing (``gradient_checkpointing``), ``V`` VAE decoder
-checkpointing (``vae_gradient_checkpointing``), ``blocks`` diffusers' own block-level UNet checkpointing (what trl-gfn
-used before; TRL's AlignProp checkpointed the whole UNet call, i.e. ``U``).
+Checkpointing settings: ``-`` none (Nabla-GFlowNet's default ``memory_efficient_order=True`` ordering on), ``unordered``
+the order before that option (``memory_efficient_order=False``), ``U`` whole-UNet-call checkpointing
+(``gradient_checkpointing``), ``V`` VAE decoder checkpointing (``vae_gradient_checkpointing``), ``blocks`` diffusers' own
+block-level UNet checkpointing (what trl-gfn used before; TRL's AlignProp checkpointed the whole UNet call, i.e. ``U``).
 """
 
 from __future__ import annotations
@@ -47,17 +48,19 @@ from trl_gfn.rewards import AestheticScorer  # noqa: E402
 from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion, tiny_tokenizer  # noqa: E402
 
 K = 10
-CKPT = {"-": {}, "U": dict(gradient_checkpointing=True), "UV": dict(gradient_checkpointing=True, vae_gradient_checkpointing=True),
-        "V": dict(vae_gradient_checkpointing=True), "blocks": {}}
+_OFF = dict(gradient_checkpointing=False, vae_gradient_checkpointing=False)
+CKPT = {"-": _OFF, "U": {**_OFF, "gradient_checkpointing": True}, "V": {**_OFF, "vae_gradient_checkpointing": True},
+        "UV": dict(gradient_checkpointing=True, vae_gradient_checkpointing=True), "blocks": _OFF,
+        "unordered": dict(_OFF, memory_efficient_order=False)}
 
-# (row name, kind, config class, config overrides, step or draft depth)
+# Nabla-GFlowNet rows: (name, config overrides, step, checkpointing settings); "unordered" = the order before
+# memory_efficient_order (the guess's UNet graph alive while the VAE and reward are differentiated)
 NABLA = [
-    ("nabla interior, default (flow head, reverse)", {}, 2),
-    ("nabla last, default", {}, K - 1),
-    ("nabla interior, paper loss", dict(paper=True), 2),
-    ("nabla interior, no flow head", dict(use_flow_head=False), 2),
-    ("nabla last, no flow head", dict(use_flow_head=False), K - 1),
-    ("nabla interior, Jacobian-free", dict(jacobian_free_reward_gradient=True), 2),
+    ("nabla interior, default (flow head, reverse)", {}, 2, ("unordered", "-", "V", "U", "UV")),
+    ("nabla last, default", {}, K - 1, ("unordered", "-", "UV")),
+    ("nabla interior, paper loss", dict(paper=True), 2, ("unordered", "-", "UV")),
+    ("nabla interior, no flow head", dict(use_flow_head=False), 2, ("unordered", "-", "UV")),
+    ("nabla interior, Jacobian-free", dict(jacobian_free_reward_gradient=True), 2, ("-", "UV")),
 ]
 BACKPROP = [("draft-1", dict(draft_k=1)), ("draft-5", dict(draft_k=5)), (f"draft-all ({K})", dict(draft_k=0))]
 
@@ -68,15 +71,15 @@ def rows_for(groups: set[str]) -> list[tuple]:
         for ck in ("-", "U"):
             rows.append(("ddpo", "ddpo", "DDPOConfig", {}, 2, ck))
     if "nabla" in groups:
-        for name, opts, step in NABLA:
-            for ck in ("-", "U", "UV"):
+        for name, opts, step, settings in NABLA:
+            for ck in settings:
                 rows.append((name, "nabla", "NablaGFlowNetConfig", opts, step, ck))
     if "draft" in groups:
         for name, opts in BACKPROP:
             for ck in ("blocks", "U", "UV"):
                 rows.append((name, "backprop", "DRaFTConfig", opts, None, ck))
     if "refl" in groups:
-        for ck in ("-", "U", "UV"):
+        for ck in ("-", "UV"):
             rows.append(("refl", "backprop", "ReFLConfig", {}, None, ck))
     return rows
 
@@ -269,7 +272,8 @@ def main() -> None:
         for row in rows_for(groups):
             results.append((row, measure(args, pipe, row, tmp, samples_cache)))
             r = results[-1][1]
-            print(f"  measured {row[0]} [{row[5]}]: {r['mib']:.0f} MiB, {r['units']:.2f} units", file=sys.stderr)
+            print(f"  measured {row[0]} [{row[5]}]: {r['mib']:.0f} MiB, {r['units']:.2f} units ({time.strftime('%H:%M:%S')})",
+                  file=sys.stderr, flush=True)
     ddpo = {row[5]: r for row, r in results if row[1] == "ddpo"}
     print(f"\nbatch {args.batch}, {'tiny models' if args.quick else f'SD1.5-shaped UNet at quarter width, {args.latent}x{args.latent}x4 latents'}, "
           f"reward {args.reward}, fp32, LoRA r8, CFG 5, K = {K} steps, 1 thread. Memory: growth of peak RSS over the loaded models and samples; "

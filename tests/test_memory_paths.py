@@ -53,9 +53,9 @@ def _close(grads, ref):
 @pytest.mark.parametrize("case", list(NABLA_CASES))
 @pytest.mark.parametrize("step", [1, K - 1])
 def test_nabla_gradients_do_not_depend_on_the_memory_options(tmp_path, case, step):
-    """Reference: the order without any checkpointing (checkpoint_reward_guess=False: graphs coexist as before)."""
-    ref, ref_terms, _ = _nabla_grads(tmp_path / "ref", step, checkpoint_reward_guess=False, **OFF, **NABLA_CASES[case])
-    for name, opts in {"ordered": dict(checkpoint_reward_guess=True), **OPTIONS}.items():
+    """Reference: the order without any checkpointing (memory_efficient_order=False: graphs coexist as before)."""
+    ref, ref_terms, _ = _nabla_grads(tmp_path / "ref", step, memory_efficient_order=False, **OFF, **NABLA_CASES[case])
+    for name, opts in {"ordered": dict(memory_efficient_order=True), **OPTIONS}.items():
         grads, terms, trainer = _nabla_grads(tmp_path / name, step, **{**OFF, **opts}, **NABLA_CASES[case])
         _close(grads, ref)
         for key in ("loss_forward", "loss_reverse", "loss_terminal", "loss_reg"):
@@ -65,20 +65,24 @@ def test_nabla_gradients_do_not_depend_on_the_memory_options(tmp_path, case, ste
 
 
 def test_checkpointed_calls_recompute_and_keep_only_inputs(tmp_path):
-    """With the memory ordering the guess's UNet call is recomputed in its VJP: one more UNet forward per such pass."""
+    """With the memory ordering the UNet calls of the reward-gradient passes are recomputed in their VJPs, the flow head in
+    the backward pass."""
     counts = {}
-    for name, opts in {"plain": dict(checkpoint_reward_guess=False), "ordered": dict(checkpoint_reward_guess=True)}.items():
+    for name, opts in {"plain": dict(memory_efficient_order=False), "ordered": dict(memory_efficient_order=True)}.items():
         trainer = _trainer(tmp_path / name, NablaGFlowNetTrainer, NablaGFlowNetConfig, flow_block_out_channels=[8, 16],
                            flow_attention_head_dim=4, reward_scale=30.0, **opts)
         samples = trainer.sample_epoch(0)
         calls = []
-        handle = trainer.pipeline.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+        handles = [trainer.pipeline.unet.register_forward_pre_hook(lambda *a: calls.append("unet")),
+                   trainer.flow_head.register_forward_pre_hook(lambda *a: calls.append("flow_head"))]
         loss, _ = trainer.compute_loss(TransitionBatch.from_trajectories(samples, torch.full((2,), 1)))
         loss.backward()
-        handle.remove()
-        counts[name] = len(calls)
-    # plain: guess at x_{k-1}, reference and policy at x_k; ordered: + recomputation of the first two in their VJPs
-    assert counts == {"plain": 3, "ordered": 5}
+        for handle in handles:
+            handle.remove()
+        counts[name] = (calls.count("unet"), calls.count("flow_head"))
+    # plain: guess at x_{k-1}, reference and policy at x_k, one flow-head call; ordered: the first two UNet calls are
+    # recomputed in their VJPs and the flow head in the backward pass
+    assert counts == {"plain": (3, 1), "ordered": (5, 2)}
 
 
 def _backprop_grads(tmp_path, trainer_class, config_class, **overrides):

@@ -47,7 +47,7 @@ class DiffusionRLConfig:
 
     # --- epochs, checkpoints -----------------------------------------------------------------------
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (one epoch = sample, score, train)."})
-    save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables)."})
+    save_freq: int = field(default=10, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables). Default 10 (TRL's DDPO and AlignProp saved every epoch): a Nabla-GFlowNet checkpoint of SD1.5 (27 M trained parameters: LoRA r8 and flow head, with their two AdamW states) is about 320 MB."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints (older ones are deleted)."})
     resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
@@ -64,7 +64,7 @@ class DiffusionRLConfig:
     sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per process per epoch."})
     negative_prompts: str | None = field(default=None, metadata={"help": "Negative prompt used for the unconditional branch of CFG (default: the empty prompt)."})
     prompt_set: str = field(default="simple_animals", metadata={"help": "Named prompt set shipped with trl_gfn (see `trl_gfn.prompts.available_prompt_sets()`), used when no prompt function or dataset is given."})
-    log_image_freq: int = field(default=1, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables)."})
+    log_image_freq: int = field(default=10, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables). Default 10 (TRL's AlignProp: every epoch). Nabla-GFlowNet decodes and scores its samples only on these epochs (its loss computes the logged rewards)."})
     log_num_images: int = field(default=8, metadata={"help": "Number of images in the logged grid (>= 1; set log_image_freq=0 to log none)."})
 
     # --- optimisation --------------------------------------------------------------------------------

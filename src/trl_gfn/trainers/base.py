@@ -215,6 +215,7 @@ class DiffusionRLTrainer:
 
         self.prompt_source = PromptSource(prompt_function if prompt_function is not None else config.prompt_set, seed=config.seed)
         self.last_metrics: dict[str, float] = {}
+        self._training_rewards: list[torch.Tensor] = []
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config.to_public_dict()),
                                            init_kwargs=config.tracker_kwargs)
@@ -275,9 +276,10 @@ class DiffusionRLTrainer:
     def unwrapped(self) -> TrainableModules:
         return self.accelerator.unwrap_model(self.model)
 
-    def wrapped(self, name: str) -> _Dispatch:
-        """Call sub-module ``name`` through the prepared model (use it wherever parameter gradients are needed)."""
-        return _Dispatch(self.model, name)
+    def wrapped(self, name: str, checkpoint: bool | None = None) -> _Dispatch:
+        """Call sub-module ``name`` through the prepared model (use it wherever parameter gradients are needed); checkpointed
+        as :attr:`TrainableModules.checkpointed` says, or always (``checkpoint=True``) / never (``False``)."""
+        return _Dispatch(self.model, name, checkpoint)
 
     def local(self, name: str, checkpoint: bool | None = None) -> _Dispatch:
         """Call sub-module ``name`` through the unwrapped :class:`TrainableModules`, without gradient synchronisation (for
@@ -319,17 +321,30 @@ class DiffusionRLTrainer:
             (grad,) = torch.autograd.grad(rewards.sum(), x)
         return grad, rewards.detach()
 
-    def sample_epoch(self, epoch: int) -> Trajectories:
-        """Sample ``sample_num_batches_per_epoch`` batches with the current policy and score them (no gradient)."""
+    def sample_epoch(self, epoch: int, score: bool = True) -> Trajectories:
+        """Sample ``sample_num_batches_per_epoch`` batches with the current policy and (``score``) decode and score them
+        (no gradient); with ``score=False`` the trajectories have neither ``images`` nor ``rewards``."""
         parts, pending = [], []
         for b in tqdm(range(self.config.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
-            traj = self.sample_batch(epoch, b)
+            traj = self.sample_batch(epoch, b, decode=score)
             crash_point("sample")
             parts.append(traj)
-            pending.append(self.start_scoring(traj))
+            if score:
+                pending.append(self.start_scoring(traj))
         for traj, rewards in zip(parts, pending):
             traj.rewards = rewards()
         return Trajectories.concatenate(parts)
+
+    @property
+    def rewards_from_training(self) -> bool:
+        """Whether training itself computes r(x_0) of every sampled trajectory and records it (:meth:`record_training_rewards`).
+        Then the samples of an epoch are decoded and scored only when that epoch logs images, and ``reward_mean`` /
+        ``reward_std`` are logged from the recorded rewards after training (the same values). False by default."""
+        return False
+
+    def record_training_rewards(self, rewards: torch.Tensor) -> None:
+        """Record rewards of sampled x_0 computed by the loss (see :attr:`rewards_from_training`)."""
+        self._training_rewards.append(rewards.detach().float())
 
     def start_scoring(self, traj: Trajectories) -> Callable[[], torch.Tensor]:
         """Begin scoring a sampled batch; returns a function that gives its rewards.
@@ -353,13 +368,14 @@ class DiffusionRLTrainer:
         """One generator per sample, seeded by (seed, epoch, sample id) only."""
         return [torch.Generator(device=self.accelerator.device).manual_seed(sample_seed(self.config.seed, epoch, i)) for i in ids]
 
-    def sample_batch(self, epoch: int, batch_index: int) -> Trajectories:
-        """Sample (no gradient, not scored) this process's ``batch_index``-th batch of the epoch, with ``sample_ids`` set."""
+    def sample_batch(self, epoch: int, batch_index: int, decode: bool = True) -> Trajectories:
+        """Sample (no gradient, not scored) this process's ``batch_index``-th batch of the epoch, with ``sample_ids`` set
+        (and ``images`` if ``decode``)."""
         c, acc = self.config, self.accelerator
         ids = self.batch_sample_ids(batch_index, c.sample_batch_size)
         prompts, metadata = self.prompt_source(ids, epoch)
         traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
-                                    prompt_metadata=metadata, generators=self.sample_generators(epoch, ids))
+                                    prompt_metadata=metadata, generators=self.sample_generators(epoch, ids), decode=decode)
         traj.sample_ids = torch.tensor(ids, device=acc.device)
         return traj
 
@@ -369,27 +385,48 @@ class DiffusionRLTrainer:
         Returns the step's diagnostics (grad norms, learning rates), or None when gradients are still
         being accumulated. A non-finite loss or gradient raises ``FloatingPointError`` before any update,
         so no corrupt weights or checkpoint are ever written.
+
+        One pass over the gradients serves the check, the logged per-group norms and the clipping: the norm of every
+        gradient is computed once (``torch._foreach_norm``); a gradient holds a NaN or an infinity exactly when its norm
+        is not finite; the per-group and total norms are norms of those norms; clipping multiplies by the coefficient
+        of the total norm (``torch.nn.utils.clip_grad_norm_``'s, with its 1e-6). Under DeepSpeed, FSDP or XLA, whose
+        gradients are sharded or clipped by the engine, clipping is left to ``accelerator.clip_grad_norm_``.
         """
+        from accelerate.utils import DistributedType
+
         acc = self.accelerator
         if not acc.sync_gradients:
             return None
-        params = self.trainable_parameters()
-        bad = (~torch.isfinite(loss_value.detach().float())).any().float()
-        for p in params:
-            if p.grad is not None:
-                bad = bad + (~torch.isfinite(p.grad)).any().float()
+        engine_clips = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA)
+        if not engine_clips:
+            acc.unscale_gradients()  # fp16 loss scaling: check, log and clip the true gradients (no-op otherwise)
+        group_norms, names = [], []
+        for group in self.optimizer.param_groups:
+            grads = [p.grad.detach() for p in group["params"] if p.grad is not None]
+            norms = torch._foreach_norm([g.float() for g in grads]) if grads else []
+            group_norms.append(torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=acc.device))
+            names.append(group.get("name", "group"))
+        group_norms = torch.stack(group_norms).float()
+        total = torch.linalg.vector_norm(group_norms)
+        bad = (~torch.isfinite(loss_value.detach().float())).any().float() + (~torch.isfinite(total)).float()
         if acc.reduce(bad.reshape(1).to(acc.device), reduction="sum").item() > 0:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"non-finite loss or gradient at epoch {epoch} (global step {self.state.global_step}); the parameters were not "
                 "updated and no checkpoint was written. Lower the learning rate or reward_scale, or enable train_max_grad_norm.")
         info = {}
-        for group in self.optimizer.param_groups:
-            grads = [p.grad.detach().float().norm() for p in group["params"] if p.grad is not None]
-            info[f"grad_norm/{group.get('name', 'group')}"] = float(torch.stack(grads).norm()) if grads else 0.0
-            info[f"lr/{group.get('name', 'group')}"] = float(group["lr"])
-        if self.config.train_max_grad_norm > 0:
-            acc.clip_grad_norm_(params, self.config.train_max_grad_norm)
+        for name, norm, group in zip(names, group_norms.tolist(), self.optimizer.param_groups):
+            info[f"grad_norm/{name}"] = norm
+            info[f"lr/{name}"] = float(group["lr"])
+        max_norm = self.config.train_max_grad_norm
+        if max_norm > 0:
+            if engine_clips:
+                acc.clip_grad_norm_(self.trainable_parameters(), max_norm)
+            else:
+                coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+                grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coefficient.to(grads[0].device))
         self.optimizer.step()
         crash_point("optimizer_step")
         self.optimizer.zero_grad(set_to_none=True)
@@ -412,15 +449,27 @@ class DiffusionRLTrainer:
         acc, c = self.accelerator, self.config
         start = time.time()
         samples = None
+        log_images = bool(c.log_image_freq) and epoch % c.log_image_freq == 0
+        score = not self.rewards_from_training or log_images
+        self._training_rewards = []
         if self.samples_needed:
-            samples = self.sample_epoch(epoch)
-            rewards = acc.gather(samples.rewards.detach())
+            samples = self.sample_epoch(epoch, score=score)
             sample_time = time.time() - start
-            self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(), "epoch": epoch,
-                      "samples_per_second": rewards.numel() / max(sample_time, 1e-9)}, step=global_step)
-            if c.log_image_freq and epoch % c.log_image_freq == 0:
+            logs = {"epoch": epoch, "samples_per_second": len(samples) * acc.num_processes / max(sample_time, 1e-9)}
+            if score:
+                rewards = acc.gather(samples.rewards.detach())
+                logs.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item())
+            self.log(logs, step=global_step)
+            if log_images:
                 self.log_images(samples, global_step, epoch)
         global_step = self.train_on_samples(samples, epoch, global_step)
+        if self.samples_needed and not score:
+            # every trajectory's r(x_0), computed by the loss (once per inner epoch: repeating each value n times changes
+            # neither the mean nor the population std)
+            if not self._training_rewards:
+                raise RuntimeError(f"{type(self).__name__}.rewards_from_training is True but training recorded no reward")
+            rewards = acc.gather(torch.cat(self._training_rewards))
+            self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item()}, step=global_step)
         self.state.epoch = epoch + 1
         self.state.global_step = global_step
         self.log({"epoch_seconds": time.time() - start}, step=global_step)

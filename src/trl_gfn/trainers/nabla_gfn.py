@@ -148,22 +148,31 @@ class NablaGFlowNetTrainer(TransitionTrainer):
 
     def _input_gradient_unet(self):
         """The UNet call of a pass that only yields an input gradient pulled back from ∇r (the guess): checkpointed with
-        ``checkpoint_reward_guess`` (its activations are not alive while the VAE decoder and the reward are differentiated;
+        ``memory_efficient_order`` (its activations are not alive while the VAE decoder and the reward are differentiated;
         the VJP recomputes them), else as ``gradient_checkpointing`` says."""
-        return self.local("unet", checkpoint=True if self.config.checkpoint_reward_guess else None)
+        return self.local("unet", checkpoint=True if self.config.memory_efficient_order else None)
 
     def _guess_model(self):
         """Context in which the UNet is the model whose x̂_0 the flow-gradient guess uses (``flow_guess_model``)."""
         return self.pipeline.reference_mode() if self.config.flow_guess_model == "reference" else contextlib.nullcontext()
 
+    @property
+    def rewards_from_training(self) -> bool:
+        """The last transition of every trajectory is trained and its guess is β γ_0 ∇r(x_0), which computes r(x_0): the
+        samples need no decoding and scoring for the logged rewards (unless β = 0, or training runs on the previous
+        epoch's samples)."""
+        return self.config.reward_scale > 0 and not self.config.train_on_previous_samples
+
     def reward_guess(self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
-                     prompts: list, prompt_metadata: list, recorded_epsilon: torch.Tensor | None = None) -> torch.Tensor:
+                     prompts: list, prompt_metadata: list, recorded_epsilon: torch.Tensor | None = None,
+                     final_rewards: list | None = None) -> torch.Tensor:
         """The guessed flow gradient β γ ∇_x r(decode(x̂_0(x))) at states ``latents`` of sampling positions ``step_index``
         (0 = initial noise, K = final sample: there x̂_0 = x and no UNet is called).
 
         x̂_0 comes from the ``flow_guess_model``'s guided noise prediction; the gradient flows through that UNet to
         x (input gradient only, every graph freed on return). With ``jacobian_free_reward_gradient`` the noise
         prediction is held constant (``recorded_epsilon`` for the policy, a no-grad reference forward otherwise).
+        The rewards of the final states (position K) are appended to ``final_rewards`` if given.
         """
         c, sched = self.config, self.schedule
         x = latents.detach().float()
@@ -174,7 +183,9 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         grad = torch.zeros_like(x)
         final = step_index == K
         if final.any():
-            grad[final], _ = self.reward_gradient(x[final], _rows(prompts, final), _rows(prompt_metadata, final))
+            grad[final], rewards = self.reward_gradient(x[final], _rows(prompts, final), _rows(prompt_metadata, final))
+            if final_rewards is not None:
+                final_rewards.append(rewards)
         inner = ~final
         if inner.any():
             xi, ai, ti = x[inner], a[inner], sched.timesteps[step_index[inner].clamp(max=K - 1)]
@@ -262,7 +273,11 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         guess_at_x = c.flow_guess_model if use_reverse and c.reward_scale > 0 else None
 
         # 1. guessed flow gradient at x_{k-1} first: input gradient only, its graph freed before any other graph exists
-        guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons)
+        final_rewards: list[torch.Tensor] = []
+        guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons,
+                                       final_rewards=final_rewards)
+        for rewards in final_rewards:
+            self.record_training_rewards(rewards)
 
         # 2. reference at x_k (adapter off). With the reverse term: the reference side of the x_k-gradient, as one VJP
         #    (s·∇_{x_k} log P_ref without its identity part, minus the guess at x_k when the reference makes it)
@@ -280,11 +295,23 @@ class NablaGFlowNetTrainer(TransitionTrainer):
                 (ref_side,) = torch.autograd.grad(surrogate, xr)
         eps_ref = eps_ref.detach()
 
-        # 3. policy at x_k through the prepared model (parameter gradients synchronised across processes). When the policy
+        # 3. flow head at x_{k-1} (all rows: the last ones for the terminal term) and at the reverse term's x_k, one call.
+        #    With memory_efficient_order it is checkpointed and runs before the policy: the backward pass reaches it after the
+        #    policy's graph is freed, and recomputes it then
+        g_next = g_cur = None
+        if use_flow:
+            lat, ts, embs = [x_next], [t_next], [emb]
+            if use_reverse:
+                lat.append(x[rev]), ts.append(t[rev]), embs.append(emb[rev])
+            head = self.wrapped("flow_head", checkpoint=True if c.memory_efficient_order else None)
+            g_all = head(torch.cat(lat), torch.cat(ts), torch.cat(embs))
+            g_next, g_cur = g_all[: x.shape[0]], g_all[x.shape[0]:]
+
+        # 4. policy at x_k through the prepared model (parameter gradients synchronised across processes). When the policy
         #    makes the guess at x_k, ∇r at its x̂_0(x_k) is taken first, from a forward without grad (same values), so that
         #    the VAE and reward graphs are gone before the policy graph is built
         g0_policy = None
-        if guess_at_x == "policy" and c.checkpoint_reward_guess and not c.gradient_checkpointing:
+        if guess_at_x == "policy" and c.memory_efficient_order and not c.gradient_checkpointing:
             with torch.no_grad():
                 x0_policy = predict_x0(x, self._guided(self.pipeline.unet, x, t, batch, None, a), a)
             g0_policy, _ = self.reward_guess_at_x0(x0_policy, rev, batch)
@@ -292,15 +319,6 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         eps = self._guided(self.wrapped("unet"), xp, t, batch, None, a)
         # s_θ − s·s_ref from the noise difference (no cancellation of two large scores at small σ)
         residual = score_residual(eps, eps_ref, ce, std) - (1 - strength) * v_ref
-
-        # 4. flow head at x_{k-1} (all rows: the last ones for the terminal term) and at the reverse term's x_k, one call
-        g_next = g_cur = None
-        if use_flow:
-            lat, ts, embs = [x_next], [t_next], [emb]
-            if use_reverse:
-                lat.append(x[rev]), ts.append(t[rev]), embs.append(emb[rev])
-            g_all = self.wrapped("flow_head")(torch.cat(lat), torch.cat(ts), torch.cat(embs))
-            g_next, g_cur = g_all[: x.shape[0]], g_all[x.shape[0]:]
 
         # 5. forward ∇-DB: s_θ − s·s_ref = g(x_{k-1}) + βγ∇r(x̂_0(x_{k-1})); no g on the last transition (g(x_0) = 0)
         flow_next = guess_next
