@@ -213,8 +213,12 @@ def measure(args, pipe, row, tmp, samples_cache):
 
 def scaling(args) -> None:
     """Peak memory of the graphs that dominate a transition, at two latent sizes, to extrapolate (docs/memory.md)."""
-    print("| latent | DDPO transition (policy graph) | UNet input-gradient graph | VAE decode + reward gradient |")
-    print("|---|---|---|---|")
+    from trl_gfn.models import FlowHead
+
+    cols = ("policy graph (DDPO transition)", "UNet input-gradient graph", "VAE decode + reward gradient",
+            "same, decoder checkpointed", "reward gradient alone", "flow head fwd+bwd (2 states)")
+    print("| latent | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
     with tempfile.TemporaryDirectory() as tmp:
         for latent in (16, 32):
             pipe = sd15_quarter_width(latent)
@@ -224,6 +228,8 @@ def scaling(args) -> None:
             p = trainer.pipeline
             t = trainer.schedule.timesteps[3:4].repeat(len(x))
             a = trainer.schedule.alphas_cumprod[3].view(1, 1, 1, 1)
+            head = FlowHead(in_channels=4, block_out_channels=(64, 128, 256, 256), layers_per_block=1, cross_attention_dim=768,
+                            attention_head_dim=8, sample_size=latent)
 
             def policy():
                 eps = p.guided_epsilon(trainer.wrapped("unet"), x, t, samples.prompt_embeds, samples.negative_prompt_embeds, 5.0, a, "epsilon")
@@ -239,11 +245,28 @@ def scaling(args) -> None:
             def vae_reward():
                 trainer.reward_gradient(samples.latents[:, -1], samples.prompts, samples.prompt_metadata)
 
+            def vae_reward_checkpointed():
+                p.vae.enable_gradient_checkpointing()
+                try:
+                    vae_reward()
+                finally:
+                    p.vae.disable_gradient_checkpointing()
+
+            images = samples.images
+
+            def reward_only():
+                trainer.reward_gradient(images, samples.prompts, samples.prompt_metadata, decode=False)
+
+            def flow_head():
+                two = torch.cat([x, x])
+                head(two, torch.cat([t, t]), torch.cat([samples.prompt_embeds] * 2)).square().mean().backward()
+                head.zero_grad(set_to_none=True)
+
             figures = []
-            for fn in (policy, input_grad, vae_reward):
+            for fn in (policy, input_grad, vae_reward, vae_reward_checkpointed, reward_only, flow_head):
                 fn()
                 figures.append(peak_growth_mib(fn)[0])
-            print(f"| {latent}x{latent} (images {8 * latent} px) | " + " | ".join(f"{m:.0f} MiB" for m in figures) + " |")
+            print(f"| {latent}x{latent} (images {8 * latent} px) | " + " | ".join(f"{m:.0f} MiB" for m in figures) + " |", flush=True)
             del trainer
 
 
