@@ -113,3 +113,17 @@ def test_ddpo_gradients_do_not_depend_on_checkpointing(tmp_path):
         loss.backward()
         results.append(_grads(trainer))
     _close(results[1], results[0])
+
+
+def test_vae_checkpointing_follows_the_config(tmp_path):
+    with pytest.warns(UserWarning, match="vae_gradient_checkpointing has no effect: DDPO never differentiates through the VAE"):
+        DDPOConfig(vae_gradient_checkpointing=True, logdir=str(tmp_path))
+    assert NablaGFlowNetConfig(logdir=str(tmp_path)).vae_gradient_checkpointing  # on by default for reward-gradient trainers
+    assert DRaFTConfig(logdir=str(tmp_path)).vae_gradient_checkpointing and ReFLConfig(logdir=str(tmp_path)).vae_gradient_checkpointing
+    pipeline = DiffusionPipelineForRL(tiny_stable_diffusion(seed=0))
+    pipeline.vae.enable_gradient_checkpointing()  # set on the pipeline by hand: the trainer's config decides
+    trainer = DRaFTTrainer(DRaFTConfig(vae_gradient_checkpointing=False, logdir=str(tmp_path), save_freq=0, log_image_freq=0),
+                           BrightnessReward(), pipeline, prompt_function=PROMPTS)
+    assert not trainer.pipeline.vae.decoder.gradient_checkpointing
+    trainer = _trainer(tmp_path / "on", DRaFTTrainer, DRaFTConfig)
+    assert trainer.pipeline.vae.decoder.gradient_checkpointing and trainer.modules.checkpointed == frozenset({"unet"})

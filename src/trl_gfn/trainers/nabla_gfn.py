@@ -7,8 +7,9 @@ implemented below:
   parameter backward at x_k;
 - interior step, reverse term: + one extra backward through the policy UNet at x_k that yields both
   ∇_{x_k} log P_F^θ and the reward gradient at x_k, + a reference forward/backward at x_k;
-- last step (x_1 → x_0): x̂_0(x_0) = x_0, so no UNet call at x_0; the reverse term is not applied.
-``benchmarks/transition_cost.py`` measures these units.
+- last step (x_1 → x_0): x̂_0(x_0) = x_0, so no UNet call at x_0 (the pathwise reverse term, default, still applies).
+With ``memory_efficient_order`` (default) the UNet calls of the reward-gradient passes and the flow head are checkpointed
+(+1 forward each) so that no two large graphs coexist. ``benchmarks/transition_cost.py`` measures time and memory.
 """
 
 from __future__ import annotations
