@@ -4,7 +4,7 @@ all on one model and batch, in one interleaved run; ratios to DDPO.
     python benchmarks/transition_cost.py                 # SD1.5-shaped UNet at quarter width, 32x32x4 latents, batch 1
     python benchmarks/transition_cost.py --batch 2 --only nabla,ddpo
     python benchmarks/transition_cost.py --quick         # tiny models, a smoke run
-    python benchmarks/transition_cost.py --scaling       # activation memory at 16x16 and 32x32 latents (for docs/memory.md)
+    python benchmarks/transition_cost.py --scaling       # activation memory at 24x24 and 32x32 latents, SD1.5 estimate
 
 Model: the UNet has SD1.5's layout at quarter width (34 M parameters), the VAE SD's decoder at quarter width, the text
 encoder one CLIP layer; the reward is the aesthetic scorer's architecture (CLIP ViT-L/14 vision tower + MLP) at quarter
@@ -28,6 +28,7 @@ block-level UNet checkpointing (what trl-gfn used before; TRL's AlignProp checkp
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -48,6 +49,7 @@ from trl_gfn.rewards import AestheticScorer  # noqa: E402
 from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion, tiny_tokenizer  # noqa: E402
 
 K = 10
+SCALING_LATENTS = (24, 32)
 _OFF = dict(gradient_checkpointing=False, vae_gradient_checkpointing=False)
 CKPT = {"-": _OFF, "U": {**_OFF, "gradient_checkpointing": True}, "V": {**_OFF, "vae_gradient_checkpointing": True},
         "UV": dict(gradient_checkpointing=True, vae_gradient_checkpointing=True), "blocks": _OFF,
@@ -219,8 +221,9 @@ def scaling(args) -> None:
             "same, decoder checkpointed", "reward gradient alone", "flow head fwd+bwd (2 states)")
     print("| latent | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
+    measured: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for latent in (16, 32):
+        for latent in SCALING_LATENTS:
             pipe = sd15_quarter_width(latent)
             trainer = build(args, pipe, "NablaGFlowNetConfig", dict(use_flow_head=False), "-", tmp)
             samples = trainer.sample_epoch(0)
@@ -267,7 +270,60 @@ def scaling(args) -> None:
                 fn()
                 figures.append(peak_growth_mib(fn)[0])
             print(f"| {latent}x{latent} (images {8 * latent} px) | " + " | ".join(f"{m:.0f} MiB" for m in figures) + " |", flush=True)
+            measured[latent] = dict(zip(("P", "U", "VR", "VcR", "R", "F"), figures))
+            measured[latent]["V"] = measured[latent]["VR"] - measured[latent]["R"]  # the decoder's share
+            measured[latent]["Vc"] = max(measured[latent]["VcR"] - measured[latent]["R"], 1.0)
             del trainer
+    sd15_estimate(measured)
+
+
+#: SD1.5 parameter counts (UNet 859.5 M, VAE 83.7 M, CLIP text encoder 123.1 M), the trained ones (LoRA r8 on
+#: to_q/k/v/out.0: 1.59 M; flow head (64, 128, 256, 256): 25.2 M) and the scorers (aesthetic: CLIP ViT-L/14 vision
+#: tower 303.5 M + MLP; HPSv2 / PickScore: CLIP ViT-H/14, 986 M with the text tower)
+SD15_FROZEN, LORA, FLOW_HEAD, AESTHETIC, HPS = 1066.3e6, 1.59e6, 25.2e6, 304.3e6, 986.1e6
+GIB = 1024**3
+
+
+def sd15_estimate(m: dict) -> None:
+    """A paper estimate of SD1.5's GPU memory at 512 px, bf16, LoRA, batch 1, per method (docs/memory.md).
+
+    Activation graphs are taken from the quarter-width measurements at 32x32 latents and scaled: to 64x64 latents (512 px
+    images) by the growth measured from 24x24 to 32x32, as a power of the area; by 4 for width (SD1.5's UNet and VAE are 4x wider than
+    the benchmark's, the aesthetic scorer's CLIP 4x wider; the reward sees 224 px whatever the image size, so its graph
+    does not grow with the area), and by 1/2 for bf16 (UNet and VAE; the flow head and the scorer stay float32).
+    Weights: frozen UNet/VAE/text encoder in bf16, scorer in float32, trained tensors in float32 with their gradient
+    and two AdamW moments (16 bytes per parameter). A peak is the largest set of graphs alive at once for each method's
+    order of work (docs/memory.md); the CUDA context and allocator slack (typically 0.5-1.5 GiB) are not included.
+    """
+    small, big = SCALING_LATENTS
+
+    def grown(key: str, width: float, precision: float) -> float:
+        """The graph at 64x64 latents: the 32x32 figure times the growth measured from 24x24 to 32x32, extrapolated as a
+        power of the area (64x64 is 4x the area of 32x32), times the width and precision factors, in GiB."""
+        exponent = math.log(m[big][key] / m[small][key]) / math.log((big / small) ** 2)
+        return m[big][key] * 4 ** exponent * width * precision / 1024
+
+    P, U, F = grown("P", 4, 0.5), grown("U", 4, 0.5), grown("F", 1, 1.0)
+    R = m[big]["R"] * 4 / 1024  # 224 px whatever the image size: the scorer's graph only grows with its width
+    V, Vc = grown("V", 4, 0.5), grown("Vc", 4, 0.5)
+    weights = SD15_FROZEN * 2 / GIB + AESTHETIC * 4 / GIB
+    lora_state, flow_state = LORA * 16 / GIB, FLOW_HEAD * 16 / GIB
+    rows = [
+        ("DDPO (reward not differentiated)", weights + lora_state, P),
+        ("Nabla-GFlowNet, default (ordered, VAE checkpointed)", weights + lora_state + flow_state, max(P, U, Vc + R, F)),
+        ("Nabla-GFlowNet, ordered, VAE not checkpointed", weights + lora_state + flow_state, max(P, U, V + R, F)),
+        ("Nabla-GFlowNet, before issue #14 (unordered)", weights + lora_state + flow_state, max(U + V + R, P + F)),
+        ("DRaFT-K / AlignProp / ReFL, default (UNet and VAE checkpointed)", weights + lora_state, max(P, Vc + R)),
+        ("DRaFT-K / AlignProp, TRL's order (UNet checkpointed only)", weights + lora_state, max(P, V + R)),
+    ]
+    print("\nEstimate for SD1.5 at 512 px, bf16, LoRA r8, batch 1, aesthetic scorer in float32 (GiB; scaled from the rows above):")
+    print(f"graphs: policy {P:.2f}, UNet input-gradient {U:.2f}, VAE decoder {V:.2f} ({Vc:.2f} checkpointed), scorer {R:.2f}, "
+          f"flow head {F:.2f}; weights {weights:.2f} (frozen bf16 {SD15_FROZEN * 2 / GIB:.2f} + scorer {AESTHETIC * 4 / GIB:.2f}); "
+          f"HPSv2/PickScore instead of the aesthetic scorer: +{(HPS - AESTHETIC) * 4 / GIB:.2f}")
+    print("| method | weights + optimizer state | activations at the peak | total |")
+    print("|---|---|---|---|")
+    for name, fixed, act in rows:
+        print(f"| {name} | {fixed:.1f} | {act:.1f} | {fixed + act:.1f} |")
 
 
 def main() -> None:
