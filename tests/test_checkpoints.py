@@ -208,3 +208,13 @@ def test_resuming_with_train_on_previous_samples_says_what_is_not_restored(run):
     with pytest.warns(UserWarning, match="train_on_previous_samples: checkpoints do not hold the previous epoch's samples"):
         trainer = nabla(run.parent, resume_from=str(run), train_on_previous_samples=True)
     assert trainer.first_epoch == 2
+
+
+def test_a_changed_manifest_is_refused_wherever_the_change_is(run):
+    """The manifest carries the digest of its own content: an edit that leaves valid JSON (a renamed config key) is caught."""
+    path = run / "checkpoints" / "checkpoint_2" / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["config"]["train_adam_beta1_renamed"] = manifest["config"].pop("train_adam_beta1")
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    with pytest.raises(CheckpointError, match=r"checkpoint_2/trl_gfn_checkpoint\.json: altered or corrupt"):
+        nabla(run.parent, resume_from=str(run / "checkpoints" / "checkpoint_2"))

@@ -123,3 +123,22 @@ def test_demo_argument_parsing():
     assert s.epochs == demo.DEMO_DEFAULTS["epochs"] and s.reward_scale == BenchmarkSettings().reward_scale
     q = demo.settings_from_args(demo.parse_args(["--quick", "--out", "x", "--reward_scale", "5"]))
     assert q.epochs == demo.DEMO_QUICK["epochs"] and q.reward_scale == 5.0 and q.sample_batch_size < s.sample_batch_size
+
+
+def test_shipped_digits_yaml_is_the_benchmarks_nabla_gfn():
+    """examples/configs/nabla_gfn_digits.yaml (what `examples/nabla_gfn.py` runs without flags) and the benchmark's
+    `nabla_gfn` method are one configuration: every training field agrees."""
+    import yaml
+
+    from trl_gfn import NablaGFlowNetConfig
+    from trl_gfn.cli import parse
+    from trl_gfn.evaluation.digits_benchmark import method_config
+
+    digits_yaml = ROOT / "examples" / "configs" / "nabla_gfn_digits.yaml"
+    args, shipped, _ = parse(NablaGFlowNetConfig, [], str(digits_yaml))
+    bench = method_config("nabla_gfn", shipped.seed, BenchmarkSettings())
+    assert args.target_digits == BenchmarkSettings().target_digits
+    skip = {"exp_name", "run_name", "logdir", "output_dir", "save_freq", "log_image_freq", "prompt_set", "log_with"}
+    differ = {k: (v, getattr(bench, k)) for k, v in shipped.to_dict().items() if k not in skip and v != getattr(bench, k)}
+    assert not differ, differ
+    assert yaml.safe_load(digits_yaml.read_text())["num_epochs"] * 4 == 200  # 4 updates per epoch

@@ -77,9 +77,14 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, me
                 diff, ref = (two[name] - one[name]).norm(), one[name].norm()
                 assert diff <= 1e-4 * ref + 1e-10, (name, diff.item(), ref.item())
         assert _relative(two, one) <= 2e-4, (update, _relative(two, one))
+    total = [torch.cat([g.flatten() for g in one.values()]).norm() for one in single["grads"]]
     for name, w in rank0["weights"].items():
         assert torch.equal(w, rank1["weights"][name]), name  # ranks agree exactly
-        torch.testing.assert_close(w, single["weights"][name], rtol=0, atol=0.1 * LR * UPDATES, msg=name)
+        # a tensor whose gradient is rounding noise in every update (< 1e-6 of the total norm; e.g. norm-layer biases of
+        # the flow head that no loss term reaches yet) is moved by Adam by up to ~lr per update in a direction set by
+        # that noise: bound 2 lr per update there, 0.1 lr elsewhere
+        noise = all(one[name].norm() < 1e-6 * t for one, t in zip(single["grads"], total))
+        torch.testing.assert_close(w, single["weights"][name], rtol=0, atol=(2.0 if noise else 0.1) * LR * UPDATES, msg=name)
     # every rank wrote its part of the checkpoints: the newest is complete and lists both ranks' RNG states
     from trl_gfn.trainers import verify_checkpoint
 

@@ -131,9 +131,8 @@ def test_non_differentiable_rewards_are_refused(tmp_path):
     def detached(images, prompts, metadata):
         return images.mean(dim=(1, 2, 3)).detach(), {}
 
-    trainer = make(tmp_path, reward=detached)
-    with pytest.raises(ValueError, match="without a gradient"):
-        trainer.train(epochs=1)
+    with pytest.raises(ValueError, match="probe call at start-up.*without a gradient"):  # at construction, not after sampling
+        make(tmp_path, reward=detached)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +144,7 @@ def test_non_differentiable_rewards_are_refused(tmp_path):
         (DRaFTConfig, dict(draft_lv_copies=2, draft_k=2), "draft_k"),
         (DRaFTConfig, dict(draft_lv_copies=2, truncated_backprop_rand=True), "truncated_backprop_rand"),
         (DRaFTConfig, dict(truncated_backprop_rand=True, truncated_rand_backprop_minmax=[3, 1]), "truncated_rand_backprop_minmax"),
-        (DRaFTConfig, dict(truncated_backprop_rand=True, truncated_rand_backprop_minmax=[0, 5]), "truncated_rand_backprop_minmax"),
+        (DRaFTConfig, dict(truncated_backprop_rand=True, truncated_rand_backprop_minmax=[0, 6]), "truncated_rand_backprop_minmax"),
         (AlignPropConfig, dict(truncated_backprop_rand=False, truncated_backprop_timestep=5), "truncated_backprop_timestep"),
         (AlignPropConfig, dict(truncated_backprop_rand=False, truncated_backprop_timestep=2, draft_k=2), "draft_k"),
         (DRaFTConfig, dict(train_learning_rate=0.0), "train_learning_rate"),

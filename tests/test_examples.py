@@ -79,5 +79,28 @@ def test_every_public_config_field_is_documented():
 @pytest.mark.parametrize("script", ["nabla_gfn.py", "ddpo.py", "draft.py", "refl.py", "alignprop.py"])
 def test_example_help_lists_every_config_field(script, tmp_path):
     result = run_example(script, ["--help"], cwd=tmp_path)
-    for flag in ("--sample_num_steps", "--train_learning_rate", "--reward", "--pretrained_model", "--resume_from"):
+    for flag in ("--sample_num_steps", "--train_learning_rate", "--reward", "--pretrained_model", "--resume_from", "--init_from", "--config"):
         assert flag in result.stdout, (script, flag)
+
+
+def test_examples_without_flags_are_cpu_sized_on_the_bundled_model():
+    """No flags: the bundled digits model with the digits YAML (Nabla-GFlowNet) or the shared CPU-sized defaults, a reward
+    with something to learn (target digits {0, 8}); flags and --config still override; another model keeps the SD defaults."""
+    from trl_gfn import DDPOConfig, NablaGFlowNetConfig
+    from trl_gfn.cli import BUNDLED_MODEL_DEFAULTS, parse
+
+    digits_yaml = os.path.join(ROOT, "examples", "configs", "nabla_gfn_digits.yaml")
+    with open(os.path.join(ROOT, "examples", "nabla_gfn.py"), encoding="utf-8") as f:
+        assert "bundled_defaults=DIGITS_CONFIG" in f.read()
+    with open(digits_yaml, encoding="utf-8") as f:
+        expected = yaml.safe_load(f)
+    args, config, applied = parse(NablaGFlowNetConfig, [], digits_yaml)
+    assert applied == expected and args.reward == "digits" and args.target_digits == [0, 8]
+    for key in ("num_epochs", "sample_num_steps", "sample_batch_size", "train_batch_size", "reward_scale", "flow_block_out_channels"):
+        assert getattr(config, key) == expected[key], key
+    assert config.num_epochs * config.sample_num_steps <= 500  # versus 100 x 50 with the config's SD defaults
+    assert parse(NablaGFlowNetConfig, ["--num_epochs", "2"], digits_yaml)[1].num_epochs == 2
+    args, config, applied = parse(DDPOConfig, [])
+    assert applied == BUNDLED_MODEL_DEFAULTS and config.num_epochs == 10 and args.target_digits == [0, 8]
+    args, config, applied = parse(DDPOConfig, ["--pretrained_model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+    assert applied == {} and config.num_epochs == 100 and args.target_digits is None

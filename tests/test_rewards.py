@@ -312,7 +312,8 @@ def test_composite_reward_sums_and_logs_terms():
 
 # ---------------------------------------------------------------------------------------------- presets
 def test_presets_and_load_reward(tmp_path):
-    assert set(REWARD_PRESETS) == {"aesthetic", "hpsv2", "imagereward", "pickscore"}
+    assert set(REWARD_PRESETS) == {"aesthetic", "hpsv2", "hpsv2.1", "imagereward", "pickscore"}
+    assert REWARD_PRESETS["hpsv2.1"] == REWARD_PRESETS["hpsv2"]
     assert REWARD_PRESETS["aesthetic"]["reward_scale"] == 1e4 and REWARD_PRESETS["aesthetic"]["unet_reg_scale"] == 2e3
     assert REWARD_PRESETS["imagereward"]["reward_scale"] == 1e4 and REWARD_PRESETS["imagereward"]["unet_reg_scale"] == 5e3
     assert 1e4 <= REWARD_PRESETS["hpsv2"]["reward_scale"] <= 5e5 and 1e2 <= REWARD_PRESETS["hpsv2"]["unet_reg_scale"] <= 5e3
@@ -322,7 +323,9 @@ def test_presets_and_load_reward(tmp_path):
         "simple_animals", "hpdv2", "drawbench", "drawbench"]
     make_aesthetic().save_pretrained(tmp_path)
     assert isinstance(load_reward("aesthetic", str(tmp_path)), AestheticScorer)
-    with pytest.raises(ValueError, match="unknown reward 'clip'; known rewards: aesthetic, hpsv2, imagereward, pickscore"):
+    with pytest.raises(ValueError, match="unknown reward 'clip'; known rewards: aesthetic, hpsv2, hpsv2.1, imagereward, pickscore"):
         load_reward("clip")
     with pytest.raises(FileNotFoundError):
         load_reward("hpsv2", str(tmp_path / "nowhere"), local_files_only=True)
+    with pytest.raises(ValueError, match="cannot be combined with pretrained_model_name_or_path"):
+        load_reward("aesthetic", str(tmp_path), source_dir=str(tmp_path))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from trl_gfn import DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer, TransitionBatch
+from trl_gfn import DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer
 from trl_gfn.rewards.base import RewardModel
 from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion
 
@@ -34,22 +34,40 @@ class Fn(RewardModel):
         return self.fn(images)
 
 
-@pytest.mark.parametrize("reward,match", [
-    (lambda im, p, m: (im.mean(dim=(2, 3)), {}), r"shape \(2, 3\); expected \(2,\)"),
+BAD_REWARDS = [
+    (lambda im, p, m: (im.mean(dim=(2, 3)), {}), r"shape \({n}, 3\); expected \({n},\)"),
     (lambda im, p, m: (im.mean(dim=(1, 2, 3)) * float("nan"), {}), "non-finite rewards"),
     (lambda im, p, m: im.mean(dim=(1, 2, 3)), "must return a pair"),
-])
+]
+
+
+@pytest.mark.parametrize("reward,match", BAD_REWARDS)
+def test_bad_rewards_are_rejected_at_start_by_a_gradient_trainer(tmp_path, reward, match):
+    """Gradient trainers probe the reward when they are built: one image, so the batch size in the message is 1."""
+    with pytest.raises(ValueError, match="probe call at start-up.*" + match.format(n=1)):
+        trainer_with(tmp_path, reward)
+
+
+@pytest.mark.parametrize("reward,match", BAD_REWARDS)
 def test_bad_rewards_are_rejected_at_sampling(tmp_path, reward, match):
-    trainer = trainer_with(tmp_path, reward)
-    with pytest.raises(ValueError, match=match):
+    from trl_gfn import DDPOConfig, DDPOTrainer  # DDPO never differentiates the reward: it is first called when scoring samples
+
+    ddpo = DDPOConfig(num_epochs=1, sample_num_steps=4, sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2,
+                      logdir=str(tmp_path), run_name="run", save_freq=0, log_image_freq=0, lora_rank=4)
+    trainer = DDPOTrainer(ddpo, reward, DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    with pytest.raises(ValueError, match=match.format(n=2)):
         trainer.sample_epoch(0)
 
 
 def test_reward_without_gradient_is_rejected_by_a_gradient_trainer(tmp_path):
-    trainer = trainer_with(tmp_path, lambda im, p, m: (im.mean(dim=(1, 2, 3)).detach(), {}))
-    samples = trainer.sample_epoch(0)  # scoring without gradient is fine
+    with pytest.raises(ValueError, match=r"probe call at start-up .*without a gradient w\.r\.t\. the images"):
+        trainer_with(tmp_path, lambda im, p, m: (im.mean(dim=(1, 2, 3)).detach(), {}))
+
+    def numpy_reward(im, p, m):
+        return torch.as_tensor(im.detach().numpy().mean(axis=(1, 2, 3))), {}
+
     with pytest.raises(ValueError, match="without a gradient"):
-        trainer.compute_loss(TransitionBatch.from_trajectories(samples, torch.tensor([1, 1])))
+        trainer_with(tmp_path, numpy_reward)
 
 
 def test_missing_resume_from(tmp_path):
@@ -85,7 +103,6 @@ def test_unsupported_pipelines_and_schedulers(tmp_path):
     ("flow_attention_head_dim", 3, "flow_attention_head_dim"),
     ("unet_reg_scale", -1.0, "unet_reg_scale"),
     ("push_to_hub", True, "hub_model_id"),
-    ("use_lora", False, "use_lora"),
 ])
 def test_config_errors_name_the_field(tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -214,3 +231,12 @@ def test_two_trainers_in_one_process_keep_their_own_gradient_scale(tmp_path):
         assert len(alone) == len(together) == 1  # one update per epoch for both
         for a, b in zip(alone[0], together[0], strict=True):
             assert torch.equal(a, b)
+
+
+def test_a_launch_that_asked_for_several_processes_but_started_one_warns(tmp_path, monkeypatch):
+    """`accelerate launch --num_processes 2 script.py` without --multi_gpu: accelerate starts one process (MASTER_ADDR, no WORLD_SIZE)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match=r"--num_processes > 1 but started ONE process.*--multi_gpu"):
+        trainer_with(tmp_path, BrightnessReward())

@@ -7,7 +7,7 @@ __version__ = "0.1.0.dev0"
 
 from .configs import AlignPropConfig, DDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
 from .models import FlowHead
-from .pipelines import DiffusionPipelineForRL, Trajectories, TransitionBatch
+from .pipelines import DefaultDDPOStableDiffusionPipeline, DiffusionPipelineForRL, Trajectories, TransitionBatch
 from .trainers import (
     AlignPropTrainer,
     DDPOTrainer,
@@ -24,6 +24,7 @@ __all__ = [
     "DDPOConfig",
     "DDPOTrainer",
     "DRaFTConfig",
+    "DefaultDDPOStableDiffusionPipeline",
     "DRaFTTrainer",
     "ReFLConfig",
     "ReFLTrainer",

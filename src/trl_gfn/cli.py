@@ -2,12 +2,16 @@
 
 Every example is ``TrlParser((ScriptArguments, <Method>Config))`` + :func:`run`, so that
 ``accelerate launch examples/<method>.py --config my.yaml --reward aesthetic ...`` behaves the same for
-every method. Defaults run offline on a CPU: the bundled digits model and its classifier reward.
+every method. Defaults run offline on a CPU in minutes: on the bundled digits model the example's
+CPU-sized defaults (:data:`BUNDLED_MODEL_DEFAULTS`, or the YAML an example names) replace the configs'
+Stable Diffusion defaults, and the classifier reward r = log p(digit in {0, 8}) leaves something to learn.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +20,11 @@ from .pipelines import DiffusionPipelineForRL
 
 #: rewards the examples know besides the Hub presets of ``trl_gfn.rewards.REWARD_PRESETS``
 LOCAL_REWARDS = ("digits", "jpeg_compressibility", "jpeg_incompressibility", "brightness")
+#: defaults of the examples on the bundled digits model (flags and --config override them): 10 epochs of 32 samples x 20 steps
+BUNDLED_MODEL_DEFAULTS: dict[str, Any] = dict(num_epochs=10, sample_num_steps=20, sample_guidance_scale=2.0, sample_batch_size=16,
+                                              sample_num_batches_per_epoch=2, train_batch_size=8, save_freq=5, target_digits=[0, 8])
+CONFIG_HELP = ("YAML file of flag values (any field below, e.g. examples/configs/nabla_gfn_digits.yaml); flags given on the command "
+               "line override it")
 
 
 @dataclass
@@ -24,8 +33,8 @@ class ScriptArguments:
 
     pretrained_model: str = field(default=BUNDLED_DIGITS_MODEL, metadata={"help": "Hub id or local directory of a Stable Diffusion 1.x/2.x pipeline (default: the bundled digits model)."})
     pretrained_revision: str | None = field(default=None, metadata={"help": "Revision of the pretrained model on the Hub."})
-    reward: str = field(default="digits", metadata={"help": "digits | jpeg_compressibility | jpeg_incompressibility | brightness | a Hub reward preset: aesthetic, hpsv2, imagereward, pickscore."})
-    reward_model: str | None = field(default=None, metadata={"help": "Hub id or directory of the reward weights (default: the preset's Hub id, or the bundled digit classifier)."})
+    reward: str = field(default="digits", metadata={"help": "digits | jpeg_compressibility | jpeg_incompressibility | brightness | a reward from its official checkpoint (downloaded and converted on first use): aesthetic, hpsv2, hpsv2.1, imagereward, pickscore."})
+    reward_model: str | None = field(default=None, metadata={"help": "Directory or Hub id of already converted reward weights (default: the official checkpoint, converted and cached; for digits the bundled classifier)."})
     target_digits: list[int] | None = field(default=None, metadata={"help": "digits reward: the target set S of r = log p(y in S | x) (default: the digit named in each prompt)."})
     prompts: str | None = field(default=None, metadata={"help": "A prompt-set name (trl_gfn.prompts.available_prompt_sets()) or prompts separated by '|' (default: the preset's set, or config.prompt_set; digit prompts for the bundled model)."})
     apply_reward_preset: bool = field(default=True, metadata={"help": "Fill config fields left at their defaults from the reward's preset (reward_scale, unet_reg_scale, flow_condition_on_prompt)."})
@@ -90,12 +99,45 @@ def load_pipeline(args: ScriptArguments, config) -> DiffusionPipelineForRL:
                                                   lora_target_modules=config.lora_target_modules)
 
 
-def run(trainer_class, config_class, argv: list[str] | None = None):
-    """Parse ``ScriptArguments`` + ``config_class`` with TRL's parser (flags and ``--config file.yaml``), train, save."""
+def build_parser(config_class, defaults: dict[str, Any] | None = None):
+    """TRL's parser over ``ScriptArguments`` + ``config_class``, with ``--config`` listed in ``--help`` and ``defaults`` set."""
     from trl import TrlParser
 
     parser = TrlParser((ScriptArguments, config_class))
-    args, config = parser.parse_args_and_config(args=argv)
+    parser.add_argument("--config", metavar="FILE.yaml", default=None, help=CONFIG_HELP)  # TrlParser reads it before parsing
+    if defaults:
+        unknown = parser.set_defaults_with_config(**defaults)
+        if unknown:
+            raise ValueError(f"example defaults: {unknown[::2]} are not fields of ScriptArguments or {config_class.__name__}")
+    return parser
+
+
+def parse(config_class, argv: list[str] | None = None, bundled_defaults: dict[str, Any] | str | os.PathLike | None = None):
+    """``(script arguments, config)`` from flags and ``--config``; on the bundled digits model ``bundled_defaults`` (a dict or a
+    YAML file, default :data:`BUNDLED_MODEL_DEFAULTS`) replace the dataclass defaults. Returns also the defaults applied."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, config = build_parser(config_class).parse_args_and_config(args=argv)[:2]
+    if args.pretrained_model != BUNDLED_DIGITS_MODEL:
+        return args, config, {}
+    defaults = bundled_defaults if bundled_defaults is not None else BUNDLED_MODEL_DEFAULTS
+    if not isinstance(defaults, dict):
+        import yaml
+
+        with open(defaults, encoding="utf-8") as f:
+            defaults = yaml.safe_load(f)
+    args, config = build_parser(config_class, defaults).parse_args_and_config(args=argv)[:2]
+    return args, config, defaults
+
+
+def run(trainer_class, config_class, argv: list[str] | None = None, bundled_defaults: dict[str, Any] | str | os.PathLike | None = None):
+    """Parse ``ScriptArguments`` + ``config_class`` with TRL's parser (flags and ``--config file.yaml``), train, save.
+
+    On the bundled digits model, ``bundled_defaults`` (see :func:`parse`) make a run without flags CPU-sized.
+    """
+    args, config, defaults = parse(config_class, argv, bundled_defaults)
+    if defaults:
+        shown = ", ".join(f"{k}={v}" for k, v in defaults.items())
+        print(f"bundled digits model: defaults {shown} (flags and --config override them)", flush=True)
     changed = apply_reward_preset(args, config)
     trainer = trainer_class(config, build_reward(args), load_pipeline(args, config), prompt_function=build_prompts(args, config))
     if changed:

@@ -7,6 +7,7 @@ the file, instead of a bare ``SafetensorError`` or weights that fail later in an
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -40,3 +41,13 @@ def read_safetensors(path: str | os.PathLike, *, what: str = "weights") -> dict[
 
 
 __all__ = ["WeightsFileError", "read_safetensors"]
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks): how checkpoints and downloaded reward
+    checkpoints prove that a file is the one that was written or published."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -40,16 +40,17 @@ class DiffusionRLConfig:
     log_with: Literal["wandb", "tensorboard", "trackio", "comet_ml", "mlflow", "all"] | None = field(default=None, metadata={"help": "accelerate tracker(s) to log to; None logs nothing."})
     tracker_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Init kwargs per tracker, passed to `init_trackers`, e.g. `{\"wandb\": {\"entity\": \"me\"}}`. Credential-like entries (keys containing key, token, secret, password, ...) are redacted from everything logged, saved or uploaded."})
     accelerator_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for `accelerate.Accelerator` (not those set from config fields: mixed_precision, log_with, project_config, gradient accumulation)."})
-    project_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments for `accelerate.utils.ProjectConfiguration` (not project_dir or the checkpoint naming, which the trainer sets)."})
+    project_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments for `accelerate.utils.ProjectConfiguration` (e.g. `logging_dir`). TRL's keys keep their meaning: `project_dir` is the run directory (instead of `<logdir>/<run_name>`; checkpoints in `<project_dir>/checkpoints/checkpoint_N`), `total_limit` the number of checkpoints kept (instead of num_checkpoint_limit), `automatic_checkpoint_naming` must be True (checkpoints are always named that way)."})
     tracker_project_name: str = field(default="trl-gfn", metadata={"help": "Project name for the tracker."})
     logdir: str = field(default="logs", metadata={"help": "Top directory for runs: `<logdir>/<run_name>/checkpoints/checkpoint_N` and `<logdir>/<run_name>/final`."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the final LoRA (and flow head) are written; default `<logdir>/<run_name>/final`."})
 
     # --- epochs, checkpoints -----------------------------------------------------------------------
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (one epoch = sample, score, train)."})
-    save_freq: int = field(default=10, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables). Default 10 (TRL's DDPO and AlignProp saved every epoch): a Nabla-GFlowNet checkpoint of SD1.5 (27 M trained parameters: LoRA r8 and flow head, with their two AdamW states) is about 320 MB."})
+    save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints (older ones are deleted)."})
     resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
+    init_from: str = field(default="", metadata={"help": "Start a new run from trained weights: a folder written by trl-gfn (`<run>/final` or a `checkpoint_N`), or any folder or Hub repo (`owner/name`, `owner/name@revision`) holding `pytorch_lora_weights.safetensors` in diffusers format; Nabla-GFlowNet also loads the flow head from its `flow_head/` sub-folder when there is one. lora_rank, lora_alpha and lora_target_modules must be those the LoRA was trained with. Counters and optimizer start fresh (resume_from continues an interrupted run instead)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Checkpoint every UNet call made with gradient as a whole (non-reentrant `torch.utils.checkpoint`, as TRL's AlignProp did): the call keeps only its inputs and the backward pass recomputes it. Same gradients; one more UNet forward per differentiated call (docs/memory.md)."})
@@ -64,7 +65,7 @@ class DiffusionRLConfig:
     sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per process per epoch."})
     negative_prompts: str | None = field(default=None, metadata={"help": "Negative prompt used for the unconditional branch of CFG (default: the empty prompt)."})
     prompt_set: str = field(default="simple_animals", metadata={"help": "Named prompt set shipped with trl_gfn (see `trl_gfn.prompts.available_prompt_sets()`), used when no prompt function or dataset is given."})
-    log_image_freq: int = field(default=10, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables). Default 10 (TRL's AlignProp: every epoch). Nabla-GFlowNet decodes and scores its samples only on these epochs (its loss computes the logged rewards)."})
+    log_image_freq: int = field(default=1, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
     log_num_images: int = field(default=8, metadata={"help": "Number of images in the logged grid (>= 1; set log_image_freq=0 to log none)."})
 
     # --- optimisation --------------------------------------------------------------------------------
@@ -80,8 +81,7 @@ class DiffusionRLConfig:
     train_num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each epoch's samples."})
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the K transitions of each trajectory to train on."})
 
-    # --- LoRA ----------------------------------------------------------------------------------------
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the reference model is the same UNet with the adapter disabled). Full fine-tuning is not supported."})
+    # --- LoRA (always: the reference policy is the same UNet with the adapter switched off; no full fine-tuning) ---------
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to lora_rank, i.e. scale 1)."})
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet module names that get LoRA layers."})
@@ -109,6 +109,9 @@ class DiffusionRLConfig:
         check_name("exp_name", self.exp_name, allow_empty=False)
         check_name("run_name", self.run_name, allow_empty=True)
         _check(bool(self.logdir), "logdir", f"must be a non-empty directory path, got {self.logdir!r}")
+        _check(not (self.init_from and self.resume_from), "init_from",
+               "cannot be combined with resume_from: resume_from continues a run (weights, optimizer, counters from a checkpoint), "
+               f"init_from starts a new one from trained weights; got init_from={self.init_from!r}, resume_from={self.resume_from!r}")
         _check(bool(self.tracker_project_name), "tracker_project_name", f"must be a non-empty string, got {self.tracker_project_name!r}")
         self._check_kwargs_fields()
         from ..prompts import available_prompt_sets
@@ -121,7 +124,6 @@ class DiffusionRLConfig:
             _check(0.0 < self.sample_eta <= 1.0, "sample_eta", f"must be in (0, 1] for the stochastic `ddpm` sampler, got {self.sample_eta}")
         else:
             _check(self.sample_eta == 1.0, "sample_eta", f"is not used by the `dpm_solver_sde` sampler and must stay 1.0, got {self.sample_eta}")
-        _check(self.use_lora, "use_lora", "full fine-tuning is not supported: the reference policy is the UNet with its LoRA adapter disabled")
         _check(all(self.lora_target_modules), "lora_target_modules", f"must name modules (non-empty strings), got {self.lora_target_modules!r}")
         batches = self.sample_batch_size * self.sample_num_batches_per_epoch
         _check(batches % self.train_batch_size == 0, "train_batch_size",
@@ -150,9 +152,24 @@ class DiffusionRLConfig:
             "log_with": "log_with", "mixed_precision": "mixed_precision", "project_config": "logdir/run_name and project_kwargs",
             "project_dir": "logdir/run_name", "gradient_accumulation_steps": "train_gradient_accumulation_steps",
             "gradient_accumulation_plugin": "train_gradient_accumulation_steps"})
-        check_kwargs("project_kwargs", self.project_kwargs, ProjectConfiguration, reserved={
-            "project_dir": "logdir/run_name", "automatic_checkpoint_naming": "the trainer (checkpoints/checkpoint_<epoch>)",
-            "total_limit": "num_checkpoint_limit", "iteration": "the trainer's epoch counter"})
+        check_kwargs("project_kwargs", self.project_kwargs, ProjectConfiguration, reserved={"iteration": "the trainer's epoch counter"})
+        pk = self.project_kwargs
+        if "automatic_checkpoint_naming" in pk:
+            _check(pk["automatic_checkpoint_naming"] is True, "project_kwargs",
+                   f"['automatic_checkpoint_naming'] can only be True: checkpoints are always <run>/checkpoints/checkpoint_<epoch>, got {pk}")
+        if "total_limit" in pk:
+            limit = pk["total_limit"]
+            _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, "project_kwargs",
+                   f"['total_limit'] must be an integer >= 1 (the number of checkpoints kept), got {limit!r}")
+            _check(self.num_checkpoint_limit in (limit, _field_default(type(self), "num_checkpoint_limit")), "num_checkpoint_limit",
+                   f"conflicts with project_kwargs['total_limit']={limit} (both set how many checkpoints are kept); set one of them, "
+                   f"got {self.num_checkpoint_limit}")
+        if pk.get("project_dir") is not None:
+            _check(isinstance(pk["project_dir"], (str, os.PathLike)) and bool(os.fspath(pk["project_dir"])), "project_kwargs",
+                   f"['project_dir'] must be a directory path, got {pk['project_dir']!r}")
+            _check(not self.run_name and self.logdir == _field_default(type(self), "logdir"), "project_kwargs",
+                   f"['project_dir'] names the run directory, as do logdir/run_name (logdir={self.logdir!r}, run_name={self.run_name!r}); "
+                   "set only one of them")
         trackers = [t.value for t in LoggerType]
         for key, value in self.tracker_kwargs.items():
             _check(key in trackers, "tracker_kwargs",
@@ -160,6 +177,11 @@ class DiffusionRLConfig:
             _check(isinstance(value, dict), "tracker_kwargs", f"[{key!r}] must be a dict of init kwargs, got {value!r}")
             if self.log_with is None or (self.log_with != "all" and key != self.log_with):
                 warn_ignored(f"tracker_kwargs[{key!r}]", f"log_with={self.log_with!r} does not start that tracker")
+
+    @property
+    def checkpoint_limit(self) -> int:
+        """How many checkpoints are kept: ``project_kwargs['total_limit']`` (TRL's name) or ``num_checkpoint_limit``."""
+        return int(self.project_kwargs.get("total_limit", self.num_checkpoint_limit))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -186,6 +208,11 @@ class DiffusionRLConfig:
     def field_help(cls) -> dict[str, str]:
         """Field name -> help text (used by the docs and the example CLI)."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def _field_default(cls: type, name: str) -> Any:
+    f = {f.name: f for f in fields(cls)}[name]
+    return f.default
 
 
 def warn_ignored(name: str, reason: str) -> None:

@@ -30,7 +30,7 @@ class DRaFTConfig(DiffusionRLConfig):
     draft_k: int = field(default=1, metadata={"help": "K: back-propagate the reward through the last K sampling steps (DRaFT-K); 0 means all sample_num_steps steps (full DRaFT)."})
     draft_lv_copies: int = field(default=0, metadata={"help": "n >= 1 turns on DRaFT-LV (needs draft_k=1): n re-noised copies of x_1 = q(x_1 | x_0) are denoised with gradient and their rewards averaged; 0 disables."})
     truncated_backprop_rand: bool = field(default=False, metadata={"help": "AlignProp: randomise the truncation point per micro-batch (overrides draft_k)."})
-    truncated_rand_backprop_minmax: list[int] | None = field(default=None, metadata={"help": "AlignProp: inclusive range [lo, hi] of the first differentiated step index t (sampling order, 0 = noisiest); steps t..K-1 get gradient. Default [0, sample_num_steps - 1]."})
+    truncated_rand_backprop_minmax: list[int] | None = field(default=None, metadata={"help": "AlignProp: inclusive range [lo, hi] of the first differentiated step index t (sampling order, 0 = noisiest), drawn once per micro-batch; steps t..K-1 get gradient, t = K (allowed, as TRL's default (0, 50) for 50 steps) none. Default [0, sample_num_steps - 1]."})
 
     field_ranges = {"draft_k": ">= 0", "draft_lv_copies": ">= 0", "truncated_rand_backprop_minmax": ">= 0"}
 
@@ -43,8 +43,9 @@ class DRaFTConfig(DiffusionRLConfig):
             _check(not self.truncated_backprop_rand, "truncated_backprop_rand", "cannot be combined with DRaFT-LV (draft_lv_copies > 0)")
         if self.truncated_rand_backprop_minmax is not None:
             mm = self.truncated_rand_backprop_minmax
-            _check(len(mm) == 2 and all(isinstance(v, int) for v in mm) and 0 <= mm[0] <= mm[1] <= K - 1, "truncated_rand_backprop_minmax",
-                   f"must be two integers 0 <= lo <= hi <= sample_num_steps - 1 = {K - 1} (a step index t; steps t..K-1 get gradient), got {mm!r}")
+            _check(len(mm) == 2 and all(isinstance(v, int) for v in mm) and 0 <= mm[0] <= mm[1] <= K, "truncated_rand_backprop_minmax",
+                   f"must be two integers 0 <= lo <= hi <= sample_num_steps = {K} (a step index t; steps t..K-1 get gradient, "
+                   f"t = K none), got {mm!r}")
             self.truncated_rand_backprop_minmax = [int(mm[0]), int(mm[1])]
             if not self.truncated_backprop_rand:
                 warn_ignored("truncated_rand_backprop_minmax", "truncated_backprop_rand=False (draft_k sets the truncation)")
@@ -65,25 +66,39 @@ class DRaFTConfig(DiffusionRLConfig):
 
 @dataclass
 class AlignPropConfig(DRaFTConfig):
-    """Configuration of AlignProp (:class:`~trl_gfn.AlignPropTrainer`), with TRL's former ``AlignPropConfig`` names.
+    """Configuration of AlignProp (:class:`~trl_gfn.AlignPropTrainer`), with TRL's former ``AlignPropConfig`` names and meanings.
 
     AlignProp is DRaFT with randomised truncation: ``truncated_backprop_rand=True`` (default) draws the first
     differentiated step from ``truncated_rand_backprop_minmax``; with ``truncated_backprop_rand=False``
     gradients reach steps ``truncated_backprop_timestep .. K-1`` (TRL's default 49 with K = 50: the last step).
 
-    Differences from TRL: ``truncated_rand_backprop_minmax`` defaults to ``[0, K - 1]`` (TRL's ``(0, 50)``
-    could draw t = 50, a micro-batch without any gradient); an epoch has ``sample_batch_size *
-    sample_num_batches_per_epoch`` samples (defaults 1 and 1: one sample and one update per epoch, as TRL's
-    defaults ``train_batch_size=1``, ``train_gradient_accumulation_steps=1`` gave).
+    As in TRL, an epoch is one optimizer step over ``train_gradient_accumulation_steps`` micro-batches of
+    ``train_batch_size`` samples drawn with gradient: ``sample_batch_size`` and ``sample_num_batches_per_epoch``
+    default to those two (set them to draw more micro-batches per epoch). Differences from TRL:
+    ``truncated_rand_backprop_minmax`` defaults to ``[0, K - 1]`` (TRL's ``(0, 50)`` is accepted; its t = 50 gives a
+    micro-batch without gradient) and t is drawn once per micro-batch, not anew at every step.
     """
 
-    sample_num_batches_per_epoch: int = field(default=1, metadata={"help": "Micro-batches of sample_batch_size drawn with gradient per epoch (TRL's AlignProp: train_gradient_accumulation_steps)."})
+    sample_batch_size: int | None = field(default=None, metadata={"help": "Samples per sampling batch; default (None) train_batch_size, as TRL's AlignProp drew train_batch_size samples per micro-batch."})
+    sample_num_batches_per_epoch: int | None = field(default=None, metadata={"help": "Sampling batches per epoch; default (None) train_gradient_accumulation_steps, i.e. one optimizer step per epoch as in TRL's AlignProp."})
     truncated_backprop_rand: bool = field(default=True, metadata={"help": "Randomise the truncation point per micro-batch (AlignProp's randomised truncated backpropagation)."})
     truncated_backprop_timestep: int | None = field(default=None, metadata={"help": "With truncated_backprop_rand=False: the first step index (sampling order) that gets gradient; steps before it are detached. Default sample_num_steps - 1 (TRL's 49 for 50 steps): the last step only. Sets draft_k = sample_num_steps - truncated_backprop_timestep."})
 
     field_ranges = {"truncated_backprop_timestep": ">= 0"}
 
+    def __post_init__(self) -> None:
+        #: fields left at None and filled from train_batch_size / train_gradient_accumulation_steps (refilled on every validate)
+        self._derived = {name for name in ("sample_batch_size", "sample_num_batches_per_epoch") if getattr(self, name) is None}
+        super().__post_init__()
+
     def validate(self) -> None:
+        derived = getattr(self, "_derived", set())
+        for name, source in (("sample_batch_size", "train_batch_size"), ("sample_num_batches_per_epoch", "train_gradient_accumulation_steps")):
+            value = getattr(self, source)
+            if name in derived or getattr(self, name) is None:
+                derived.add(name)  # a bad source value is reported under its own name by check_fields below
+                setattr(self, name, value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None)
+        self._derived = derived
         check_fields(self)  # before the timestep is turned into draft_k
         K = self.sample_num_steps
         if self.truncated_backprop_timestep is not None:

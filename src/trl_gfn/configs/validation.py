@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 #: fields that name a file-system location: an ``os.PathLike`` is accepted and stored as a string
-PATH_FIELDS = ("logdir", "output_dir", "resume_from")
+PATH_FIELDS = ("logdir", "output_dir", "resume_from", "init_from")
 
 _RANGE = re.compile(r"^\s*(?:(?P<op>>=|>|<=|<)\s*(?P<bound>\S+)|(?P<lo_b>[\[(])\s*(?P<lo>\S+)\s*,\s*(?P<hi>\S+)\s*(?P<hi_b>[\])]))\s*$")
 

@@ -221,14 +221,11 @@ def evaluate_images(images: torch.Tensor, reward_fn, reference: dict[str, Any], 
     }
 
 
-def build_trainer(method: str, seed: int, settings: BenchmarkSettings, reward_fn, logdir: str | None = None, **overrides):
-    """A trainer of ``method`` on a fresh bundled pipeline (resets accelerate's process state first)."""
+def method_config(method: str, seed: int, settings: BenchmarkSettings, logdir: str | None = None, **overrides):
+    """The config object of ``method`` in this benchmark (settings, then the method's overrides, then ``overrides``)."""
     import trl_gfn.configs as configs
-    import trl_gfn.trainers as trainers
-    from trl_gfn.testing import reset_accelerate_state
 
-    reset_accelerate_state()
-    trainer_name, config_name, method_overrides, _ = METHODS[method]
+    _, config_name, method_overrides, _ = METHODS[method]
     kwargs = dict(
         num_epochs=settings.epochs, sample_num_steps=settings.sample_num_steps, sample_guidance_scale=settings.guidance_scale,
         sample_eta=1.0, sample_batch_size=settings.sample_batch_size, sample_num_batches_per_epoch=settings.sample_num_batches_per_epoch,
@@ -240,9 +237,18 @@ def build_trainer(method: str, seed: int, settings: BenchmarkSettings, reward_fn
         kwargs.update(reward_scale=settings.reward_scale, unet_reg_scale=settings.unet_reg_scale)
     kwargs.update(method_overrides)
     kwargs.update(overrides)
-    config = getattr(configs, config_name)(**kwargs)
+    return getattr(configs, config_name)(**kwargs)
+
+
+def build_trainer(method: str, seed: int, settings: BenchmarkSettings, reward_fn, logdir: str | None = None, **overrides):
+    """A trainer of ``method`` on a fresh bundled pipeline (resets accelerate's process state first)."""
+    import trl_gfn.trainers as trainers
+    from trl_gfn.testing import reset_accelerate_state
+
+    reset_accelerate_state()
+    config = method_config(method, seed, settings, logdir, **overrides)
     pipeline = load_pipeline(use_lora=False)
-    return getattr(trainers, trainer_name)(config, reward_fn, pipeline, prompt_function=[settings.prompt])
+    return getattr(trainers, METHODS[method][0])(config, reward_fn, pipeline, prompt_function=[settings.prompt])
 
 
 def run_method(method: str, seed: int, settings: BenchmarkSettings, reference: dict[str, Any], reward_fn=None,

@@ -2,5 +2,6 @@
 
 from .rl_pipeline import DiffusionPipelineForRL
 from .trajectory import Trajectories, TransitionBatch
+from .trl_compat import DefaultDDPOStableDiffusionPipeline
 
-__all__ = ["DiffusionPipelineForRL", "Trajectories", "TransitionBatch"]
+__all__ = ["DefaultDDPOStableDiffusionPipeline", "DiffusionPipelineForRL", "Trajectories", "TransitionBatch"]

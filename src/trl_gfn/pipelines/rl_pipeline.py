@@ -20,6 +20,8 @@ from .trajectory import Trajectories
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: name of the adapter :meth:`DiffusionPipelineForRL.add_lora` creates (diffusers' ``load_lora_weights`` names its own ``default_0``, ...)
+ADAPTER_NAME = "default"
 
 
 class DiffusionPipelineForRL:
@@ -29,6 +31,10 @@ class DiffusionPipelineForRL:
     object. The wrapper owns the LoRA adapter (:meth:`add_lora`), the reference switch
     (:meth:`reference_mode`), prompt encoding, guided noise prediction, trajectory sampling, decoding and
     LoRA save/load in diffusers format.
+
+    A LoRA that diffusers already loaded into the UNet (``pipeline.load_lora_weights(...)`` before wrapping) is
+    detected and becomes the trained adapter once the trainer has checked it against its config
+    (:meth:`ensure_lora`): training continues from it instead of adding a second, fresh adapter.
     """
 
     def __init__(self, pipeline: StableDiffusionPipeline):
@@ -45,6 +51,20 @@ class DiffusionPipelineForRL:
         self.pipeline = pipeline
         self.weight_dtype = pipeline.unet.dtype
         self._lora_config = None
+        self.adapter_name = ADAPTER_NAME
+        #: an adapter found in the UNet when wrapping (e.g. loaded by diffusers' ``load_lora_weights``), not yet checked
+        self.loaded_adapter: str | None = None
+        text_adapters = sorted(getattr(pipeline.text_encoder, "peft_config", None) or {})
+        if text_adapters:
+            raise ValueError(f"the text encoder has LoRA adapter(s) {text_adapters} (e.g. from load_lora_weights): trl-gfn trains and "
+                             "switches off UNet LoRAs only. Fuse them first (pipeline.fuse_lora(components=['text_encoder']); "
+                             "pipeline.unload_lora_weights()) or load a UNet-only LoRA")
+        unet_adapters = sorted(getattr(pipeline.unet, "peft_config", None) or {})
+        if len(unet_adapters) > 1:
+            raise ValueError(f"the UNet has {len(unet_adapters)} LoRA adapters {unet_adapters}; trl-gfn trains one. Fuse the others into "
+                             "the weights (pipeline.fuse_lora(adapter_names=[...]); pipeline.unload_lora_weights()) or load one LoRA")
+        if unet_adapters:
+            self.loaded_adapter = self.adapter_name = unet_adapters[0]
         for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet):
             module.requires_grad_(False)
         pipeline.vae.eval()
@@ -144,42 +164,78 @@ class DiffusionPipelineForRL:
         if self.has_lora:
             raise ValueError("the pipeline already has a LoRA adapter")
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian", target_modules=list(target_modules))
-        self.unet.add_adapter(config)
+        self.adapter_name = ADAPTER_NAME
+        self.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
         self._lora_config = config
         for p in self.lora_parameters():
             p.data = p.data.float()
 
     def ensure_lora(self, rank: int, alpha: int | None, target_modules: Sequence[str]) -> None:
-        """Add the LoRA adapter the config asks for, or check that the existing one matches it and make it trainable
-        (wrapping a pipeline freezes all of its UNet, an existing adapter included)."""
+        """Add the LoRA adapter the config asks for, or check that the existing one matches it.
+
+        An adapter found when wrapping (:attr:`loaded_adapter`) must have the config's rank, scale alpha/rank and
+        target modules (errors name ``lora_rank``, ``lora_alpha``, ``lora_target_modules``); it then becomes the
+        trained adapter (float32, ``requires_grad``), so training continues from it. An adapter added by an earlier
+        wrapper is made trainable again (wrapping a pipeline freezes all of its UNet, that adapter included).
+        """
         if not self.has_lora:
             self.add_lora(rank, alpha, target_modules)
             return
-        for p in self.lora_parameters():
-            p.requires_grad_(True)
+        want_alpha = alpha if alpha is not None else rank
+        if self.loaded_adapter is not None:
+            self._adopt_loaded_adapter(rank, want_alpha, target_modules)
+            return
         cfg = self._lora_config
         if cfg is not None:
             if cfg.r != rank:
                 raise ValueError(f"lora_rank: the pipeline's LoRA adapter has rank {cfg.r} but the config asks for {rank}")
-            want_alpha = alpha if alpha is not None else rank
             if cfg.lora_alpha != want_alpha:
                 raise ValueError(f"lora_alpha: the pipeline's LoRA adapter has alpha {cfg.lora_alpha} but the config asks for {want_alpha}")
             if set(cfg.target_modules) != set(target_modules):
                 raise ValueError(f"lora_target_modules: the pipeline's adapter targets {sorted(cfg.target_modules)}, the config {sorted(target_modules)}")
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
+
+    def _adopt_loaded_adapter(self, rank: int, alpha: int, target_modules: Sequence[str]) -> None:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraLayer
+
+        name = self.loaded_adapter
+        layers = {n: m for n, m in self.unet.named_modules() if isinstance(m, LoraLayer) and name in getattr(m, "r", {})}
+        where = f"the LoRA adapter {name!r} loaded into the UNet before wrapping"
+        ranks = sorted({int(m.r[name]) for m in layers.values()})
+        if ranks != [rank]:
+            raise ValueError(f"lora_rank: {where} has rank {ranks if len(ranks) > 1 else ranks[0]}, the config asks for {rank}")
+        scales = sorted({round(float(m.scaling[name]), 6) for m in layers.values()})
+        if scales != [round(alpha / rank, 6)]:
+            raise ValueError(f"lora_alpha: {where} scales by {scales} (alpha / rank); the config's lora_alpha={alpha} with "
+                             f"lora_rank={rank} scales by {alpha / rank:g}")
+        unmatched = sorted(n for n in layers if not any(n == t or n.endswith("." + t) for t in target_modules))
+        unused = sorted(t for t in target_modules if not any(n == t or n.endswith("." + t) for n in layers))
+        if unmatched or unused:
+            raise ValueError(f"lora_target_modules: {where} wraps modules the config does not name ({unmatched[:3]}) or misses targets "
+                             f"the config names ({unused}); config: {sorted(target_modules)}")
+        self._lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+        self.unet.set_adapter(name)
+        self.loaded_adapter = None
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
+            p.data = p.data.float()
 
     @property
     def has_lora(self) -> bool:
         return bool(getattr(self.unet, "_hf_peft_config_loaded", False)) and any("lora_" in n for n, _ in self.unet.named_parameters())
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        """The parameters of the trained adapter (:attr:`adapter_name`)."""
+        return [p for n, p in self.unet.named_parameters() if _is_lora_param(n, self.adapter_name)]
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in diffusers' LoRA key format (as ``load_lora_weights`` expects)."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=self.adapter_name))
 
     def save_lora(self, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
         """Write ``pytorch_lora_weights.safetensors`` loadable with ``StableDiffusionPipeline.load_lora_weights``."""
@@ -208,14 +264,14 @@ class DiffusionPipelineForRL:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         state = convert_unet_state_dict_to_peft(state)
         try:
-            result = set_peft_model_state_dict(self.unet, state)
+            result = set_peft_model_state_dict(self.unet, state, adapter_name=self.adapter_name)
         except RuntimeError as err:  # e.g. size mismatches: the file has another LoRA rank
             problems = [line.strip() for line in str(err).splitlines() if "mismatch" in line] or [str(err)]
             rank = self._lora_config.r if self._lora_config is not None else "?"
-            raise ValueError(f"LoRA weights at {path} do not fit this pipeline's adapter (rank {rank}): {len(problems)} problem(s), "
-                             f"e.g. {problems[0]}") from err
+            raise ValueError(f"LoRA weights at {path} do not fit this pipeline's adapter (rank {rank}; lora_rank and lora_target_modules "
+                             f"must be those the LoRA was trained with): {len(problems)} problem(s), e.g. {problems[0]}") from err
         unexpected = getattr(result, "unexpected_keys", [])
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        missing = [k for k in getattr(result, "missing_keys", []) if _is_lora_param(k, self.adapter_name)]
         if unexpected or missing:
             raise ValueError(f"LoRA weights at {path} do not match the adapter: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for p in self.lora_parameters():
@@ -353,3 +409,9 @@ class DiffusionPipelineForRL:
         if len(generators) != shape[0]:
             raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
         return torch.stack([torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generators])
+
+
+def _is_lora_param(name: str, adapter: str) -> bool:
+    """Whether parameter ``name`` belongs to LoRA adapter ``adapter`` (``...to_q.lora_A.<adapter>.weight``)."""
+    parts = name.split(".")
+    return any(part.startswith("lora_") and i + 1 < len(parts) and parts[i + 1] == adapter for i, part in enumerate(parts))

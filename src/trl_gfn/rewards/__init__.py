@@ -11,6 +11,7 @@ from .compressibility import JpegCompressibilityReward
 from .heads import AffineMLPHead
 from .hub import PretrainedRewardModel
 from .imagereward import ImageRewardScorer
+from .official import OFFICIAL_REWARDS, OfficialCheckpointError
 from .presets import REWARD_CLASSES, REWARD_PRESETS, get_reward_preset, load_reward
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "HPSv2Scorer",
     "ImageRewardScorer",
     "JpegCompressibilityReward",
+    "OFFICIAL_REWARDS",
+    "OfficialCheckpointError",
     "PickScoreScorer",
     "PretrainedRewardModel",
     "REWARD_CLASSES",

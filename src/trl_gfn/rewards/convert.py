@@ -15,7 +15,7 @@ Sources of the official files:
   + ``openai/clip-vit-large-patch14``;
 - HPSv2 / v2.1: ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` (xswu/HPSv2) + any CLIP BPE
   tokenizer (e.g. ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``);
-- ImageReward: ``ImageReward.pt`` + ``med_config.json`` (THUDM/ImageReward) + ``bert-base-uncased``;
+- ImageReward: ``ImageReward.pt`` + ``med_config.json`` (THUDM/ImageReward) + ``google-bert/bert-base-uncased``;
 - PickScore: ``yuvalkirstain/PickScore_v1`` + the ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` tokenizer.
 """
 
@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("imagereward", help="ImageReward v1.0 (ImageReward.pt + med_config.json)")
     p.add_argument("--checkpoint", required=True, help="ImageReward.pt")
     p.add_argument("--med-config", required=True, help="ImageReward's med_config.json")
-    p.add_argument("--tokenizer", default="bert-base-uncased", help="bert-base-uncased tokenizer id or directory")
+    p.add_argument("--tokenizer", default="google-bert/bert-base-uncased", help="bert-base-uncased tokenizer id or directory")
     p.add_argument("--head-width", type=int, default=64, help="ViT attention head width (heads = width / head-width; 64 in BLIP)")
     common(p)
 

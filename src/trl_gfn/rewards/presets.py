@@ -1,4 +1,4 @@
-"""Reference settings per reward, and ``load_reward(name)`` for the example scripts.
+"""Reference settings per reward, and ``load_reward(name)``.
 
 ``REWARD_PRESETS[name]`` holds what an experiment with that reward needs besides the model:
 
@@ -6,13 +6,12 @@
 - ``prompts``: the named prompt set the reward is evaluated with;
 - ``flow_head_uses_prompt``: whether the flow head g_φ sees the prompt embedding (``False`` for
   prompt-free rewards: it then gets a zero embedding);
-- ``pretrained_model_name_or_path``: the default Hub id of the converted reward;
 - ``reward_class``: the class name in :mod:`trl_gfn.rewards`.
 
 Chosen values and why:
 
 - aesthetic: β = 1e4, λ = 2e3 (the reference values).
-- hpsv2: β = 5e5, λ = 5e3. The reference range is β 5e5…1e4, λ 5e3…1e2. HPS is a bare cosine:
+- hpsv2 / hpsv2.1: β = 5e5, λ = 5e3. The reference range is β 5e5…1e4, λ 5e3…1e2. HPS is a bare cosine:
   differences between samples of one prompt are ≈0.03, against ≈1.5 for the aesthetic score, so
   β = 5e5 gives the same tilt β·Δr ≈ 1.5e4 as the aesthetic preset; with it the top of the λ range
   (5e3, same order as the other rewards' λ) keeps the trust region comparable. Lower both ends together
@@ -22,12 +21,13 @@ Chosen values and why:
   (logit scale 100), so per unit of cosine β = 5e3 matches the HPSv2 preset (5e5 / 100); its
   per-prompt spread (≈0.5–2) is that of ImageReward, for which λ = 5e3 is the reference.
 
-The Hub ids are where the converted rewards are published; until they are, make the directories
-with ``trl-gfn-convert-reward`` from the official files and pass them as ``pretrained_model_name_or_path``.
+Where the weights come from: :mod:`trl_gfn.rewards.official` (the authors' own checkpoints, converted and
+cached on first use).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .aesthetic import AestheticScorer
@@ -35,14 +35,10 @@ from .base import RewardModel
 from .clip_scorers import HPSv2Scorer, PickScoreScorer
 from .imagereward import ImageRewardScorer
 
-AESTHETIC_HUB_ID = "trl-gfn/aesthetic-v2-clip-l14"
-HPSV2_HUB_ID = "trl-gfn/hpsv2.1-clip-h14"
-IMAGEREWARD_HUB_ID = "trl-gfn/imagereward-v1.0"
-PICKSCORE_HUB_ID = "trl-gfn/pickscore-v1-clip-h14"
-
 REWARD_CLASSES: dict[str, type[RewardModel]] = {
     "aesthetic": AestheticScorer,
     "hpsv2": HPSv2Scorer,
+    "hpsv2.1": HPSv2Scorer,
     "imagereward": ImageRewardScorer,
     "pickscore": PickScoreScorer,
 }
@@ -50,7 +46,6 @@ REWARD_CLASSES: dict[str, type[RewardModel]] = {
 REWARD_PRESETS: dict[str, dict[str, Any]] = {
     "aesthetic": {
         "reward_class": "AestheticScorer",
-        "pretrained_model_name_or_path": AESTHETIC_HUB_ID,
         "reward_scale": 1e4,
         "unet_reg_scale": 2e3,
         "prompts": "simple_animals",
@@ -58,7 +53,13 @@ REWARD_PRESETS: dict[str, dict[str, Any]] = {
     },
     "hpsv2": {
         "reward_class": "HPSv2Scorer",
-        "pretrained_model_name_or_path": HPSV2_HUB_ID,
+        "reward_scale": 5e5,
+        "unet_reg_scale": 5e3,
+        "prompts": "hpdv2",
+        "flow_head_uses_prompt": True,
+    },
+    "hpsv2.1": {
+        "reward_class": "HPSv2Scorer",
         "reward_scale": 5e5,
         "unet_reg_scale": 5e3,
         "prompts": "hpdv2",
@@ -66,7 +67,6 @@ REWARD_PRESETS: dict[str, dict[str, Any]] = {
     },
     "imagereward": {
         "reward_class": "ImageRewardScorer",
-        "pretrained_model_name_or_path": IMAGEREWARD_HUB_ID,
         "reward_scale": 1e4,
         "unet_reg_scale": 5e3,
         "prompts": "drawbench",
@@ -74,7 +74,6 @@ REWARD_PRESETS: dict[str, dict[str, Any]] = {
     },
     "pickscore": {
         "reward_class": "PickScoreScorer",
-        "pretrained_model_name_or_path": PICKSCORE_HUB_ID,
         "reward_scale": 5e3,
         "unet_reg_scale": 5e3,
         "prompts": "drawbench",
@@ -90,14 +89,28 @@ def get_reward_preset(name: str) -> dict[str, Any]:
     return dict(REWARD_PRESETS[name])
 
 
-def load_reward(name: str, pretrained_model_name_or_path: str | None = None, **kwargs: Any) -> RewardModel:
-    """Load the reward ``name`` ("aesthetic", "hpsv2", "imagereward", "pickscore") from a Hub id or directory.
+def load_reward(name: str, pretrained_model_name_or_path: str | os.PathLike | None = None, *, reward_cache_dir: str | None = None,
+                source_dir: str | None = None, cache_dir: str | None = None, local_files_only: bool = False, token: str | bool | None = None,
+                **kwargs: Any) -> RewardModel:
+    """The reward ``name`` ("aesthetic", "hpsv2", "hpsv2.1", "imagereward", "pickscore"), ready to score.
 
-    ``pretrained_model_name_or_path`` defaults to the preset's Hub id; ``kwargs`` go to ``from_pretrained``
-    (``revision``, ``cache_dir``, ``local_files_only``, ``map_location``, ``token`` ...). Raises if the
-    weights, config or tokenizer are missing (never returns a randomly initialised reward).
+    Without ``pretrained_model_name_or_path`` the authors' official checkpoint is used: downloaded into the
+    Hugging Face cache on first use (``cache_dir``, ``local_files_only``, ``token`` as in ``hf_hub_download``;
+    or read from ``source_dir/<owner>/<repo>/<filename>``), converted, and cached under ``reward_cache_dir``
+    (default: the HF assets cache, ``~/.cache/huggingface/assets/trl-gfn``); later calls load the cached
+    conversion (see :mod:`trl_gfn.rewards.official`). With it, an already converted reward is loaded from that
+    directory or Hub id with ``from_pretrained`` (``kwargs`` such as ``revision`` and ``map_location`` go there).
+    Raises if any file is missing or incomplete, naming it (never returns a randomly initialised reward).
     """
-    preset = get_reward_preset(name)
+    get_reward_preset(name)  # names the known rewards if ``name`` is not one
     cls = REWARD_CLASSES[name]
-    path = pretrained_model_name_or_path or preset["pretrained_model_name_or_path"]
-    return cls.from_pretrained(path, **kwargs)
+    hub = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    if pretrained_model_name_or_path is not None:
+        if reward_cache_dir is not None or source_dir is not None:
+            raise ValueError("load_reward: reward_cache_dir and source_dir are for the official checkpoints; they cannot be combined "
+                             "with pretrained_model_name_or_path (an already converted reward)")
+        return cls.from_pretrained(pretrained_model_name_or_path, **{k: v for k, v in hub.items() if v}, **kwargs)
+    from .official import ensure_converted
+
+    folder = ensure_converted(name, reward_cache_dir=reward_cache_dir, source_dir=source_dir, **hub)
+    return cls.from_pretrained(folder, **kwargs)

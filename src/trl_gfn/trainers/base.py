@@ -42,12 +42,12 @@ from .checkpoints import (
     resolve_resume_path,
     write_manifest,
 )
-from .hub import public_model_name, render_model_card, upload_files
+from .publishing import PublishingMixin
 
 logger = get_logger(__name__)
 
 #: config fields that do not shape what a checkpoint holds: left out of the differences listed when one does not fit
-RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "num_epochs", "save_freq", "num_checkpoint_limit",
+RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "init_from", "num_epochs", "save_freq", "num_checkpoint_limit",
                    "log_with", "tracker_kwargs", "tracker_project_name", "accelerator_kwargs", "project_kwargs", "log_image_freq",
                    "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing",
                    "vae_gradient_checkpointing"}
@@ -100,7 +100,7 @@ class _Dispatch:
         return self.model(self.name, *args, **kwargs)
 
 
-class DiffusionRLTrainer:
+class DiffusionRLTrainer(PublishingMixin):
     """Base class of the trl-gfn trainers (see the module docstring for what a method overrides).
 
     Args:
@@ -110,8 +110,12 @@ class DiffusionRLTrainer:
         pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` is wrapped).
         prompt_function: a callable ``() -> (prompt, metadata)``, a list of prompts, a ``datasets.Dataset``
             with a ``prompt`` column, or a prompt-set name; default ``config.prompt_set``.
-        image_samples_hook: optional ``hook(prompt_image_data, global_step, tracker)`` called when images
-            are logged (as in TRL's former DDPOTrainer).
+        image_samples_hook: optional ``hook(image_data, global_step, tracker)`` called on the main process every
+            ``log_image_freq`` epochs with what :meth:`image_hook_data` returns (TRL's structures) and the first
+            tracker (None without ``log_with``).
+
+    TRL's argument order ``(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)`` and its
+    ``sd_pipeline=`` keyword are accepted too: the pipeline is recognised by its type.
     """
 
     config_class: type[DiffusionRLConfig] = DiffusionRLConfig
@@ -128,10 +132,13 @@ class DiffusionRLTrainer:
         self,
         config: DiffusionRLConfig,
         reward_function: Callable,
-        pipeline: DiffusionPipelineForRL,
+        pipeline: DiffusionPipelineForRL | None = None,
         prompt_function: Any = None,
         image_samples_hook: Callable | None = None,
+        *,
+        sd_pipeline: Any = None,
     ) -> None:
+        pipeline, prompt_function = _pipeline_and_prompts(pipeline, prompt_function, sd_pipeline)
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         config.validate()
@@ -145,10 +152,21 @@ class DiffusionRLTrainer:
         self.config = config
         self.pipeline = pipeline
         self.image_samples_hook = image_samples_hook
+        #: the first distinct prompts trained on (:meth:`note_prompts`), shown in the model card
+        self.card_prompts: list[str] = []
+        #: per sampling batch of the last epoch: ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (TRL DDPO's hook data)
+        self.sampled_batches: list[list[Any]] = []
         self.resume_path = resolve_resume_path(config.resume_from) if config.resume_from else None
 
+        project_kwargs = dict(config.project_kwargs)
+        project_dir = project_kwargs.pop("project_dir", None)  # TRL's way of naming the run directory
+        for key in ("automatic_checkpoint_naming", "total_limit"):  # TRL's checkpoint naming and limit: the trainer applies them
+            project_kwargs.pop(key, None)
         run_name = config.run_name or f"{config.exp_name}_{time.strftime('%Y.%m.%d_%H.%M.%S')}"
         run_dir = os.path.join(config.logdir, run_name)
+        if project_dir:
+            run_dir = os.fspath(project_dir)
+            run_name = config.run_name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
         if self.resume_path is not None and not config.run_name:
             # continue in the run directory the checkpoint belongs to (<run>/checkpoints/checkpoint_N)
             parent = os.path.dirname(self.resume_path)
@@ -158,6 +176,7 @@ class DiffusionRLTrainer:
         self.run_dir = run_dir
         self.output_dir = config.output_dir or os.path.join(self.run_dir, "final")
 
+        _warn_if_launched_as_one_process()
         accelerator_kwargs = dict(config.accelerator_kwargs)
         if "cpu" not in accelerator_kwargs and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator_device():
             # launched with several processes on a machine without GPUs (e.g. `accelerate launch --multi_gpu` on CPU):
@@ -168,7 +187,7 @@ class DiffusionRLTrainer:
         self.accelerator = Accelerator(
             log_with=config.log_with,
             mixed_precision=config.mixed_precision,
-            project_config=ProjectConfiguration(project_dir=self.run_dir, **config.project_kwargs),
+            project_config=ProjectConfiguration(project_dir=self.run_dir, **project_kwargs),
             gradient_accumulation_steps=self.accumulation_steps,
             **accelerator_kwargs,
         )
@@ -199,6 +218,8 @@ class DiffusionRLTrainer:
         if config.gradient_checkpointing:
             self.modules.checkpointed = frozenset({"unet"})
         self.modules.to(device)
+        if config.init_from:
+            self.init_weights_from(config.init_from)
         optimizer = self.build_optimizer(self.param_groups())
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and int(plugin.zero_stage or 0) >= 3:
@@ -214,6 +235,8 @@ class DiffusionRLTrainer:
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
 
         self.prompt_source = PromptSource(prompt_function if prompt_function is not None else config.prompt_set, seed=config.seed)
+        if self.needs_reward_gradient:
+            self.probe_reward_gradient()
         self.last_metrics: dict[str, float] = {}
         self._training_rewards: list[torch.Tensor] = []
         if self.accelerator.is_main_process and config.log_with is not None:
@@ -254,6 +277,33 @@ class DiffusionRLTrainer:
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`checkpoint_state` saved."""
+
+    def probe_reward_gradient(self) -> None:
+        """Fail at start-up, not after the first sampling epoch, if the reward cannot be differentiated w.r.t. the images.
+
+        A reward declaring ``differentiable = False`` is refused; otherwise it is called once on one random image of the
+        pipeline's output size with a prompt of the prompt source, and its gradient w.r.t. the image must exist and be finite.
+        """
+        name = getattr(self.reward_fn, "name", None) or getattr(self.reward_fn, "__name__", None) or type(self.reward_fn).__name__
+        me = type(self).__name__
+        if getattr(self.reward_fn, "differentiable", True) is False:
+            raise ValueError(f"reward_function: {name} is not differentiable (differentiable=False), but {me} back-propagates the reward "
+                             "into the images; use DDPOTrainer for non-differentiable rewards")
+        _, h, w = self.pipeline.latent_shape
+        scale = 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+        generator = torch.Generator().manual_seed(sample_seed(self.config.seed, 997))
+        images = torch.rand(1, 3, h * scale, w * scale, generator=generator).to(self.accelerator.device).requires_grad_(True)
+        prompts, metadata = self.prompt_source([0], 0)
+        try:
+            with torch.enable_grad():
+                rewards, _ = self.compute_rewards(images, prompts, metadata, need_grad=True)
+                (grad,) = torch.autograd.grad(rewards.sum(), images, allow_unused=True)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ValueError(f"reward_function: {me} differentiates the reward w.r.t. the images, and a probe call at start-up "
+                             f"(one random {h * scale}x{w * scale} image, prompt {prompts[0]!r}) failed: {err}") from err
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"reward_function: {name}'s rewards have {'no' if grad is None else 'a non-finite'} gradient w.r.t. the images "
+                             f"(probe at start-up, prompt {prompts[0]!r}); {me} needs a differentiable reward. Use DDPOTrainer otherwise.")
 
     # ------------------------------------------------------------------ building blocks
     def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -331,8 +381,10 @@ class DiffusionRLTrainer:
             parts.append(traj)
             if score:
                 pending.append(self.start_scoring(traj))
-        for traj, rewards in zip(parts, pending):
-            traj.rewards = rewards()
+        self.sampled_batches = []
+        for traj, scored in zip(parts, pending):
+            traj.rewards, reward_metadata = scored()
+            self.sampled_batches.append([traj.images, list(traj.prompts), list(traj.prompt_metadata), traj.rewards, reward_metadata])
         return Trajectories.concatenate(parts)
 
     @property
@@ -346,18 +398,18 @@ class DiffusionRLTrainer:
         """Record rewards of sampled x_0 computed by the loss (see :attr:`rewards_from_training`)."""
         self._training_rewards.append(rewards.detach().float())
 
-    def start_scoring(self, traj: Trajectories) -> Callable[[], torch.Tensor]:
-        """Begin scoring a sampled batch; returns a function that gives its rewards.
+    def start_scoring(self, traj: Trajectories) -> Callable[[], tuple[torch.Tensor, dict]]:
+        """Begin scoring a sampled batch; returns a function that gives its ``(rewards, reward_metadata)``.
 
         Scores at once here; DDPO's ``async_reward_computation`` overrides it to overlap scoring with sampling.
         """
-        rewards = self.score_no_grad(traj.images, traj.prompts, traj.prompt_metadata)
-        return lambda: rewards
+        scored = self.score_no_grad(traj.images, traj.prompts, traj.prompt_metadata)
+        return lambda: scored
 
-    def score_no_grad(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> torch.Tensor:
-        """Rewards without gradient (grad mode is thread-local, so it is set here, also in worker threads)."""
+    def score_no_grad(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> tuple[torch.Tensor, dict]:
+        """``(rewards, reward_metadata)`` without gradient (grad mode is thread-local, so it is set here, also in worker threads)."""
         with torch.no_grad():
-            return self.compute_rewards(images, prompts, metadata, need_grad=False)[0]
+            return self.compute_rewards(images, prompts, metadata, need_grad=False)
 
     def batch_sample_ids(self, batch_index: int, batch_size: int) -> list[int]:
         """Global sample ids of this process's ``batch_index``-th batch of ``batch_size`` (same set for any process count)."""
@@ -374,6 +426,7 @@ class DiffusionRLTrainer:
         c, acc = self.config, self.accelerator
         ids = self.batch_sample_ids(batch_index, c.sample_batch_size)
         prompts, metadata = self.prompt_source(ids, epoch)
+        self.note_prompts(prompts)
         traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
                                     prompt_metadata=metadata, generators=self.sample_generators(epoch, ids), decode=decode)
         traj.sample_ids = torch.tensor(ids, device=acc.device)
@@ -507,13 +560,17 @@ class DiffusionRLTrainer:
 
                 tracker.log({"samples": [wandb.Image(img, caption=cap) for img, cap in zip(images, captions)]}, step=global_step)
         if self.image_samples_hook is not None:
-            data = [[samples.images[:n], samples.prompts[:n], samples.prompt_metadata[:n], samples.rewards[:n]]]
-            self.image_samples_hook(data, global_step, self.accelerator.trackers[0] if self.accelerator.trackers else None)
+            self.image_samples_hook(self.image_hook_data(samples), global_step, self.accelerator.trackers[0] if self.accelerator.trackers else None)
+
+    def image_hook_data(self, samples: Trajectories) -> Any:
+        """What ``image_samples_hook`` receives: as TRL's DDPOTrainer passed it, one
+        ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` per sampling batch of the epoch (this process's)."""
+        return list(self.sampled_batches)
 
     # ------------------------------------------------------------------ trained weights
     def extra_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """The trained modules besides the UNet's LoRA (e.g. the flow head), by name."""
-        return [(name, module) for name, module in self.unwrapped.named_children() if name != "unet"]
+        return [(name, module) for name, module in self.modules.named_children() if name != "unet"]
 
     def output_files(self) -> list[str]:
         """The files :meth:`save_trained_weights` writes, relative to its directory (what a checkpoint and an upload hold)."""
@@ -547,25 +604,35 @@ class DiffusionRLTrainer:
 
     def load_trained_weights(self, directory: str) -> None:
         """Load what :meth:`save_trained_weights` wrote (safetensors only; errors name the file)."""
-        from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-
-        from ..rewards.hub import load_state_dict_strict
-        from ..weights_io import read_safetensors
+        from .initial_weights import load_module
 
         self.pipeline.load_lora(directory)
         for name, module in self.extra_modules():
-            config_file = os.path.join(directory, name, CONFIG_NAME)
-            if not os.path.isfile(config_file):
-                raise FileNotFoundError(f"{name}: no file {config_file}")
-            with open(config_file, encoding="utf-8") as f:
-                saved = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-            own = {k: v for k, v in json.loads(module.to_json_string()).items() if not k.startswith("_")}
-            differ = {k: (saved.get(k), own.get(k)) for k in set(saved) | set(own) if saved.get(k) != own.get(k)}
-            if differ:
-                raise ValueError(f"{config_file}: the saved {name} has another architecture than this trainer's "
-                                 f"(saved vs now: {differ})")
-            weights = os.path.join(directory, name, SAFETENSORS_WEIGHTS_NAME)
-            load_state_dict_strict(module, read_safetensors(weights, what=f"{name} weights"), source=weights)
+            load_module(module, directory, name)
+
+    def init_weights_from(self, source: str) -> None:
+        """Start from trained weights (``config.init_from``): the LoRA, and each extra module the source has.
+
+        A module the source lacks (e.g. a flow head when starting Nabla-GFlowNet from a DDPO LoRA) keeps its
+        initialisation, and a module folder this trainer does not use is left alone; both with a warning.
+        """
+        from .initial_weights import check_lora_metadata, load_module, module_files, resolve_weights_source
+
+        names = [name for name, _ in self.extra_modules()]
+        folder = resolve_weights_source(source, names)
+        c = self.config
+        check_lora_metadata(folder, c.lora_rank, c.lora_alpha if c.lora_alpha is not None else c.lora_rank)
+        self.pipeline.load_lora(folder)
+        for name, module in self.extra_modules():
+            if os.path.isdir(os.path.join(folder, name)):
+                load_module(module, folder, name)
+            else:
+                warnings.warn(f"init_from: {source} has no {name}/ folder; the {name} starts from its initialisation", UserWarning, stacklevel=2)
+        unused = sorted(d for d in os.listdir(folder) if d not in names and all(os.path.isfile(os.path.join(folder, f)) for f in module_files(d)))
+        if unused:
+            warnings.warn(f"init_from: {source} also holds {unused}, which {type(self).__name__} does not train; only the LoRA is used",
+                          UserWarning, stacklevel=2)
+        logger.info(f"Initialised the LoRA{' and ' + ', '.join(names) if names else ''} from {source}")
 
     # ------------------------------------------------------------------ checkpoints
     def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
@@ -608,7 +675,7 @@ class DiffusionRLTrainer:
             crash_point("save:manifest")
             publish(partial, final)
             crash_point("save:published")
-            prune(folder, self.config.num_checkpoint_limit)
+            prune(folder, self.config.checkpoint_limit)
         acc.wait_for_everyone()
         return final
 
@@ -654,50 +721,6 @@ class DiffusionRLTrainer:
                     raise CheckpointError(f"{os.path.join(path, 'optimizer.bin')}: non-finite optimizer state ({key}); refusing to resume")
         self.state.load_state_dict(manifest)
         self.load_checkpoint_state(manifest["state"])
-
-    # ------------------------------------------------------------------ final save, model card, Hub
-    def final_files(self) -> list[str]:
-        """The files :meth:`save_pretrained` writes and :meth:`push_to_hub` uploads (nothing else in the folder is uploaded)."""
-        return ["README.md", "training_config.json", *self.output_files()]
-
-    def save_pretrained(self, output_dir: str | None = None) -> str:
-        """Write the final LoRA (diffusers format), extra modules, the public config and a model card (main process)."""
-        output_dir = output_dir or self.output_dir
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.save_trained_weights(output_dir)
-            with open(os.path.join(output_dir, "training_config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config.to_public_dict(), f, indent=2, default=str)
-            with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
-                f.write(self.create_model_card(repo_id=self.config.hub_model_id or os.path.basename(os.path.abspath(output_dir))))
-        self.accelerator.wait_for_everyone()
-        return output_dir
-
-    def model_card_extra_usage(self) -> str:
-        return ""
-
-    def create_model_card(self, repo_id: str = "<repo_id>") -> str:
-        """The model card text: method and paper, base model, reward, key config values, final metrics, loading code."""
-        reward = getattr(self.reward_fn, "name", None) or type(self.reward_fn).__name__
-        if reward == "function":
-            reward = getattr(self.reward_fn, "__name__", "custom reward")
-        metrics = {k: v for k, v in self.last_metrics.items() if not k.startswith("lr/")}
-        return render_model_card(repo_id=repo_id, base_model=public_model_name(self.pipeline.name_or_path), method=self.method_name,
-                                 paper=self.paper, citation=self.citation, reward=reward, config=self.config.to_public_dict(),
-                                 key_fields=self.card_fields, metrics=metrics, extra_usage=self.model_card_extra_usage())
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload trl-gfn LoRA") -> Any:
-        """Save the final weights and model card and upload exactly :meth:`final_files` to ``repo_id``."""
-        if not repo_id:
-            raise ValueError("push_to_hub: repo_id must be a non-empty Hub repository id such as 'me/my-lora'")
-        folder = self.output_dir
-        self.save_pretrained(folder)
-        if self.accelerator.is_main_process:
-            with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-                f.write(self.create_model_card(repo_id=repo_id))
-            return upload_files(folder, self.final_files(), repo_id, private=private, token=token, commit_message=commit_message)
-        return None
 
 
 class TransitionTrainer(DiffusionRLTrainer):
@@ -757,6 +780,37 @@ class TransitionTrainer(DiffusionRLTrainer):
                         info = defaultdict(list)
                         loss_sum = torch.zeros((), device=acc.device)
         return global_step
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return isinstance(obj, DiffusionPipelineForRL) or (hasattr(obj, "unet") and hasattr(obj, "vae"))
+
+
+def _pipeline_and_prompts(pipeline: Any, prompt_function: Any, sd_pipeline: Any) -> tuple[Any, Any]:
+    """``(pipeline, prompt_function)`` from the native order, TRL's order ``(..., prompt_function, sd_pipeline)`` or ``sd_pipeline=``."""
+    if sd_pipeline is not None:
+        if pipeline is not None and prompt_function is not None:
+            raise TypeError("got a pipeline twice: pass either pipeline or sd_pipeline (TRL's name)")
+        prompt_function = prompt_function if prompt_function is not None else pipeline
+        return sd_pipeline, prompt_function
+    if pipeline is not None and not _is_pipeline(pipeline) and _is_pipeline(prompt_function):
+        return prompt_function, pipeline  # TRL's order: (config, reward_function, prompt_function, sd_pipeline, ...)
+    if pipeline is None:
+        raise TypeError("missing the pipeline: a DiffusionPipelineForRL or a diffusers Stable Diffusion pipeline")
+    return pipeline, prompt_function
+
+
+def _warn_if_launched_as_one_process() -> None:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` (or a distributed config file) starts a single process.
+
+    accelerate's single-process launcher still exports ``MASTER_ADDR`` when it was given more than one process, but no
+    ``WORLD_SIZE``: that combination means the requested processes were not started.
+    """
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" in env and env.get("MASTER_ADDR") and "WORLD_SIZE" not in env:
+        warnings.warn("accelerate launch was given --num_processes > 1 but started ONE process: the process count is used only with "
+                      "--multi_gpu (which also starts several CPU processes on a machine without GPUs), --use_deepspeed, --use_fsdp or "
+                      "a config file with a distributed_type. Training continues in one process.", UserWarning, stacklevel=3)
 
 
 def _has_accelerator_device() -> bool:

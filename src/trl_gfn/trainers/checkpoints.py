@@ -25,10 +25,14 @@ import warnings
 from collections import Counter
 from typing import Any
 
+from ..weights_io import sha256_of_file
+
 MANIFEST = "trl_gfn_checkpoint.json"
 FORMAT = "trl-gfn-checkpoint"
 VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+#: manifest key holding the SHA-256 of the rest of the manifest (canonical JSON)
+SELF_DIGEST = "manifest_sha256"
 #: fault injection for the crash tests: ``TRL_GFN_CRASH_AT=<point>[@<n>]`` kills the process the n-th time it reaches <point>
 CRASH_ENV = "TRL_GFN_CRASH_AT"
 
@@ -84,8 +88,9 @@ def write_manifest(directory: str, info: dict[str, Any]) -> None:
     for rel in _list_files(directory):
         path = os.path.join(directory, rel)
         _fsync(path)
-        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+        files[rel] = {"size": os.path.getsize(path), "sha256": sha256_of_file(path)}
     manifest = {"format": FORMAT, "version": VERSION, **info, "files": files}
+    manifest[SELF_DIGEST] = _content_digest(manifest)  # the manifest's own content: a flipped byte in it is caught too
     tmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, allow_nan=False)
@@ -148,6 +153,10 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{file}: not a trl-gfn checkpoint manifest (expected format {FORMAT!r})")
     if manifest.get("version") != VERSION:
         raise CheckpointError(f"{file}: checkpoint format version {manifest.get('version')!r}; this trl-gfn reads version {VERSION}")
+    if SELF_DIGEST in manifest:  # (manifests written before the digest was added have none)
+        recorded = manifest.pop(SELF_DIGEST)
+        if recorded != _content_digest(manifest):
+            raise CheckpointError(f"{file}: altered or corrupt: its content does not match the digest it was written with")
     expected = {"trainer": str, "epoch": int, "global_step": int, "num_processes": int, "modules": list, "state": dict, "config": dict,
                 "files": dict}
     for key, kind in expected.items():
@@ -177,7 +186,7 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
         size = os.path.getsize(file)
         if size != entry["size"]:
             raise CheckpointError(f"{file}: truncated or altered: {size} bytes, the checkpoint manifest records {entry['size']}")
-        if _sha256(file) != entry["sha256"]:
+        if sha256_of_file(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: corrupt: its SHA-256 differs from the one recorded in the checkpoint manifest")
     extra = sorted(set(_list_files(path)) - set(manifest["files"]) - {MANIFEST})
     if extra:
@@ -220,6 +229,10 @@ def resolve_resume_path(resume_from: str | os.PathLike) -> str:
             return checkpoint
         if skipped:
             raise CheckpointError(f"resume_from: no complete checkpoint in {candidate}: " + "; ".join(skipped))
+    if os.path.isfile(os.path.join(path, "pytorch_lora_weights.safetensors")):
+        raise FileNotFoundError(f"resume_from: {os.fspath(resume_from)!r} holds trained weights (a saved model such as <run>/final), not "
+                                "checkpoints. To start a new run from these weights set init_from to it; resume_from continues an "
+                                "interrupted run from <run>/checkpoints/checkpoint_N")
     raise FileNotFoundError(f"resume_from: no checkpoint_N directory in {os.fspath(resume_from)!r} or its checkpoints/ folder")
 
 
@@ -248,12 +261,9 @@ def _safe_relpath(rel: Any) -> bool:
     return isinstance(rel, str) and bool(rel) and not os.path.isabs(rel) and ".." not in rel.replace("\\", "/").split("/")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _content_digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
 
 
 def _fsync(path: str) -> None:

@@ -100,18 +100,19 @@ class DDPOTrainer(TransitionTrainer):
 
     config_class = DDPOConfig
     method_name = "DDPO"
+    method_tag = "ddpo"
     paper = "Black et al., *Training Diffusion Models with Reinforcement Learning*, ICLR 2024, arXiv:2305.13301"
     citation = CITATION
     needs_reward_gradient = False
     card_fields = [*TransitionTrainer.card_fields, "train_timestep_fraction", "train_clip_range", "train_adv_clip_max", "train_cfg",
                    "per_prompt_stat_tracking", "train_num_inner_epochs"]
 
-    def __init__(self, config: DDPOConfig, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
+    def __init__(self, config: DDPOConfig, reward_function, pipeline=None, prompt_function: Any = None, image_samples_hook=None, **kwargs):
         self.stat_tracker: PerPromptStatTracker | None = None
         if config.per_prompt_stat_tracking:
             self.stat_tracker = PerPromptStatTracker(config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count)
         self.executor = futures.ThreadPoolExecutor(max_workers=config.max_workers) if config.async_reward_computation else None
-        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
+        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook, **kwargs)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The per-prompt reward buffers (JSON in the checkpoint manifest: restored without unpickling anything)."""

@@ -49,14 +49,15 @@ class DRaFTTrainer(RewardBackpropTrainer):
 
     config_class = DRaFTConfig
     method_name = "DRaFT"
+    method_tag = "draft"
     paper = "Clark et al., *Directly Fine-Tuning Diffusion Models on Differentiable Rewards*, ICLR 2024, arXiv:2309.17400"
     citation = DRAFT_CITATION
     card_fields = [*RewardBackpropTrainer.card_fields, "draft_k", "draft_lv_copies", "truncated_backprop_rand", "truncated_rand_backprop_minmax",
                    "gradient_checkpointing"]
     log_keys = ("backprop_steps",)
 
-    def __init__(self, config: DRaFTConfig, reward_function, pipeline, prompt_function=None, image_samples_hook=None):
-        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
+    def __init__(self, config: DRaFTConfig, reward_function, pipeline=None, prompt_function=None, image_samples_hook=None, **kwargs):
+        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook, **kwargs)
         if type(self) is DRaFTTrainer:
             c = self.config
             if c.truncated_backprop_rand:
@@ -113,6 +114,7 @@ class AlignPropTrainer(DRaFTTrainer):
 
     config_class = AlignPropConfig
     method_name = "AlignProp"
+    method_tag = "alignprop"
     paper = "Prabhudesai et al., *Aligning Text-to-Image Diffusion Models with Reward Backpropagation*, arXiv:2310.03739"
     citation = ALIGNPROP_CITATION
     card_fields = [*RewardBackpropTrainer.card_fields, "truncated_backprop_rand", "truncated_backprop_timestep", "truncated_rand_backprop_minmax",

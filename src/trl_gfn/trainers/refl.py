@@ -39,13 +39,14 @@ class ReFLTrainer(RewardBackpropTrainer):
 
     config_class = ReFLConfig
     method_name = "ReFL"
+    method_tag = "refl"
     paper = "Xu et al., *ImageReward: Learning and Evaluating Human Preferences for Text-to-Image Generation*, NeurIPS 2023, arXiv:2304.05977"
     citation = CITATION
     card_fields = [*RewardBackpropTrainer.card_fields, "refl_timestep_range"]
     log_keys = ("refl_step", "refl_timestep")
 
-    def __init__(self, config: ReFLConfig, reward_function, pipeline, prompt_function=None, image_samples_hook=None):
-        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
+    def __init__(self, config: ReFLConfig, reward_function, pipeline=None, prompt_function=None, image_samples_hook=None, **kwargs):
+        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook, **kwargs)
         lo, hi = config.refl_timestep_range
         self.refl_steps = [i for i, t in enumerate(self.schedule.timesteps.tolist()) if lo <= t <= hi]
         if not self.refl_steps:

@@ -47,14 +47,6 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
     #: keys of :attr:`GradSamples.logs`, always logged (fixed set per method)
     log_keys: tuple[str, ...] = ()
 
-    def __init__(self, config, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
-        if getattr(reward_function, "differentiable", True) is False:
-            name = getattr(reward_function, "name", None) or type(reward_function).__name__
-            raise ValueError(
-                f"reward_function: {name} is not differentiable (differentiable=False), but {type(self).__name__} back-propagates "
-                "the reward through sampling; use DDPOTrainer for non-differentiable rewards")
-        super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
-
     @property
     def samples_needed(self) -> bool:
         return False
@@ -97,6 +89,11 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
         """Sample one micro-batch, keeping the graph the method differentiates (see the subclasses)."""
         raise NotImplementedError
 
+    def image_hook_data(self, samples: Trajectories) -> dict[str, Any]:
+        """As TRL's AlignPropTrainer passed it: ``{"images", "prompts", "prompt_metadata", "rewards"}`` of the epoch's last
+        micro-batch (DRaFT-LV: with its re-noised copies)."""
+        return self.last_micro_batch
+
     # ------------------------------------------------------------------ the loop
     def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
         c, acc = self.config, self.accelerator
@@ -109,11 +106,15 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
         for m in bar:
             ids = self.batch_sample_ids(m, c.train_batch_size)
             prompts, metadata = self.prompt_source(ids, epoch)
+            self.note_prompts(prompts)
             with self.accumulate():
                 out = self.generate_with_grad(list(prompts), list(metadata), ids, epoch)
-                rewards, _ = self.compute_rewards(out.images, out.prompts, out.prompt_metadata, need_grad=True)
+                # a randomised truncation may draw t = K (TRL's default range reaches it): that micro-batch has no gradient
+                has_graph = out.images.requires_grad
+                rewards, _ = self.compute_rewards(out.images, out.prompts, out.prompt_metadata, need_grad=has_graph)
                 loss = -rewards.mean()
-                acc.backward(loss)
+                if has_graph:
+                    acc.backward(loss)
                 loss_sum = loss_sum + loss.detach()
                 info["loss"].append(float(loss.detach()))
                 info["reward_batch_mean"].append(float(rewards.detach().mean()))
@@ -137,6 +138,8 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
         self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(), "epoch": epoch}, step=global_step)
         if last is not None and c.log_image_freq and epoch % c.log_image_freq == 0:
             out, rewards = last
+            self.last_micro_batch = {"images": out.images.detach(), "prompts": list(out.prompts), "prompt_metadata": list(out.prompt_metadata),
+                                     "rewards": rewards}
             b = len(out.prompt_embeds)
             x0 = out.latents[:b]
             self.log_images(Trajectories(latents=x0[:, None], epsilons=x0.new_zeros((b, 0, *x0.shape[1:])), prompt_embeds=out.prompt_embeds,
