@@ -1,6 +1,7 @@
 """Per-update wall time and peak memory of each trainer relative to Nabla-GFlowNet, on one pipeline and batch, in one run.
 
-Every trainer runs on the same random Stable-Diffusion-shaped pipeline (``tiny_stable_diffusion`` with
+Every trainer runs with its config's defaults (since issue #14: Nabla-GFlowNet's memory_efficient_order and VAE
+decoder checkpointing on for the reward-gradient trainers), on the same random Stable-Diffusion-shaped pipeline (``tiny_stable_diffusion`` with
 16x16x4 latents and UNet widths 32/64; the cost does not depend on the weights), the same batch
 (``--batch`` samples, one optimizer update per epoch: ``sample_batch_size = train_batch_size = batch``,
 one sampling batch, no accumulation), ``--steps`` DDPM steps and CFG 5. Each method keeps its own defaults
@@ -33,13 +34,22 @@ METHODS = {
     # name: (trainer class, config class, config overrides, note)
     "nabla_gfn": ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(flow_block_out_channels=[32, 64], flow_attention_head_dim=8),
                   "f=0.1 (2 transitions), flow head 32/64, reverse term on"),
+    "nabla_gfn_unordered": ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(flow_block_out_channels=[32, 64], flow_attention_head_dim=8,
+                            memory_efficient_order=False, vae_gradient_checkpointing=False),
+                            "as nabla_gfn, memory_efficient_order and VAE checkpointing off (the order before issue #14)"),
+    "nabla_gfn_ckpt": ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(flow_block_out_channels=[32, 64], flow_attention_head_dim=8,
+                       gradient_checkpointing=True), "as nabla_gfn, with whole-UNet-call checkpointing"),
     "nabla_gfn_noflow": ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(use_flow_head=False), "f=0.1, use_flow_head=False"),
     "ddpo": ("DDPOTrainer", "DDPOConfig", dict(), "f=1.0 (TRL default): K transitions"),
     "ddpo_f0.2": ("DDPOTrainer", "DDPOConfig", dict(train_timestep_fraction=0.2), "f=0.2: 2 transitions"),
     "draft_k1": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=1), "DRaFT-1, checkpointing on"),
+    "draft_k5": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=5), "DRaFT-5, checkpointing on"),
     "draft_lv2": ("DRaFTTrainer", "DRaFTConfig", dict(draft_lv_copies=2), "DRaFT-LV n=2"),
     "draft_full": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=0), "all K steps, checkpointing on"),
-    "draft_full_nockpt": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=0, gradient_checkpointing=False), "all K steps, no checkpointing"),
+    "draft_full_nockpt": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=0, gradient_checkpointing=False, vae_gradient_checkpointing=False),
+                          "all K steps, no checkpointing"),
+    "draft_full_trl": ("DRaFTTrainer", "DRaFTConfig", dict(draft_k=0, vae_gradient_checkpointing=False),
+                       "all K steps, whole-UNet checkpointing only (TRL AlignProp's order)"),
     "alignprop": ("AlignPropTrainer", "AlignPropConfig", dict(), "random truncation in [0, K-1], checkpointing on"),
     "refl": ("ReFLTrainer", "ReFLConfig", dict(), "stop at tau in [0, 250]"),
 }
@@ -96,7 +106,8 @@ def main() -> None:
     names = [n for n in (args.only.split(",") if args.only else METHODS) if n]
     if "nabla_gfn" not in names:
         names.insert(0, "nabla_gfn")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+    # a fixed glibc mmap threshold: freed tensors go back to the kernel, so the peak RSS follows live tensors (peak_memory.py)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", MALLOC_MMAP_THRESHOLD_="131072")
     results = {}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps), "--batch", str(args.batch),
@@ -114,11 +125,14 @@ def main() -> None:
     print(f"\nK={args.steps} DDPM steps, batch {args.batch}, CFG 5, 16x16x4 latents, UNet 32/64, {args.threads} thread(s). "
           "unit = one no-grad sampling pass of the batch, timed alternately with the updates in the same process "
           "(the time ratio to Nabla-GFlowNet is the ratio of these units, robust to a shared machine's changing load)\n")
-    print("| trainer | setting | update time in sampling units | time vs Nabla-GFlowNet | s / update (raw) | peak memory growth (MB) | memory vs Nabla-GFlowNet |")
-    print("|---|---|---|---|---|---|---|")
+    ddpo = results.get("ddpo")
+    print("| trainer | setting | update time in sampling units | time vs Nabla-GFlowNet | s / update (raw) | peak memory growth (MB) | "
+          "memory vs Nabla-GFlowNet | memory vs DDPO |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        vs_ddpo = f"{r['peak_mb'] / max(ddpo['peak_mb'], 1e-9):.2f}" if ddpo else "-"
         print(f"| {name} | {METHODS[name][3]} | {r['units']:.2f} | {r['units'] / ref['units']:.2f} | {r['seconds']:.2f} | "
-              f"{r['peak_mb']:.0f} | {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} |")
+              f"{r['peak_mb']:.0f} | {r['peak_mb'] / max(ref['peak_mb'], 1e-9):.2f} | {vs_ddpo} |")
 
 
 if __name__ == "__main__":

@@ -1,36 +1,96 @@
-"""What one trained Nabla-GFlowNet transition costs, in units of one guided UNet forward (no grad).
+"""Peak memory and time of one trained transition (Nabla-GFlowNet, DDPO) or one reward-backprop update (DRaFT-K, ReFL),
+all on one model and batch, in one interleaved run; ratios to DDPO.
 
-    python benchmarks/transition_cost.py            # SD1.5-shaped UNet at quarter width, 32x32 latents
-    python benchmarks/transition_cost.py --quick    # tiny UNet, for a smoke run
+    python benchmarks/transition_cost.py                 # SD1.5-shaped UNet at quarter width, 32x32x4 latents, batch 1
+    python benchmarks/transition_cost.py --batch 2 --only nabla,ddpo
+    python benchmarks/transition_cost.py --quick         # tiny models, a smoke run
+    python benchmarks/transition_cost.py --scaling       # activation memory at 24x24 and 32x32 latents, SD1.5 estimate
 
-Prints, for each kind of transition, the model evaluations it makes (UNet forwards, VAE decodes, reward
-calls, flow-head calls; a CFG forward of both branches counts as one UNet forward) and the wall time of
-`compute_loss` + backward divided by the time of one sampling-style UNet forward on the same batch, all
-measured in one run (DESIGN §5 reports the official implementation at 9.6 / 16.8 units for an interior
-step without / with the reverse term, 9.7 / 17.1 for the last step, DDPO at 3.15).
+Model: the UNet has SD1.5's layout at quarter width (34 M parameters), the VAE SD's decoder at quarter width, the text
+encoder one CLIP layer; the reward is the aesthetic scorer's architecture (CLIP ViT-L/14 vision tower + MLP) at quarter
+width (``--reward brightness`` for a free reward). fp32, LoRA r8, CFG 5, 10 DDPM steps, random weights (costs do not
+depend on them).
+
+Each row runs, on the same sampled trajectories: for Nabla-GFlowNet and DDPO ``compute_loss`` + backward of one
+transition batch (interior = step 2 of 10, last = x_1 -> x_0); for DRaFT-K / ReFL one micro-batch of
+``generate_with_grad`` + reward + backward (sampling included). Columns:
+- memory: growth of the process's peak resident set over the block (peak_memory.py; the models and samples are already
+  loaded), in MiB; independent of the machine's load;
+- units: wall time of the block / wall time of one guided UNet forward without grad on the batch, the two timed
+  alternately, median over ``--reps`` (robust to a shared machine's load; absolute seconds are not);
+- model calls made by the block (a CFG forward of both branches is one UNet call).
+Checkpointing settings: ``-`` none (Nabla-GFlowNet's default ``memory_efficient_order=True`` ordering on), ``unordered``
+the order before that option (``memory_efficient_order=False``), ``U`` whole-UNet-call checkpointing
+(``gradient_checkpointing``), ``V`` VAE decoder checkpointing (``vae_gradient_checkpointing``), ``blocks`` diffusers' own
+block-level UNet checkpointing (what trl-gfn used before; TRL's AlignProp checkpointed the whole UNet call, i.e. ``U``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
 
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from peak_memory import fix_malloc, peak_growth_mib
 
-from trl_gfn import DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer, TransitionBatch
-from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion, tiny_tokenizer
+fix_malloc()
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+import trl_gfn  # noqa: E402
+from trl_gfn import DiffusionPipelineForRL, TransitionBatch  # noqa: E402
+from trl_gfn.rewards import AestheticScorer  # noqa: E402
+from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion, tiny_tokenizer  # noqa: E402
+
+K = 10
+SCALING_LATENTS = (24, 32)
+_OFF = dict(gradient_checkpointing=False, vae_gradient_checkpointing=False)
+CKPT = {"-": _OFF, "U": {**_OFF, "gradient_checkpointing": True}, "V": {**_OFF, "vae_gradient_checkpointing": True},
+        "UV": dict(gradient_checkpointing=True, vae_gradient_checkpointing=True), "blocks": _OFF,
+        "unordered": dict(_OFF, memory_efficient_order=False)}
+
+# Nabla-GFlowNet rows: (name, config overrides, step, checkpointing settings); "unordered" = the order before
+# memory_efficient_order (the guess's UNet graph alive while the VAE and reward are differentiated)
+NABLA = [
+    ("nabla interior, default (flow head, reverse)", {}, 2, ("unordered", "-", "V", "U", "UV")),
+    ("nabla last, default", {}, K - 1, ("unordered", "-", "UV")),
+    ("nabla interior, paper loss", dict(paper=True), 2, ("unordered", "-", "UV")),
+    ("nabla interior, no flow head", dict(use_flow_head=False), 2, ("unordered", "-", "UV")),
+    ("nabla interior, Jacobian-free", dict(jacobian_free_reward_gradient=True), 2, ("-", "UV")),
+]
+BACKPROP = [("draft-1", dict(draft_k=1)), ("draft-5", dict(draft_k=5)), (f"draft-all ({K})", dict(draft_k=0))]
+
+
+def rows_for(groups: set[str]) -> list[tuple]:
+    rows = []
+    if "ddpo" in groups:
+        for ck in ("-", "U"):
+            rows.append(("ddpo", "ddpo", "DDPOConfig", {}, 2, ck))
+    if "nabla" in groups:
+        for name, opts, step, settings in NABLA:
+            for ck in settings:
+                rows.append((name, "nabla", "NablaGFlowNetConfig", opts, step, ck))
+    if "draft" in groups:
+        for name, opts in BACKPROP:
+            for ck in ("blocks", "U", "UV"):
+                rows.append((name, "backprop", "DRaFTConfig", opts, None, ck))
+    if "refl" in groups:
+        for ck in ("-", "UV"):
+            rows.append(("refl", "backprop", "ReFLConfig", {}, None, ck))
+    return rows
 
 
 def sd15_quarter_width(latent: int) -> StableDiffusionPipeline:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=latent, block_out_channels=(80, 160, 320, 320), layers_per_block=2,
                                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=16)
-    vae = AutoencoderKL(block_out_channels=(32, 64, 128, 128), latent_channels=4, layers_per_block=1, norm_num_groups=16,
+    vae = AutoencoderKL(block_out_channels=(32, 64, 128, 128), latent_channels=4, layers_per_block=2, norm_num_groups=16,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     tok = tiny_tokenizer(model_max_length=77)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=1024, num_hidden_layers=1,
@@ -42,20 +102,22 @@ def sd15_quarter_width(latent: int) -> StableDiffusionPipeline:
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def quarter_width_aesthetic() -> AestheticScorer:
+    """The aesthetic scorer's architecture (CLIP ViT-L/14 vision tower, 24 layers, 224 px) at quarter width."""
+    torch.manual_seed(1)
+    return AestheticScorer(vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
+                                              image_size=224, patch_size=14, projection_dim=192, hidden_act="quick_gelu"),
+                           head_hidden_dims=(256, 128, 64, 16))
+
+
 class Counting:
+    """Counts calls of model forwards (wrapping ``forward`` of the instances)."""
+
     def __init__(self):
         self.counts = Counter()
+        self._restore = []
 
-    def wrap_forward(self, module, name):
-        original = module.forward
-
-        def forward(*a, **k):
-            self.counts[name] += 1
-            return original(*a, **k)
-
-        module.forward = forward
-
-    def wrap_method(self, obj, attr, name):
+    def wrap(self, obj, attr, name):
         original = getattr(obj, attr)
 
         def method(*a, **k):
@@ -63,80 +125,245 @@ class Counting:
             return original(*a, **k)
 
         setattr(obj, attr, method)
+        self._restore.append((obj, attr, original))
+
+    def undo(self):
+        for obj, attr, original in reversed(self._restore):
+            setattr(obj, attr, original)
 
 
-def timed(fn, reps):
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def build(args, pipe, config_name: str, opts: dict, ck: str, tmp: str):
+    opts = dict(opts)
+    paper = opts.pop("paper", False)
+    common = dict(sample_num_steps=K, sample_batch_size=args.batch, sample_num_batches_per_epoch=1, train_batch_size=args.batch, logdir=tmp,
+                  save_freq=0, log_image_freq=0, sample_guidance_scale=5.0, lora_rank=8, **CKPT[ck], **opts)
+    if config_name == "NablaGFlowNetConfig":
+        width = [8, 16] if args.quick else [64, 128, 256, 256]
+        common.update(flow_block_out_channels=width, flow_attention_head_dim=4 if args.quick else 8, reward_scale=1e3, unet_reg_scale=1.0)
+    config_class = getattr(trl_gfn, config_name)
+    config = config_class.paper(**common) if paper else config_class(**common)
+    trainer_class = getattr(trl_gfn, config_name.replace("Config", "Trainer"))
+    reward = BrightnessReward() if args.reward == "brightness" else quarter_width_aesthetic()
+    trainer = trainer_class(config, reward, DiffusionPipelineForRL(pipe), prompt_function=["a cat", "a dog"])
+    if ck == "blocks":  # what trl-gfn did before: diffusers' own checkpointing inside the UNet (keeps the attention layers)
+        trainer.pipeline.unet.enable_gradient_checkpointing()
+        trainer.pipeline.unet.train()
+    else:
+        trainer.pipeline.unet.disable_gradient_checkpointing()
+        trainer.pipeline.unet.eval()
+    return trainer
+
+
+def measure(args, pipe, row, tmp, samples_cache):
+    name, kind, config_name, opts, step, ck = row
+    trainer = build(args, pipe, config_name, opts, ck, tmp)
+    p = trainer.pipeline
+    if kind == "backprop":
+        prompts, meta = ["a cat"] * args.batch, [{}] * args.batch
+
+        def block():
+            out = trainer.generate_with_grad(prompts, meta, list(range(args.batch)), 0)
+            rewards, _ = trainer.compute_rewards(out.images, out.prompts, out.prompt_metadata, need_grad=True)
+            (-rewards.mean()).backward()
+            trainer.optimizer.zero_grad(set_to_none=True)
+    else:
+        if "samples" not in samples_cache:
+            samples_cache["samples"] = trainer.sample_epoch(0)
+        samples = samples_cache["samples"]
+        if kind == "ddpo":
+            samples.extras["advantages"] = torch.linspace(-1, 1, len(samples))
+        batch = TransitionBatch.from_trajectories(samples, torch.full((args.batch,), step))
+
+        def block():
+            loss, _ = trainer.compute_loss(batch)
+            loss.backward()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((args.batch, *p.latent_shape), generator=gen)
+    emb = p.encode_prompts(["a cat"] * args.batch)
+    neg = p.encode_prompts([""]).expand(args.batch, -1, -1)
+    t = trainer.schedule.timesteps[:1].repeat(args.batch)
+    a = trainer.schedule.alphas_cumprod[:1].float().view(1, 1, 1, 1)
+
+    def unit():  # one guided UNet forward without grad, as in sampling
+        with torch.no_grad():
+            p.guided_epsilon(p.unet, x, t, emb, neg, 5.0, a, "epsilon")
+
+    unit()
+    block()  # warm-up (first-call allocations, lazy initialisations)
+    counter = Counting()
+    counter.wrap(p.unet, "forward", "unet")
+    counter.wrap(p.vae, "decode", "vae")
+    counter.wrap(trainer.reward_fn, "forward", "reward")
+    if getattr(trainer, "flow_head", None) is not None:
+        counter.wrap(trainer.flow_head, "forward", "flow")
+    mib, _ = peak_growth_mib(block)
+    counter.undo()
+    ratios = []
+    for _ in range(args.reps):  # alternate the unit and the block: both see the same machine load
+        t0 = time.perf_counter()
+        unit()
+        u = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        block()
+        ratios.append((time.perf_counter() - t0) / u)
+    p.unet.disable_gradient_checkpointing()
+    p.unet.eval()
+    return dict(counts=dict(counter.counts), mib=mib, units=statistics.median(ratios))
+
+
+def scaling(args) -> None:
+    """Peak memory of the graphs that dominate a transition, at two latent sizes, to extrapolate (docs/memory.md)."""
+    from trl_gfn.models import FlowHead
+
+    cols = ("policy graph (DDPO transition)", "UNet input-gradient graph", "VAE decode + reward gradient",
+            "same, decoder checkpointed", "reward gradient alone", "flow head fwd+bwd (2 states)")
+    print("| latent | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    measured: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for latent in SCALING_LATENTS:
+            pipe = sd15_quarter_width(latent)
+            trainer = build(args, pipe, "NablaGFlowNetConfig", dict(use_flow_head=False), "-", tmp)
+            samples = trainer.sample_epoch(0)
+            x = samples.latents[:, 3]
+            p = trainer.pipeline
+            t = trainer.schedule.timesteps[3:4].repeat(len(x))
+            a = trainer.schedule.alphas_cumprod[3].view(1, 1, 1, 1)
+            head = FlowHead(in_channels=4, block_out_channels=(64, 128, 256, 256), layers_per_block=1, cross_attention_dim=768,
+                            attention_head_dim=8, sample_size=latent)
+
+            def policy():
+                eps = p.guided_epsilon(trainer.wrapped("unet"), x, t, samples.prompt_embeds, samples.negative_prompt_embeds, 5.0, a, "epsilon")
+                eps.square().mean().backward()
+                trainer.optimizer.zero_grad(set_to_none=True)
+
+            def input_grad():
+                xi = x.clone().requires_grad_(True)
+                with p.reference_mode():
+                    eps = p.guided_epsilon(p.unet, xi, t, samples.prompt_embeds, samples.negative_prompt_embeds, 5.0, a, "epsilon")
+                    torch.autograd.grad(eps.square().sum(), xi)
+
+            def vae_reward():
+                trainer.reward_gradient(samples.latents[:, -1], samples.prompts, samples.prompt_metadata)
+
+            def vae_reward_checkpointed():
+                p.vae.enable_gradient_checkpointing()
+                try:
+                    vae_reward()
+                finally:
+                    p.vae.disable_gradient_checkpointing()
+
+            images = samples.images
+
+            def reward_only():
+                trainer.reward_gradient(images, samples.prompts, samples.prompt_metadata, decode=False)
+
+            def flow_head():
+                two = torch.cat([x, x])
+                head(two, torch.cat([t, t]), torch.cat([samples.prompt_embeds] * 2)).square().mean().backward()
+                head.zero_grad(set_to_none=True)
+
+            figures = []
+            for fn in (policy, input_grad, vae_reward, vae_reward_checkpointed, reward_only, flow_head):
+                fn()
+                figures.append(peak_growth_mib(fn)[0])
+            print(f"| {latent}x{latent} (images {8 * latent} px) | " + " | ".join(f"{m:.0f} MiB" for m in figures) + " |", flush=True)
+            measured[latent] = dict(zip(("P", "U", "VR", "VcR", "R", "F"), figures))
+            measured[latent]["V"] = measured[latent]["VR"] - measured[latent]["R"]  # the decoder's share
+            measured[latent]["Vc"] = max(measured[latent]["VcR"] - measured[latent]["R"], 1.0)
+            del trainer
+    sd15_estimate(measured)
+
+
+#: SD1.5 parameter counts (UNet 859.5 M, VAE 83.7 M, CLIP text encoder 123.1 M), the trained ones (LoRA r8 on
+#: to_q/k/v/out.0: 1.59 M; flow head (64, 128, 256, 256): 25.2 M) and the scorers (aesthetic: CLIP ViT-L/14 vision
+#: tower 303.5 M + MLP; HPSv2 / PickScore: CLIP ViT-H/14, 986 M with the text tower)
+SD15_FROZEN, LORA, FLOW_HEAD, AESTHETIC, HPS = 1066.3e6, 1.59e6, 25.2e6, 304.3e6, 986.1e6
+GIB = 1024**3
+
+
+def sd15_estimate(m: dict) -> None:
+    """A paper estimate of SD1.5's GPU memory at 512 px, bf16, LoRA, batch 1, per method (docs/memory.md).
+
+    Activation graphs are taken from the quarter-width measurements at 32x32 latents and scaled: to 64x64 latents (512 px
+    images) by the growth measured from 24x24 to 32x32, as a power of the area; by 4 for width (SD1.5's UNet and VAE are 4x wider than
+    the benchmark's, the aesthetic scorer's CLIP 4x wider; the reward sees 224 px whatever the image size, so its graph
+    does not grow with the area), and by 1/2 for bf16 (UNet and VAE; the flow head and the scorer stay float32).
+    Weights: frozen UNet/VAE/text encoder in bf16, scorer in float32, trained tensors in float32 with their gradient
+    and two AdamW moments (16 bytes per parameter). A peak is the largest set of graphs alive at once for each method's
+    order of work (docs/memory.md); the CUDA context and allocator slack (typically 0.5-1.5 GiB) are not included.
+    """
+    small, big = SCALING_LATENTS
+
+    def grown(key: str, width: float, precision: float) -> float:
+        """The graph at 64x64 latents: the 32x32 figure times the growth measured from 24x24 to 32x32, extrapolated as a
+        power of the area (64x64 is 4x the area of 32x32), times the width and precision factors, in GiB."""
+        exponent = math.log(m[big][key] / m[small][key]) / math.log((big / small) ** 2)
+        return m[big][key] * 4 ** exponent * width * precision / 1024
+
+    P, U, F = grown("P", 4, 0.5), grown("U", 4, 0.5), grown("F", 1, 1.0)
+    R = m[big]["R"] * 4 / 1024  # 224 px whatever the image size: the scorer's graph only grows with its width
+    V, Vc = grown("V", 4, 0.5), grown("Vc", 4, 0.5)
+    weights = SD15_FROZEN * 2 / GIB + AESTHETIC * 4 / GIB
+    lora_state, flow_state = LORA * 16 / GIB, FLOW_HEAD * 16 / GIB
+    rows = [
+        ("DDPO (reward not differentiated)", weights + lora_state, P),
+        ("Nabla-GFlowNet, default (ordered, VAE checkpointed)", weights + lora_state + flow_state, max(P, U, Vc + R, F)),
+        ("Nabla-GFlowNet, ordered, VAE not checkpointed", weights + lora_state + flow_state, max(P, U, V + R, F)),
+        ("Nabla-GFlowNet, before issue #14 (unordered)", weights + lora_state + flow_state, max(U + V + R, P + F)),
+        ("DRaFT-K / AlignProp / ReFL, default (UNet and VAE checkpointed)", weights + lora_state, max(P, Vc + R)),
+        ("DRaFT-K / AlignProp, TRL's order (UNet checkpointed only)", weights + lora_state, max(P, V + R)),
+    ]
+    print("\nEstimate for SD1.5 at 512 px, bf16, LoRA r8, batch 1, aesthetic scorer in float32 (GiB; scaled from the rows above):")
+    print(f"graphs: policy {P:.2f}, UNet input-gradient {U:.2f}, VAE decoder {V:.2f} ({Vc:.2f} checkpointed), scorer {R:.2f}, "
+          f"flow head {F:.2f}; weights {weights:.2f} (frozen bf16 {SD15_FROZEN * 2 / GIB:.2f} + scorer {AESTHETIC * 4 / GIB:.2f}); "
+          f"HPSv2/PickScore instead of the aesthetic scorer: +{(HPS - AESTHETIC) * 4 / GIB:.2f}")
+    print("| method | weights + optimizer state | activations at the peak | total |")
+    print("|---|---|---|---|")
+    for name, fixed, act in rows:
+        print(f"| {name} | {fixed:.1f} | {act:.1f} | {fixed + act:.1f} |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models (smoke run)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--reward", choices=["aesthetic", "brightness"], default="aesthetic")
+    parser.add_argument("--only", default="ddpo,nabla,draft,refl", help="comma-separated groups: ddpo, nabla, draft, refl")
+    parser.add_argument("--scaling", action="store_true", help="measure the dominant graphs at two latent sizes instead")
     args = parser.parse_args()
-    pipe = tiny_stable_diffusion() if args.quick else sd15_quarter_width(args.latent)
-    width = [8, 16] if args.quick else [64, 128, 256, 256]
-    heads = 4 if args.quick else 8
-    rows = []
-    scenarios = [
-        ("interior, reverse term (default)", dict(use_flow_head=True), 2),
-        ("interior, no flow head / no reverse", dict(use_flow_head=False), 2),
-        ("interior, reverse, Jacobian-free", dict(use_flow_head=True, jacobian_free_reward_gradient=True), 2),
-        ("last (x_1 -> x_0), flow head", dict(use_flow_head=True), 9),
-        ("last (x_1 -> x_0), no flow head", dict(use_flow_head=False), 9),
-    ]
+    torch.set_num_threads(1)
+    if args.scaling:
+        scaling(args)
+        return
+    groups = set(args.only.split(","))
+    groups.add("ddpo")  # the reference of the ratios
+    pipe = tiny_stable_diffusion(latent_size=16, width=32) if args.quick else sd15_quarter_width(args.latent)
+    if args.quick:
+        args.reward = "brightness"
+    results = []
+    samples_cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, opts, step in scenarios:
-            config = NablaGFlowNetConfig(sample_num_steps=10, sample_batch_size=args.batch, sample_num_batches_per_epoch=1,
-                                         train_batch_size=args.batch, logdir=tmp, flow_block_out_channels=width, flow_attention_head_dim=heads,
-                                         reward_scale=1e3, unet_reg_scale=1.0, save_freq=0, log_image_freq=0, **opts)
-            trainer = NablaGFlowNetTrainer(config, BrightnessReward(), DiffusionPipelineForRL(pipe), prompt_function=["a cat"])
-            samples = trainer.sample_epoch(0)
-            batch = TransitionBatch.from_trajectories(samples, torch.full((args.batch,), step))
-            p = trainer.pipeline
-            x, emb = samples.latents[:, 0], samples.prompt_embeds
-            a = trainer.schedule.alphas_cumprod[0].float()
-
-            def unit():  # one guided UNet forward without grad, as in sampling
-                with torch.no_grad():
-                    p.guided_epsilon(p.unet, x, trainer.schedule.timesteps[:1].repeat(len(x)), emb, samples.negative_prompt_embeds,
-                                     config.sample_guidance_scale, a, "epsilon")
-
-            unit()
-            counter = Counting()
-            counter.wrap_forward(trainer.pipeline.unet, "unet")
-            counter.wrap_method(trainer.pipeline, "decode", "vae_decode")
-            counter.wrap_forward(trainer.reward_fn, "reward")
-            if trainer.flow_head is not None:
-                counter.wrap_forward(trainer.flow_head, "flow_head")
-
-            def train_step():
-                loss, _ = trainer.compute_loss(batch)
-                loss.backward()
-                trainer.optimizer.zero_grad(set_to_none=True)
-
-            train_step()
-            counts = dict(counter.counts)
-            ratios = []
-            for _ in range(args.reps):  # alternate: the unit and the step see the same machine load
-                unit_seconds = timed(unit, 2)
-                ratios.append(timed(train_step, 1) / unit_seconds)
-            rows.append((label, counts, statistics.median(ratios), unit_seconds))
-            del trainer
-    print(f"unit = one guided (CFG) UNet forward without grad, batch {args.batch} (last measured: {rows[-1][3] * 1000:.1f} ms);"
-          " each ratio is the median over repetitions of (step time / unit time) timed alternately")
-    print(f"{'transition':40s} {'UNet fwd':>8s} {'VAE dec':>8s} {'reward':>7s} {'flow':>5s} {'units':>7s}")
-    for label, counts, units, _ in rows:
-        calls = {k: v for k, v in counts.items()}
-        print(f"{label:40s} {calls.get('unet', 0):8d} {calls.get('vae_decode', 0):8d} {calls.get('reward', 0):7d} "
-              f"{calls.get('flow_head', 0):5d} {units:7.2f}")
+        for row in rows_for(groups):
+            results.append((row, measure(args, pipe, row, tmp, samples_cache)))
+            r = results[-1][1]
+            print(f"  measured {row[0]} [{row[5]}]: {r['mib']:.0f} MiB, {r['units']:.2f} units ({time.strftime('%H:%M:%S')})",
+                  file=sys.stderr, flush=True)
+    ddpo = {row[5]: r for row, r in results if row[1] == "ddpo"}
+    print(f"\nbatch {args.batch}, {'tiny models' if args.quick else f'SD1.5-shaped UNet at quarter width, {args.latent}x{args.latent}x4 latents'}, "
+          f"reward {args.reward}, fp32, LoRA r8, CFG 5, K = {K} steps, 1 thread. Memory: growth of peak RSS over the loaded models and samples; "
+          "units: time / one guided UNet forward without grad (timed alternately). Ratios to DDPO without checkpointing.\n")
+    print("| row | checkpointing | peak memory (MiB) | memory / DDPO | units | units / DDPO | UNet | VAE dec | reward | flow head |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = ddpo["-"]
+    for (name, _kind, _c, _o, _s, ck), r in results:
+        c = r["counts"]
+        print(f"| {name} | {ck} | {r['mib']:.0f} | {r['mib'] / max(base['mib'], 1e-9):.2f} | {r['units']:.2f} | "
+              f"{r['units'] / base['units']:.2f} | {c.get('unet', 0)} | {c.get('vae', 0)} | {c.get('reward', 0)} | {c.get('flow', 0)} |")
 
 
 if __name__ == "__main__":

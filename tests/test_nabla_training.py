@@ -167,3 +167,21 @@ def test_resume_without_run_name_continues_in_the_checkpoints_run_directory(tmp_
     again = NablaGFlowNetTrainer(config(tmp_path / "elsewhere", run_name="", resume_from=first.run_dir, use_flow_head=False),
                                  BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
     assert os.path.abspath(again.run_dir) == os.path.abspath(first.run_dir) and again.first_epoch == 1
+
+
+@pytest.mark.parametrize("log_image_freq", [0, 1])
+def test_sampled_rewards_come_from_training_unless_images_are_logged(tmp_path, log_image_freq):
+    """The loss computes r(x_0) of every trajectory (its last transition is always trained), so sampling decodes and
+    scores only on epochs that log images; the logged reward_mean/std are the same either way."""
+    trainer = NablaGFlowNetTrainer(config(tmp_path, reward_scale=10.0, train_num_inner_epochs=2, log_image_freq=log_image_freq),
+                                   BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+    calls = {"decode": 0, "no_grad_scores": 0}
+    decode, score = trainer.pipeline.decode, trainer.score_no_grad
+    trainer.pipeline.decode = lambda *a: calls.__setitem__("decode", calls["decode"] + 1) or decode(*a)
+    trainer.score_no_grad = lambda *a: calls.__setitem__("no_grad_scores", calls["no_grad_scores"] + 1) or score(*a)
+    expected = BrightnessReward()(decode(trainer.sample_epoch(0, score=False).latents[:, -1]))[0]  # the epoch's samples, scored apart
+    trainer.step(0, 0)
+    assert trainer.last_metrics["reward_mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert trainer.last_metrics["reward_std"] == pytest.approx(expected.std(unbiased=False).item(), rel=1e-4)
+    assert calls["no_grad_scores"] == log_image_freq  # one sampling batch, scored only when its images are logged
+    assert os.path.isdir(os.path.join(trainer.run_dir, "samples")) == bool(log_image_freq)

@@ -47,13 +47,14 @@ class DiffusionRLConfig:
 
     # --- epochs, checkpoints -----------------------------------------------------------------------
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (one epoch = sample, score, train)."})
-    save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables)."})
+    save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints (older ones are deleted)."})
     resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
     init_from: str = field(default="", metadata={"help": "Start a new run from trained weights: a folder written by trl-gfn (`<run>/final` or a `checkpoint_N`), or any folder or Hub repo (`owner/name`, `owner/name@revision`) holding `pytorch_lora_weights.safetensors` in diffusers format; Nabla-GFlowNet also loads the flow head from its `flow_head/` sub-folder when there is one. lora_rank, lora_alpha and lora_target_modules must be those the LoRA was trained with. Counters and optimizer start fresh (resume_from continues an interrupted run instead)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute UNet activations in the backward pass: less memory, about a third more compute."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Checkpoint every UNet call made with gradient as a whole (non-reentrant `torch.utils.checkpoint`, as TRL's AlignProp did): the call keeps only its inputs and the backward pass recomputes it. Same gradients; one more UNet forward per differentiated call (docs/memory.md)."})
+    vae_gradient_checkpointing: bool = field(default=False, metadata={"help": "Checkpoint the VAE decoder block by block when the reward is differentiated through it: same gradients, less memory, one more decoder forward per reward gradient (docs/memory.md)."})
 
     # --- sampling ------------------------------------------------------------------------------------
     sampler: Literal["ddpm", "dpm_solver_sde"] = field(default="ddpm", metadata={"help": "Stochastic sampler: `ddpm` (DDIM with eta=sample_eta) or `dpm_solver_sde` (first-order SDE-DPM-Solver++)."})
@@ -64,12 +65,12 @@ class DiffusionRLConfig:
     sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per process per epoch."})
     negative_prompts: str | None = field(default=None, metadata={"help": "Negative prompt used for the unconditional branch of CFG (default: the empty prompt)."})
     prompt_set: str = field(default="simple_animals", metadata={"help": "Named prompt set shipped with trl_gfn (see `trl_gfn.prompts.available_prompt_sets()`), used when no prompt function or dataset is given."})
-    log_image_freq: int = field(default=1, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables)."})
+    log_image_freq: int = field(default=1, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
     log_num_images: int = field(default=8, metadata={"help": "Number of images in the logged grid (>= 1; set log_image_freq=0 to log none)."})
 
     # --- optimisation --------------------------------------------------------------------------------
     train_batch_size: int = field(default=1, metadata={"help": "Trajectories per training micro-batch (per process)."})
-    train_use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' 8-bit AdamW (requires `bitsandbytes`)."})
+    train_use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' `AdamW8bit` (TRL's field): the two AdamW moments of every trained tensor with at least 4096 elements are kept in 8 bits (block-wise quantised), smaller tensors keep float32 moments. For SD1.5 this shrinks the optimizer state from 214 to 55 MB with a flow head, 13 to 4 MB for LoRA r8 alone (docs/memory.md). Requires `bitsandbytes` (CPU or GPU); without it the config raises an error naming this field."})
     train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the LoRA parameters."})
     train_adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     train_adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})

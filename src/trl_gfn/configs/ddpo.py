@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import DiffusionRLConfig, _check
+from .base import DiffusionRLConfig, _check, warn_ignored
 
 
 @dataclass
@@ -32,6 +32,8 @@ class DDPOConfig(DiffusionRLConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.vae_gradient_checkpointing:
+            warn_ignored("vae_gradient_checkpointing", "DDPO never differentiates through the VAE decoder")
         if self.per_prompt_stat_tracking:
             _check(self.per_prompt_stat_tracking_min_count <= self.per_prompt_stat_tracking_buffer_size, "per_prompt_stat_tracking_min_count",
                    f"must be <= per_prompt_stat_tracking_buffer_size ({self.per_prompt_stat_tracking_buffer_size}), "

@@ -25,6 +25,7 @@ class DRaFTConfig(DiffusionRLConfig):
     """
 
     train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA parameters."})
+    vae_gradient_checkpointing: bool = field(default=True, metadata={"help": "Checkpoint the VAE decoder block by block when the reward is differentiated through it: same gradients, one more decoder forward per reward gradient. On by default here: the decoder's activations are the largest graph of a transition (docs/memory.md)."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute UNet activations in the backward pass, so that memory grows slowly with the number of differentiated steps."})
     draft_k: int = field(default=1, metadata={"help": "K: back-propagate the reward through the last K sampling steps (DRaFT-K); 0 means all sample_num_steps steps (full DRaFT)."})
     draft_lv_copies: int = field(default=0, metadata={"help": "n >= 1 turns on DRaFT-LV (needs draft_k=1): n re-noised copies of x_1 = q(x_1 | x_0) are denoised with gradient and their rewards averaged; 0 disables."})

@@ -18,6 +18,7 @@ class ReFLConfig(DiffusionRLConfig):
     """
 
     train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA parameters."})
+    vae_gradient_checkpointing: bool = field(default=True, metadata={"help": "Checkpoint the VAE decoder block by block when the reward is differentiated through it: same gradients, one more decoder forward per reward gradient. On by default here: the decoder's activations are the largest graph of a transition (docs/memory.md)."})
     refl_timestep_range: list[int] = field(default_factory=lambda: [0, 250], metadata={"help": "Inclusive range [lo, hi] of UNet timesteps τ at which sampling stops; the stopping step is drawn uniformly among the sampler's steps with τ in range. The default matches ImageReward's ReFL (the last 10 of 40 steps, τ <= ~226)."})
 
     field_ranges = {"refl_timestep_range": ">= 0"}

@@ -175,7 +175,8 @@ class DiffusionPipelineForRL:
 
         An adapter found when wrapping (:attr:`loaded_adapter`) must have the config's rank, scale alpha/rank and
         target modules (errors name ``lora_rank``, ``lora_alpha``, ``lora_target_modules``); it then becomes the
-        trained adapter (float32, ``requires_grad``), so training continues from it.
+        trained adapter (float32, ``requires_grad``), so training continues from it. An adapter added by an earlier
+        wrapper is made trainable again (wrapping a pipeline freezes all of its UNet, that adapter included).
         """
         if not self.has_lora:
             self.add_lora(rank, alpha, target_modules)
@@ -192,6 +193,8 @@ class DiffusionPipelineForRL:
                 raise ValueError(f"lora_alpha: the pipeline's LoRA adapter has alpha {cfg.lora_alpha} but the config asks for {want_alpha}")
             if set(cfg.target_modules) != set(target_modules):
                 raise ValueError(f"lora_target_modules: the pipeline's adapter targets {sorted(cfg.target_modules)}, the config {sorted(target_modules)}")
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
 
     def _adopt_loaded_adapter(self, rank: int, alpha: int, target_modules: Sequence[str]) -> None:
         from peft import LoraConfig

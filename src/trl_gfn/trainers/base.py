@@ -49,7 +49,8 @@ logger = get_logger(__name__)
 #: config fields that do not shape what a checkpoint holds: left out of the differences listed when one does not fit
 RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "init_from", "num_epochs", "save_freq", "num_checkpoint_limit",
                    "log_with", "tracker_kwargs", "tracker_project_name", "accelerator_kwargs", "project_kwargs", "log_image_freq",
-                   "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing"}
+                   "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing",
+                   "vae_gradient_checkpointing"}
 
 
 def sample_seed(*parts: int) -> int:
@@ -60,25 +61,42 @@ def sample_seed(*parts: int) -> int:
 class TrainableModules(torch.nn.Module):
     """Every module the optimizer updates, behind one ``forward`` so that a single accelerate wrapper
     (DDP, DeepSpeed) synchronises all of their gradients. ``model("unet", *args)`` calls the UNet,
-    ``model("flow_head", *args)`` another module by name."""
+    ``model("flow_head", *args)`` another module by name.
+
+    Modules named in :attr:`checkpointed` are called through non-reentrant ``torch.utils.checkpoint`` whenever
+    grad mode is on: the call keeps only its inputs, and the backward pass recomputes the whole call (TRL's
+    AlignProp checkpointed the whole UNet call the same way). The checkpoint sits *inside* this module, so under
+    DDP the recomputation runs the plain sub-module, never the DDP wrapper's forward (which would re-arm gradient
+    synchronisation in the middle of a backward pass).
+    """
 
     def __init__(self, unet: torch.nn.Module, **extra: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
         for name, module in extra.items():
             self.add_module(name, module)
+        #: names of the sub-modules whose calls with gradient are checkpointed as a whole
+        self.checkpointed: frozenset[str] = frozenset()
 
-    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, name)(*args, **kwargs)
+    def forward(self, name: str, *args: Any, checkpoint: bool | None = None, **kwargs: Any) -> Any:
+        """Call sub-module ``name``; ``checkpoint`` overrides :attr:`checkpointed` for this call (None: follow it)."""
+        module = getattr(self, name)
+        if checkpoint is None:
+            checkpoint = name in self.checkpointed
+        if checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
+        return module(*args, **kwargs)
 
 
 class _Dispatch:
     """Calls a named sub-module through the (possibly wrapped) :class:`TrainableModules`."""
 
-    def __init__(self, model: torch.nn.Module, name: str) -> None:
-        self.model, self.name = model, name
+    def __init__(self, model: torch.nn.Module, name: str, checkpoint: bool | None = None) -> None:
+        self.model, self.name, self.checkpoint = model, name, checkpoint
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.checkpoint is not None:
+            kwargs["checkpoint"] = self.checkpoint
         return self.model(self.name, *args, **kwargs)
 
 
@@ -183,8 +201,11 @@ class DiffusionRLTrainer(PublishingMixin):
         pipeline.to(device)
         pipeline.ensure_lora(config.lora_rank, config.lora_alpha, config.lora_target_modules)
         pipeline.set_precision(config.mixed_precision)
-        if config.gradient_checkpointing:
-            pipeline.enable_gradient_checkpointing()
+        # the VAE decoder's checkpointing follows the config both ways (the UNet's is set on self.modules below)
+        if config.vae_gradient_checkpointing:
+            pipeline.vae.enable_gradient_checkpointing()
+        else:
+            pipeline.vae.disable_gradient_checkpointing()
         self.schedule = pipeline.make_schedule(config.sampler, config.sample_num_steps, config.sample_eta)
 
         if isinstance(reward_function, torch.nn.Module):
@@ -194,6 +215,8 @@ class DiffusionRLTrainer(PublishingMixin):
         self.reward_fn = reward_function
 
         self.modules = TrainableModules(pipeline.unet, **self.build_modules())
+        if config.gradient_checkpointing:
+            self.modules.checkpointed = frozenset({"unet"})
         self.modules.to(device)
         if config.init_from:
             self.init_weights_from(config.init_from)
@@ -215,6 +238,7 @@ class DiffusionRLTrainer(PublishingMixin):
         if self.needs_reward_gradient:
             self.probe_reward_gradient()
         self.last_metrics: dict[str, float] = {}
+        self._training_rewards: list[torch.Tensor] = []
         if self.accelerator.is_main_process and config.log_with is not None:
             self.accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config.to_public_dict()),
                                            init_kwargs=config.tracker_kwargs)
@@ -302,9 +326,16 @@ class DiffusionRLTrainer(PublishingMixin):
     def unwrapped(self) -> TrainableModules:
         return self.accelerator.unwrap_model(self.model)
 
-    def wrapped(self, name: str) -> _Dispatch:
-        """Call sub-module ``name`` through the prepared model (use it wherever parameter gradients are needed)."""
-        return _Dispatch(self.model, name)
+    def wrapped(self, name: str, checkpoint: bool | None = None) -> _Dispatch:
+        """Call sub-module ``name`` through the prepared model (use it wherever parameter gradients are needed); checkpointed
+        as :attr:`TrainableModules.checkpointed` says, or always (``checkpoint=True``) / never (``False``)."""
+        return _Dispatch(self.model, name, checkpoint)
+
+    def local(self, name: str, checkpoint: bool | None = None) -> _Dispatch:
+        """Call sub-module ``name`` through the unwrapped :class:`TrainableModules`, without gradient synchronisation (for
+        input-gradient and reference passes, which update no parameter); checkpointed as :meth:`wrapped`'s calls are, or
+        always (``checkpoint=True``) / never (``False``)."""
+        return _Dispatch(self.modules, name, checkpoint)
 
     @contextlib.contextmanager
     def accumulate(self):
@@ -340,19 +371,32 @@ class DiffusionRLTrainer(PublishingMixin):
             (grad,) = torch.autograd.grad(rewards.sum(), x)
         return grad, rewards.detach()
 
-    def sample_epoch(self, epoch: int) -> Trajectories:
-        """Sample ``sample_num_batches_per_epoch`` batches with the current policy and score them (no gradient)."""
+    def sample_epoch(self, epoch: int, score: bool = True) -> Trajectories:
+        """Sample ``sample_num_batches_per_epoch`` batches with the current policy and (``score``) decode and score them
+        (no gradient); with ``score=False`` the trajectories have neither ``images`` nor ``rewards``."""
         parts, pending = [], []
         for b in tqdm(range(self.config.sample_num_batches_per_epoch), desc=f"Epoch {epoch}: sampling", disable=self.hide_progress, leave=False):
-            traj = self.sample_batch(epoch, b)
+            traj = self.sample_batch(epoch, b, decode=score)
             crash_point("sample")
             parts.append(traj)
-            pending.append(self.start_scoring(traj))
+            if score:
+                pending.append(self.start_scoring(traj))
         self.sampled_batches = []
         for traj, scored in zip(parts, pending):
             traj.rewards, reward_metadata = scored()
             self.sampled_batches.append([traj.images, list(traj.prompts), list(traj.prompt_metadata), traj.rewards, reward_metadata])
         return Trajectories.concatenate(parts)
+
+    @property
+    def rewards_from_training(self) -> bool:
+        """Whether training itself computes r(x_0) of every sampled trajectory and records it (:meth:`record_training_rewards`).
+        Then the samples of an epoch are decoded and scored only when that epoch logs images, and ``reward_mean`` /
+        ``reward_std`` are logged from the recorded rewards after training (the same values). False by default."""
+        return False
+
+    def record_training_rewards(self, rewards: torch.Tensor) -> None:
+        """Record rewards of sampled x_0 computed by the loss (see :attr:`rewards_from_training`)."""
+        self._training_rewards.append(rewards.detach().float())
 
     def start_scoring(self, traj: Trajectories) -> Callable[[], tuple[torch.Tensor, dict]]:
         """Begin scoring a sampled batch; returns a function that gives its ``(rewards, reward_metadata)``.
@@ -376,14 +420,15 @@ class DiffusionRLTrainer(PublishingMixin):
         """One generator per sample, seeded by (seed, epoch, sample id) only."""
         return [torch.Generator(device=self.accelerator.device).manual_seed(sample_seed(self.config.seed, epoch, i)) for i in ids]
 
-    def sample_batch(self, epoch: int, batch_index: int) -> Trajectories:
-        """Sample (no gradient, not scored) this process's ``batch_index``-th batch of the epoch, with ``sample_ids`` set."""
+    def sample_batch(self, epoch: int, batch_index: int, decode: bool = True) -> Trajectories:
+        """Sample (no gradient, not scored) this process's ``batch_index``-th batch of the epoch, with ``sample_ids`` set
+        (and ``images`` if ``decode``)."""
         c, acc = self.config, self.accelerator
         ids = self.batch_sample_ids(batch_index, c.sample_batch_size)
         prompts, metadata = self.prompt_source(ids, epoch)
         self.note_prompts(prompts)
         traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
-                                    prompt_metadata=metadata, generators=self.sample_generators(epoch, ids))
+                                    prompt_metadata=metadata, generators=self.sample_generators(epoch, ids), decode=decode)
         traj.sample_ids = torch.tensor(ids, device=acc.device)
         return traj
 
@@ -393,27 +438,48 @@ class DiffusionRLTrainer(PublishingMixin):
         Returns the step's diagnostics (grad norms, learning rates), or None when gradients are still
         being accumulated. A non-finite loss or gradient raises ``FloatingPointError`` before any update,
         so no corrupt weights or checkpoint are ever written.
+
+        One pass over the gradients serves the check, the logged per-group norms and the clipping: the norm of every
+        gradient is computed once (``torch._foreach_norm``); a gradient holds a NaN or an infinity exactly when its norm
+        is not finite; the per-group and total norms are norms of those norms; clipping multiplies by the coefficient
+        of the total norm (``torch.nn.utils.clip_grad_norm_``'s, with its 1e-6). Under DeepSpeed, FSDP or XLA, whose
+        gradients are sharded or clipped by the engine, clipping is left to ``accelerator.clip_grad_norm_``.
         """
+        from accelerate.utils import DistributedType
+
         acc = self.accelerator
         if not acc.sync_gradients:
             return None
-        params = self.trainable_parameters()
-        bad = (~torch.isfinite(loss_value.detach().float())).any().float()
-        for p in params:
-            if p.grad is not None:
-                bad = bad + (~torch.isfinite(p.grad)).any().float()
+        engine_clips = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA)
+        if not engine_clips:
+            acc.unscale_gradients()  # fp16 loss scaling: check, log and clip the true gradients (no-op otherwise)
+        group_norms, names = [], []
+        for group in self.optimizer.param_groups:
+            grads = [p.grad.detach() for p in group["params"] if p.grad is not None]
+            norms = torch._foreach_norm([g.float() for g in grads]) if grads else []
+            group_norms.append(torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=acc.device))
+            names.append(group.get("name", "group"))
+        group_norms = torch.stack(group_norms).float()
+        total = torch.linalg.vector_norm(group_norms)
+        bad = (~torch.isfinite(loss_value.detach().float())).any().float() + (~torch.isfinite(total)).float()
         if acc.reduce(bad.reshape(1).to(acc.device), reduction="sum").item() > 0:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"non-finite loss or gradient at epoch {epoch} (global step {self.state.global_step}); the parameters were not "
                 "updated and no checkpoint was written. Lower the learning rate or reward_scale, or enable train_max_grad_norm.")
         info = {}
-        for group in self.optimizer.param_groups:
-            grads = [p.grad.detach().float().norm() for p in group["params"] if p.grad is not None]
-            info[f"grad_norm/{group.get('name', 'group')}"] = float(torch.stack(grads).norm()) if grads else 0.0
-            info[f"lr/{group.get('name', 'group')}"] = float(group["lr"])
-        if self.config.train_max_grad_norm > 0:
-            acc.clip_grad_norm_(params, self.config.train_max_grad_norm)
+        for name, norm, group in zip(names, group_norms.tolist(), self.optimizer.param_groups):
+            info[f"grad_norm/{name}"] = norm
+            info[f"lr/{name}"] = float(group["lr"])
+        max_norm = self.config.train_max_grad_norm
+        if max_norm > 0:
+            if engine_clips:
+                acc.clip_grad_norm_(self.trainable_parameters(), max_norm)
+            else:
+                coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+                grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coefficient.to(grads[0].device))
         self.optimizer.step()
         crash_point("optimizer_step")
         self.optimizer.zero_grad(set_to_none=True)
@@ -436,15 +502,27 @@ class DiffusionRLTrainer(PublishingMixin):
         acc, c = self.accelerator, self.config
         start = time.time()
         samples = None
+        log_images = bool(c.log_image_freq) and epoch % c.log_image_freq == 0
+        score = not self.rewards_from_training or log_images
+        self._training_rewards = []
         if self.samples_needed:
-            samples = self.sample_epoch(epoch)
-            rewards = acc.gather(samples.rewards.detach())
+            samples = self.sample_epoch(epoch, score=score)
             sample_time = time.time() - start
-            self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(), "epoch": epoch,
-                      "samples_per_second": rewards.numel() / max(sample_time, 1e-9)}, step=global_step)
-            if c.log_image_freq and epoch % c.log_image_freq == 0:
+            logs = {"epoch": epoch, "samples_per_second": len(samples) * acc.num_processes / max(sample_time, 1e-9)}
+            if score:
+                rewards = acc.gather(samples.rewards.detach())
+                logs.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item())
+            self.log(logs, step=global_step)
+            if log_images:
                 self.log_images(samples, global_step, epoch)
         global_step = self.train_on_samples(samples, epoch, global_step)
+        if self.samples_needed and not score:
+            # every trajectory's r(x_0), computed by the loss (once per inner epoch: repeating each value n times changes
+            # neither the mean nor the population std)
+            if not self._training_rewards:
+                raise RuntimeError(f"{type(self).__name__}.rewards_from_training is True but training recorded no reward")
+            rewards = acc.gather(torch.cat(self._training_rewards))
+            self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item()}, step=global_step)
         self.state.epoch = epoch + 1
         self.state.global_step = global_step
         self.log({"epoch_seconds": time.time() - start}, step=global_step)

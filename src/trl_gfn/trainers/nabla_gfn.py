@@ -7,9 +7,9 @@ implemented below:
   parameter backward at x_k;
 - interior step, reverse term: + one extra backward through the policy UNet at x_k that yields both
   ∇_{x_k} log P_F^θ and the reward gradient at x_k, + a reference forward/backward at x_k;
-- last step (x_1 → x_0): x̂_0(x_0) = x_0, so no UNet call at x_0; the reverse term applies only with
-  ``reverse_loss_type="pathwise"`` (the default), at the interior steps' cost at x_1.
-``benchmarks/transition_cost.py`` measures these units.
+- last step (x_1 → x_0): x̂_0(x_0) = x_0, so no UNet call at x_0 (the pathwise reverse term, default, still applies).
+With ``memory_efficient_order`` (default) the UNet calls of the reward-gradient passes and the flow head are checkpointed
+(+1 forward each) so that no two large graphs coexist. ``benchmarks/transition_cost.py`` measures time and memory.
 """
 
 from __future__ import annotations
@@ -147,18 +147,33 @@ class NablaGFlowNetTrainer(TransitionTrainer):
     def _gamma(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         return alpha_bar if self.config.reward_gradient_scaling == "squared" else alpha_bar.sqrt()
 
+    def _input_gradient_unet(self):
+        """The UNet call of a pass that only yields an input gradient pulled back from ∇r (the guess): checkpointed with
+        ``memory_efficient_order`` (its activations are not alive while the VAE decoder and the reward are differentiated;
+        the VJP recomputes them), else as ``gradient_checkpointing`` says."""
+        return self.local("unet", checkpoint=True if self.config.memory_efficient_order else None)
+
     def _guess_model(self):
         """Context in which the UNet is the model whose x̂_0 the flow-gradient guess uses (``flow_guess_model``)."""
         return self.pipeline.reference_mode() if self.config.flow_guess_model == "reference" else contextlib.nullcontext()
 
+    @property
+    def rewards_from_training(self) -> bool:
+        """The last transition of every trajectory is trained and its guess is β γ_0 ∇r(x_0), which computes r(x_0): the
+        samples need no decoding and scoring for the logged rewards (unless β = 0, or training runs on the previous
+        epoch's samples)."""
+        return self.config.reward_scale > 0 and not self.config.train_on_previous_samples
+
     def reward_guess(self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
-                     prompts: list, prompt_metadata: list, recorded_epsilon: torch.Tensor | None = None) -> torch.Tensor:
+                     prompts: list, prompt_metadata: list, recorded_epsilon: torch.Tensor | None = None,
+                     final_rewards: list | None = None) -> torch.Tensor:
         """The guessed flow gradient β γ ∇_x r(decode(x̂_0(x))) at states ``latents`` of sampling positions ``step_index``
         (0 = initial noise, K = final sample: there x̂_0 = x and no UNet is called).
 
         x̂_0 comes from the ``flow_guess_model``'s guided noise prediction; the gradient flows through that UNet to
         x (input gradient only, every graph freed on return). With ``jacobian_free_reward_gradient`` the noise
         prediction is held constant (``recorded_epsilon`` for the policy, a no-grad reference forward otherwise).
+        The rewards of the final states (position K) are appended to ``final_rewards`` if given.
         """
         c, sched = self.config, self.schedule
         x = latents.detach().float()
@@ -169,7 +184,9 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         grad = torch.zeros_like(x)
         final = step_index == K
         if final.any():
-            grad[final], _ = self.reward_gradient(x[final], _rows(prompts, final), _rows(prompt_metadata, final))
+            grad[final], rewards = self.reward_gradient(x[final], _rows(prompts, final), _rows(prompt_metadata, final))
+            if final_rewards is not None:
+                final_rewards.append(rewards)
         inner = ~final
         if inner.any():
             xi, ai, ti = x[inner], a[inner], sched.timesteps[step_index[inner].clamp(max=K - 1)]
@@ -188,7 +205,7 @@ class NablaGFlowNetTrainer(TransitionTrainer):
             else:
                 xi = xi.requires_grad_(True)
                 with torch.enable_grad(), self._guess_model():
-                    x0 = predict_x0(xi, guided(self.pipeline.unet, xi, ti, emb, neg), ai)
+                    x0 = predict_x0(xi, guided(self._input_gradient_unet(), xi, ti, emb, neg), ai)
                     g0, _ = self.reward_gradient(x0, sub_prompts, sub_meta)  # ∇_{x̂0} r on its own graph (VAE + reward freed)
                     (grad[inner],) = torch.autograd.grad((x0 * g0).sum(), xi)
         return c.reward_scale * self._gamma(a) * grad
@@ -253,40 +270,56 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         use_reverse = use_flow and c.reverse_loss_scale > 0 and bool(rev.any())
         zero = x.new_zeros(())
         emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
+        # the model whose x̂_0(x_k) the reverse term's guess at x_k differentiates the reward at (None: no such guess)
+        guess_at_x = c.flow_guess_model if use_reverse and c.reward_scale > 0 else None
 
         # 1. guessed flow gradient at x_{k-1} first: input gradient only, its graph freed before any other graph exists
-        guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons)
+        final_rewards: list[torch.Tensor] = []
+        guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons,
+                                       final_rewards=final_rewards)
+        for rewards in final_rewards:
+            self.record_training_rewards(rewards)
 
         # 2. reference at x_k (adapter off). With the reverse term: the reference side of the x_k-gradient, as one VJP
         #    (s·∇_{x_k} log P_ref without its identity part, minus the guess at x_k when the reference makes it)
         xr = x.detach().requires_grad_(use_reverse)
         with self.pipeline.reference_mode(), torch.set_grad_enabled(use_reverse):
-            eps_ref = self._guided(self.pipeline.unet, xr, t, batch, None, a)
+            eps_ref = self._guided(self._input_gradient_unet() if guess_at_x == "reference" else self.local("unet"), xr, t, batch, None, a)
             v_ref = (x_next - step_mean(x, eps_ref.detach(), cx, ce)) / std**2  # = −s_ref
             ref_side = None
             if use_reverse:
                 surrogate = strength * (eps_ref * (ce * v_ref)).sum()
-                if c.flow_guess_model == "reference" and c.reward_scale > 0:
+                if guess_at_x == "reference":
                     x0 = predict_x0(xr, eps_ref, a)
                     g0, _ = self.reward_guess_at_x0(x0, rev, batch)
                     surrogate = surrogate - (g0 * x0).sum()
                 (ref_side,) = torch.autograd.grad(surrogate, xr)
         eps_ref = eps_ref.detach()
 
-        # 3. policy at x_k through the prepared model (parameter gradients synchronised across processes)
-        xp = x.detach().requires_grad_(use_reverse)
-        eps = self._guided(self.wrapped("unet"), xp, t, batch, None, a)
-        # s_θ − s·s_ref from the noise difference (no cancellation of two large scores at small σ)
-        residual = score_residual(eps, eps_ref, ce, std) - (1 - strength) * v_ref
-
-        # 4. flow head at x_{k-1} (all rows: the last ones for the terminal term) and at the reverse term's x_k, one call
+        # 3. flow head at x_{k-1} (all rows: the last ones for the terminal term) and at the reverse term's x_k, one call.
+        #    With memory_efficient_order it is checkpointed and runs before the policy: the backward pass reaches it after the
+        #    policy's graph is freed, and recomputes it then
         g_next = g_cur = None
         if use_flow:
             lat, ts, embs = [x_next], [t_next], [emb]
             if use_reverse:
                 lat.append(x[rev]), ts.append(t[rev]), embs.append(emb[rev])
-            g_all = self.wrapped("flow_head")(torch.cat(lat), torch.cat(ts), torch.cat(embs))
+            head = self.wrapped("flow_head", checkpoint=True if c.memory_efficient_order else None)
+            g_all = head(torch.cat(lat), torch.cat(ts), torch.cat(embs))
             g_next, g_cur = g_all[: x.shape[0]], g_all[x.shape[0]:]
+
+        # 4. policy at x_k through the prepared model (parameter gradients synchronised across processes). When the policy
+        #    makes the guess at x_k, ∇r at its x̂_0(x_k) is taken first, from a forward without grad (same values), so that
+        #    the VAE and reward graphs are gone before the policy graph is built
+        g0_policy = None
+        if guess_at_x == "policy" and c.memory_efficient_order and not c.gradient_checkpointing:
+            with torch.no_grad():
+                x0_policy = predict_x0(x, self._guided(self.pipeline.unet, x, t, batch, None, a), a)
+            g0_policy, _ = self.reward_guess_at_x0(x0_policy, rev, batch)
+        xp = x.detach().requires_grad_(use_reverse)
+        eps = self._guided(self.wrapped("unet"), xp, t, batch, None, a)
+        # s_θ − s·s_ref from the noise difference (no cancellation of two large scores at small σ)
+        residual = score_residual(eps, eps_ref, ce, std) - (1 - strength) * v_ref
 
         # 5. forward ∇-DB: s_θ − s·s_ref = g(x_{k-1}) + βγ∇r(x̂_0(x_{k-1})); no g on the last transition (g(x_0) = 0)
         flow_next = guess_next
@@ -308,10 +341,11 @@ class NablaGFlowNetTrainer(TransitionTrainer):
             else:
                 rho = torch.zeros_like(x)
             surrogate = (eps * (ce * (v_theta - rho))).sum()
-            if c.flow_guess_model == "policy" and c.reward_scale > 0:
+            if guess_at_x == "policy":
                 x0 = predict_x0(xp, eps, a)
-                g0, _ = self.reward_guess_at_x0(x0, rev, batch)
-                surrogate = surrogate + (g0 * x0).sum()
+                if g0_policy is None:  # the policy graph is checkpointed, or the memory ordering is off
+                    g0_policy, _ = self.reward_guess_at_x0(x0, rev, batch)
+                surrogate = surrogate + (g0_policy * x0).sum()
             (policy_side,) = torch.autograd.grad(surrogate, xp, retain_graph=True)
             total = -cx * (residual.detach() + rho) + policy_side - ref_side
             loss_reverse = (weight[rev] * (total[rev] + g_cur) ** 2).mean()
