@@ -390,11 +390,20 @@ class BaseDiffusionTrainer(PublishingMixin):
         """Save only what is trained (LoRA in diffusers format + extra modules), not the frozen UNet."""
         if self.accelerator.is_main_process:
             self.save_trained_weights(output_dir)
+            self.save_checkpoint_extras(output_dir)
         weights.clear()  # accelerate would otherwise write the full UNet
 
     def _load_model_hook(self, models: list, input_dir: str) -> None:
         self.load_trained_weights(input_dir)
+        self.load_checkpoint_extras(input_dir)
         models.clear()
+
+    def save_checkpoint_extras(self, directory: str) -> None:
+        """Write a method's tensor state that checkpoints need but the final folder does not (e.g. EMA copies), as safetensors
+        files in ``directory`` (main process); the manifest lists and hashes them like every other file."""
+
+    def load_checkpoint_extras(self, directory: str) -> None:
+        """Restore what :meth:`save_checkpoint_extras` wrote."""
 
     def _manifest_config(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.config.to_public_dict(), default=str))
