@@ -5,13 +5,14 @@ Nabla-GFlowNet (residual ∇-DB) and the methods it is compared with, on one TRL
 
 __version__ = "0.1.0.dev0"
 
-from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
+from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
 from .models import FlowHead
 from .pipelines import DefaultDDPOStableDiffusionPipeline, DiffusionPipelineForRL, Trajectories, TransitionBatch
 from .trainers import (
     AlignPropTrainer,
     BaseDiffusionTrainer,
     DDPOTrainer,
+    DiffusionDPOTrainer,
     DiffusionRLTrainer,
     DRaFTTrainer,
     NablaGFlowNetTrainer,
@@ -27,6 +28,8 @@ __all__ = [
     "DDPOConfig",
     "DDPOTrainer",
     "DRaFTConfig",
+    "DiffusionDPOConfig",
+    "DiffusionDPOTrainer",
     "DefaultDDPOStableDiffusionPipeline",
     "DRaFTTrainer",
     "ReFLConfig",

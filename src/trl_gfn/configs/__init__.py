@@ -4,6 +4,7 @@ from .base import BaseDiffusionConfig, DiffusionRLConfig
 from .nabla_gfn import NablaGFlowNetConfig
 from .ddpo import DDPOConfig
 from .draft import AlignPropConfig, DRaFTConfig
+from .dpo import DiffusionDPOConfig
 from .refl import ReFLConfig
 
-__all__ = ["AlignPropConfig", "BaseDiffusionConfig", "DDPOConfig", "DRaFTConfig", "DiffusionRLConfig", "NablaGFlowNetConfig", "ReFLConfig"]
+__all__ = ["AlignPropConfig", "BaseDiffusionConfig", "DDPOConfig", "DRaFTConfig", "DiffusionDPOConfig", "DiffusionRLConfig", "NablaGFlowNetConfig", "ReFLConfig"]
