@@ -8,7 +8,7 @@ from typing import Literal
 from .base import BaseDiffusionConfig, _check, warn_ignored
 
 #: default β per loss type (measured on the bundled digits model, docs/preference.md; the papers' SD 1.5 values are in the docs)
-DEFAULT_BETA = {"sigmoid": 2000.0, "hinge": 2000.0, "ipo": 500.0, "dmpo": 2000.0, "see": 2000.0, "adaptive": 1000.0}
+DEFAULT_BETA = {"sigmoid": 500.0, "hinge": 500.0, "ipo": 500.0, "dmpo": 500.0, "see": 500.0, "adaptive": 500.0}
 #: fields that only one loss type reads
 LOSS_FIELDS = {"dmpo": ("dmpo_alpha",), "see": ("see_gamma",),
                "adaptive": ("adaptive_rho", "adaptive_temperature", "adaptive_intercept", "adaptive_margin", "adaptive_ema_decays")}
