@@ -12,7 +12,7 @@ utility on held-out noises, and after the last epoch on the ten class prompts; u
 
 Each run is its own subprocess (``--jobs`` at a time, ``--threads`` torch threads each).
 
-    python benchmarks/preference_alignment.py                        # 7 methods x 3 seeds + robustness, ~1 h on 2 loaded cores
+    python benchmarks/preference_alignment.py                        # 7 methods x 3 seeds + robustness, about 40 min on 2 cores (--jobs 2)
     python benchmarks/preference_alignment.py --quick                # smoke run (1 epoch on 400 pairs, 1 seed), a few minutes
     python benchmarks/preference_alignment.py --methods dpo,dmpo --seeds 0 --no_robustness
 
@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_robustness", action="store_true", help="skip the minority-fraction sweep")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--skip_existing", action="store_true", help="reuse the runs whose <out>/runs/<name>.json exists (finish an interrupted benchmark)")
     for f in fields(PreferenceBenchmarkSettings):
         if f.name != "batch":
             p.add_argument(f"--{f.name}", type=type(f.default), default=None, help=f"default {f.default}")
@@ -128,7 +129,11 @@ def main(argv=None) -> dict:
     jobs = [(m, s, settings.minority_fraction) for s in seeds for m in methods]
     if robust:
         jobs += [(m, s, f) for f in ROBUSTNESS_FRACTIONS for s in seeds for m in ROBUSTNESS_METHODS if f != settings.minority_fraction]
-    todo, running, failed = list(jobs), [], []
+    done = os.path.join(args.out, "runs", "{}.json")
+    todo = [j for j in jobs if not (args.skip_existing and os.path.exists(done.format(run_name(*j))))]
+    if len(todo) < len(jobs):
+        print(f"reusing {len(jobs) - len(todo)} finished run(s) (--skip_existing)", flush=True)
+    running, failed = [], []
     while todo or running:
         while todo and len(running) < args.jobs:
             m, s, f = todo.pop(0)

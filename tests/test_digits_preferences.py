@@ -94,7 +94,7 @@ def test_script_writes_a_small_dataset(tmp_path):
 
 
 def test_dpo_on_the_shipped_pairs_moves_the_model_towards_round_digits(tmp_path):
-    """Diffusion-DPO (default beta) on 400 shipped pairs, 2 epochs: samples from the same noises win against the base model."""
+    """Diffusion-DPO (default beta) on 600 shipped pairs, 2 epochs: samples from the same noises win against the base model."""
     from trl_gfn import DiffusionDPOConfig, DiffusionDPOTrainer
     from trl_gfn.data.digits_preferences import load_classifier, load_pipeline, round_utility
     from trl_gfn.evaluation.preference_benchmark import PreferenceBenchmarkSettings, sample_images
@@ -103,7 +103,7 @@ def test_dpo_on_the_shipped_pairs_moves_the_model_towards_round_digits(tmp_path)
     prompts = ["a handwritten digit"] * 96
     classifier = load_classifier()
     trainer = DiffusionDPOTrainer(DiffusionDPOConfig(num_epochs=2, train_learning_rate=3e-3, logdir=str(tmp_path), run_name="r", save_freq=0),
-                                  load_pipeline(), load_digits_preferences("train").select(range(400)))
+                                  load_pipeline(), load_digits_preferences("train").select(range(600)))
     with trainer.pipeline.reference_mode():
         base = round_utility(classifier, sample_images(trainer.pipeline, settings, prompts, 123)).numpy()
     trainer.train()

@@ -53,13 +53,13 @@ ROBUSTNESS_FRACTIONS = [0.0, 0.2, 0.3]
 class PreferenceBenchmarkSettings:
     """Sizes and hyper-parameters shared by every run (β and the loss fields are each loss type's defaults)."""
 
-    epochs: int = 4
+    epochs: int = 3
     train_batch_size: int = 16
     learning_rate: float = 1e-3
     lora_rank: int = 8
     minority_fraction: float = 0.1
     train_pairs: int = 0  # 0: all bundled training pairs
-    eval_samples: int = 256
+    eval_samples: int = 192
     eval_class_samples: int = 16
     eval_seed: int = 10_000_000
     class_eval_seed: int = 11_000_000
