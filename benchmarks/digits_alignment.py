@@ -66,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--quick", action="store_true", help=f"smoke size: {QUICK}, seeds 0,1")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one process each)")
+    p.add_argument("--skip_existing", action="store_true",
+                   help="keep the (method, seed) runs whose runs/<method>_seed<seed>.json already exists in --out (to finish an "
+                        "interrupted benchmark); the settings must be the same, which the cached reference checks")
+    p.add_argument("--summarise_only", action="store_true",
+                   help="run nothing: rebuild results.json, table.md and curves.png from the runs/*.json already in --out "
+                        "(those of --methods and --seeds that exist)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--target_digits", type=_digits, default=None, help="the target set S, comma-separated digits (default 0,8)")
     for f in fields(BenchmarkSettings):
@@ -138,7 +144,9 @@ def main(argv=None) -> dict:
         elif f.name not in ("prompt", "batch"):
             forwarded += [f"--{f.name}", str(v)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    todo = [(m, s) for s in seeds for m in methods]
+    todo = [(m, s) for s in seeds for m in methods
+            if not args.summarise_only
+            and not (args.skip_existing and os.path.exists(os.path.join(args.out, "runs", f"{m}_seed{s}.json")))]
     running: list[tuple[subprocess.Popen, str, str]] = []
     failed = []
     while todo or running:

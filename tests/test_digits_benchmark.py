@@ -75,6 +75,12 @@ def test_table_plot_grid(tiny_run, tmp_path):
     runs = [strip_images(run), dict(strip_images(run), seed=1)]
     table = markdown_table(runs, reference)
     assert "| nabla_gfn | 2 |" in table and "base model" in table and "ESS" in table
+    # last column: TV averaged over the last evaluations (here the single trained one), per seed then over seeds
+    fake = [dict(strip_images(run), seed=s, epochs=[dict(run["epochs"][0], tv=tv) for tv in tvs])
+            for s, tvs in ((0, [0.8, 0.5, 0.1, 0.3]), (1, [0.8, 0.6, 0.2, 0.1]))]
+    row = next(line for line in markdown_table(fake).splitlines() if line.startswith("| nabla_gfn"))
+    assert "| 0.200 ± 0.141 |" in row  # final TV (0.3, 0.1)
+    assert row.endswith("| 0.300 ± 0.000 |")  # mean of the (here 3) trained evaluations per seed: 0.3 and 0.3
     plot_curves(runs, str(tmp_path / "curves.png"))
     save_grid([run["images_before"], run["images_after"]], str(tmp_path / "grid.png"))
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0
@@ -142,3 +148,16 @@ def test_shipped_digits_yaml_is_the_benchmarks_nabla_gfn():
     differ = {k: (v, getattr(bench, k)) for k, v in shipped.to_dict().items() if k not in skip and v != getattr(bench, k)}
     assert not differ, differ
     assert yaml.safe_load(digits_yaml.read_text())["num_epochs"] * 4 == 200  # 4 updates per epoch
+
+
+def test_target_feasibility_script(tmp_path):
+    """The exact-sampler figures: the tilted target concentrates on S, is less diverse than the base model and far
+    from it in FD (the reason the benchmark judges samplers against the target, not the base model)."""
+    feas = _load(ROOT / "benchmarks" / "digits_target_feasibility.py", "digits_target_feasibility")
+    torch.set_num_threads(1)
+    rows = feas.main(["--samples", "192", "--eval_size", "32", "--targets", "0,8;1", "--betas", "30", "--out", str(tmp_path)])
+    assert [(r["target"], r["beta"]) for r in rows] == [([0, 8], 30.0), ([1], 30.0)]
+    for r in rows:
+        assert r["mass_on_S"] > 0.9 and 0 < r["ess"] <= 192
+        assert r["diversity_vs_base"] < 0.95 and r["fd_to_base_population"] > 20
+    assert (tmp_path / "feasibility.md").read_text().count("| {") == 2

@@ -17,7 +17,7 @@ K = 6
 def make_trainer(tmp_path, pipeline, reward=None, paper=False, **overrides):
     kwargs = dict(sample_num_steps=K, sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2, logdir=str(tmp_path),
                   flow_block_out_channels=[8, 16], flow_attention_head_dim=4, save_freq=0, log_image_freq=0, reward_scale=0.0,
-                  unet_reg_scale=1.0, sample_guidance_scale=3.0)
+                  unet_reg_scale=1.0, sample_guidance_scale=3.0, train_timestep_fraction=0.34)
     kwargs.update(overrides)
     config = NablaGFlowNetConfig.paper(**kwargs) if paper else NablaGFlowNetConfig(**kwargs)
     return NablaGFlowNetTrainer(config, reward or BrightnessReward(), pipeline, prompt_function=PROMPTS)
@@ -386,3 +386,15 @@ def test_flow_gradient_is_the_guess_plus_the_flow_head(tmp_path, tiny_pipeline):
     x = b.latents.double()
     expected = (naive.mean(x, 2, False) - naive.mean(x, 2, True)) / s.std[2].double() ** 2
     assert ((residual.double() - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_a_flow_head_that_can_never_shape_the_policy_is_reported():
+    """K = 8 at the default f = 0.1 trains only the last transition (int(8·0.1) + 1 = 1), whose target has no g term."""
+    with pytest.warns(UserWarning, match="use_flow_head has no effect.*train_timestep_fraction >= 0.125"):
+        NablaGFlowNetConfig(sample_num_steps=8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NablaGFlowNetConfig(sample_num_steps=8, train_timestep_fraction=0.125)  # one interior transition: fine
+        NablaGFlowNetConfig(sample_num_steps=8, use_flow_head=False)

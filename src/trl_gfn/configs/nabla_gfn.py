@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .base import DiffusionRLConfig, _check
+from .base import DiffusionRLConfig, _check, warn_ignored
 
 REWARD_GRADIENT_SCALINGS = ("squared", "sqrt")
 TRANSITION_LOSS_WEIGHTINGS = ("none", "variance")
@@ -92,6 +92,11 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
         _check(self.flow_layers_per_block >= 1, "flow_layers_per_block", f"must be >= 1, got {self.flow_layers_per_block}")
         _check(self.flow_learning_rate > 0, "flow_learning_rate", f"must be > 0, got {self.flow_learning_rate}")
         _check(self.flow_weight_decay >= 0, "flow_weight_decay", f"must be >= 0, got {self.flow_weight_decay}")
+        if self.use_flow_head and self.num_train_timesteps == 1:
+            warn_ignored("use_flow_head", f"with sample_num_steps={self.sample_num_steps} and train_timestep_fraction="
+                         f"{self.train_timestep_fraction}, int(K·f) + 1 = 1: only the last transition is trained, whose forward target "
+                         f"has no flow-head term, so the flow head never shapes the policy. Set train_timestep_fraction >= "
+                         f"{1 / self.sample_num_steps:.3g} (one interior transition per trajectory) or use_flow_head=False.")
 
     @property
     def num_train_timesteps(self) -> int:

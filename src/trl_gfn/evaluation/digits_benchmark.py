@@ -299,6 +299,8 @@ CURVE_KEYS = [("reward_mean", "reward  log p(y∈S|x)"), ("diversity_vs_target",
               ("target_fd", "Fréchet distance to the target"), ("tv", "TV to ideal target p_base·e^{βr}")]
 TABLE_KEYS = [("reward_mean", "reward"), ("tv", "TV to target"), ("target_fd", "FD to target"), ("diversity_vs_target", "diversity / target's"),
               ("diversity", "diversity"), ("prior_fd", "FD to base"), ("mass_on_S", "mass on S")]
+#: the table's last column averages TV over this many final evaluations (per seed, then mean ± std over seeds)
+LAST_EVALS = 5
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -326,15 +328,18 @@ def fmt(values: np.ndarray, digits: int = 3) -> str:
 def markdown_table(runs: list[dict[str, Any]], reference: dict[str, Any] | None = None) -> str:
     """Final figures (last evaluation) per method, mean ± std over seeds; the base model's row first."""
     agg = aggregate(runs)
-    header = "| method | seeds | updates | train wall time (s) | " + " | ".join(name for _, name in TABLE_KEYS) + " |"
-    lines = [header, "|" + "---|" * (4 + len(TABLE_KEYS))]
+    header = ("| method | seeds | updates | train wall time (s) | " + " | ".join(name for _, name in TABLE_KEYS)
+              + f" | TV, last {LAST_EVALS} evaluations |")
+    lines = [header, "|" + "---|" * (5 + len(TABLE_KEYS))]
     first = next(iter(agg.values()), None)
     if first is not None:
         lines.append("| base model (before training) | " + str(len(first["seeds"])) + " | 0 | 0 | "
-                     + " | ".join(fmt(first[k][:, 0]) for k, _ in TABLE_KEYS) + " |")
+                     + " | ".join(fmt(first[k][:, 0]) for k, _ in TABLE_KEYS) + " | – |")
     for m, a in agg.items():
+        # one evaluation of 128 samples is noisy (TV ± ~0.03): the mean of the last few says whether a run has settled
+        tail = a["tv"][:, -min(LAST_EVALS, a["tv"].shape[1] - 1 or 1):].mean(1)
         lines.append(f"| {m} | {len(a['seeds'])} | {int(a['update_step'][0, -1])} | {fmt(a['wall_time'][:, -1], 0)} | "
-                     + " | ".join(fmt(a[k][:, -1]) for k, _ in TABLE_KEYS) + " |")
+                     + " | ".join(fmt(a[k][:, -1]) for k, _ in TABLE_KEYS) + f" | {fmt(tail)} |")
     if reference is not None:
         t = reference["target"]
         lines.append("")

@@ -7,7 +7,8 @@ implemented below:
   parameter backward at x_k;
 - interior step, reverse term: + one extra backward through the policy UNet at x_k that yields both
   ∇_{x_k} log P_F^θ and the reward gradient at x_k, + a reference forward/backward at x_k;
-- last step (x_1 → x_0): x̂_0(x_0) = x_0, so no UNet call at x_0; the reverse term is not applied.
+- last step (x_1 → x_0): x̂_0(x_0) = x_0, so no UNet call at x_0; the reverse term applies only with
+  ``reverse_loss_type="pathwise"`` (the default), at the interior steps' cost at x_1.
 ``benchmarks/transition_cost.py`` measures these units.
 """
 
