@@ -3,7 +3,9 @@
     python scripts/config_docs.py          # rewrite the tables in place
     python scripts/config_docs.py --check  # exit 1 if a table is out of date (the test-suite runs this)
 
-A table lives between `<!-- config-table: ClassName -->` and `<!-- /config-table -->` in a docs page.
+A table lives between `<!-- config-table: ClassName -->` and `<!-- /config-table -->` in a docs page. A config with
+per-loss defaults (DiffusionDPOConfig: `DEFAULT_BETA`, `LOSS_FIELDS` in its module) also has a table of them between
+`<!-- loss-table: ClassName -->` and `<!-- /loss-table -->`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import trl_gfn.configs as configs
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(<!-- config-table: (\w+) -->\n)(.*?)(<!-- /config-table -->)", re.S)
+LOSS_BLOCK = re.compile(r"(<!-- loss-table: (\w+) -->\n)(.*?)(<!-- /loss-table -->)", re.S)
 
 
 def table(cls) -> str:
@@ -37,8 +40,23 @@ def table(cls) -> str:
     return "\n".join(rows) + "\n"
 
 
+def loss_table(cls) -> str:
+    """One row per loss type: its default beta and the fields only it reads, with their defaults."""
+    import sys as _sys
+
+    module = _sys.modules[cls.__module__]
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)  # type: ignore[misc]
+                for f in dataclasses.fields(cls)}
+    rows = ["| `loss_type` | default `beta` | its own fields (defaults) |", "|---|---|---|"]
+    for loss, beta in module.DEFAULT_BETA.items():
+        own = ", ".join(f"`{n}` = `{json.dumps(defaults[n])}`" for n in module.LOSS_FIELDS.get(loss, ())) or "–"
+        rows.append(f"| `{loss}` | {beta:g} | {own} |")
+    return "\n".join(rows) + "\n"
+
+
 def render(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + table(getattr(configs, m.group(2))) + m.group(4), text)
+    text = BLOCK.sub(lambda m: m.group(1) + table(getattr(configs, m.group(2))) + m.group(4), text)
+    return LOSS_BLOCK.sub(lambda m: m.group(1) + loss_table(getattr(configs, m.group(2))) + m.group(4), text)
 
 
 def main() -> int:

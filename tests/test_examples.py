@@ -104,3 +104,30 @@ def test_examples_without_flags_are_cpu_sized_on_the_bundled_model():
     assert applied == BUNDLED_MODEL_DEFAULTS and config.num_epochs == 10 and args.target_digits == [0, 8]
     args, config, applied = parse(DDPOConfig, ["--pretrained_model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
     assert applied == {} and config.num_epochs == 100 and args.target_digits is None
+
+
+def test_every_trainer_config_has_a_table_in_the_docs():
+    import pathlib
+
+    import trl_gfn.configs as configs
+
+    text = "".join(p.read_text(encoding="utf-8") for p in pathlib.Path(ROOT, "docs").glob("*.md"))
+    for name in configs.__all__:
+        if name not in ("BaseDiffusionConfig", "DiffusionRLConfig"):  # shared bases, documented through their trainers
+            assert f"<!-- config-table: {name} -->" in text, f"{name} has no config table in docs/"
+
+
+def test_diffusion_dpo_example_on_the_bundled_pairs_with_yaml_and_flags(tmp_path):
+    """No --dataset / --pretrained_model: the bundled digits model and preference pairs; flags and --config apply."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"num_epochs": 1, "train_batch_size": 4, "lora_rank": 2}))
+    result = run_example("diffusion_dpo.py", ["--help"], cwd=tmp_path)
+    for flag in ("--loss_type", "--beta", "--dmpo_alpha", "--see_gamma", "--adaptive_rho", "--dataset", "--tie_handling",
+                 "--invalid_rows", "--resume_from", "--config"):
+        assert flag in result.stdout, flag
+    result = run_example("diffusion_dpo.py", ["--config", str(config), "--loss_type", "dmpo", "--max_train_pairs", "24",
+                                              "--eval_split", "", "--logdir", str(tmp_path / "logs"), "--run_name", "ex"], cwd=tmp_path)
+    final = tmp_path / "logs" / "ex" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert "DMPO" in (final / "README.md").read_text()
+    assert "ties dropped" in result.stdout

@@ -5,12 +5,14 @@ Nabla-GFlowNet (residual ∇-DB) and the methods it is compared with, on one TRL
 
 __version__ = "0.1.0.dev0"
 
-from .configs import AlignPropConfig, DDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
+from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
 from .models import FlowHead
 from .pipelines import DefaultDDPOStableDiffusionPipeline, DiffusionPipelineForRL, Trajectories, TransitionBatch
 from .trainers import (
     AlignPropTrainer,
+    BaseDiffusionTrainer,
     DDPOTrainer,
+    DiffusionDPOTrainer,
     DiffusionRLTrainer,
     DRaFTTrainer,
     NablaGFlowNetTrainer,
@@ -21,9 +23,13 @@ from .trainers import (
 __all__ = [
     "AlignPropConfig",
     "AlignPropTrainer",
+    "BaseDiffusionConfig",
+    "BaseDiffusionTrainer",
     "DDPOConfig",
     "DDPOTrainer",
     "DRaFTConfig",
+    "DiffusionDPOConfig",
+    "DiffusionDPOTrainer",
     "DefaultDDPOStableDiffusionPipeline",
     "DRaFTTrainer",
     "ReFLConfig",

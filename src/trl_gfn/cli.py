@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .assets import BUNDLED_DIGIT_CLASSIFIER, BUNDLED_DIGITS_MODEL
+from .assets import BUNDLED_DIGIT_CLASSIFIER, BUNDLED_DIGITS_MODEL, BUNDLED_DIGITS_PREFERENCES
 from .pipelines import DiffusionPipelineForRL
 
 #: rewards the examples know besides the Hub presets of ``trl_gfn.rewards.REWARD_PRESETS``
@@ -99,16 +99,18 @@ def load_pipeline(args: ScriptArguments, config) -> DiffusionPipelineForRL:
                                                   lora_target_modules=config.lora_target_modules)
 
 
-def build_parser(config_class, defaults: dict[str, Any] | None = None):
-    """TRL's parser over ``ScriptArguments`` + ``config_class``, with ``--config`` listed in ``--help`` and ``defaults`` set."""
+def build_parser(config_class, defaults: dict[str, Any] | None = None, script_class: type | None = None):
+    """TRL's parser over ``script_class`` (default :class:`ScriptArguments`) + ``config_class``, with ``--config`` listed in
+    ``--help`` and ``defaults`` set."""
     from trl import TrlParser
 
-    parser = TrlParser((ScriptArguments, config_class))
+    script_class = script_class or ScriptArguments
+    parser = TrlParser((script_class, config_class))
     parser.add_argument("--config", metavar="FILE.yaml", default=None, help=CONFIG_HELP)  # TrlParser reads it before parsing
     if defaults:
         unknown = parser.set_defaults_with_config(**defaults)
         if unknown:
-            raise ValueError(f"example defaults: {unknown[::2]} are not fields of ScriptArguments or {config_class.__name__}")
+            raise ValueError(f"example defaults: {unknown[::2]} are not fields of {script_class.__name__} or {config_class.__name__}")
     return parser
 
 
@@ -142,6 +144,78 @@ def run(trainer_class, config_class, argv: list[str] | None = None, bundled_defa
     trainer = trainer_class(config, build_reward(args), load_pipeline(args, config), prompt_function=build_prompts(args, config))
     if changed:
         trainer.accelerator.print(f"reward preset {args.reward!r} set: " + ", ".join(f"{k}={getattr(config, k)}" for k in changed))
+    trainer.train()
+    trainer.accelerator.print(f"final LoRA, model card and config in {trainer.output_dir}")
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------ preference examples
+@dataclass
+class PreferenceScriptArguments:
+    """Arguments of the preference example (``examples/diffusion_dpo.py``) that are not trainer config fields."""
+
+    pretrained_model: str = field(default=BUNDLED_DIGITS_MODEL, metadata={"help": "Hub id or local directory of a Stable Diffusion 1.x/2.x pipeline (default: the bundled digits model)."})
+    pretrained_revision: str | None = field(default=None, metadata={"help": "Revision of the pretrained model on the Hub."})
+    dataset: str = field(default=BUNDLED_DIGITS_PREFERENCES, metadata={"help": "Preference pairs in the Pick-a-Pic layout: a folder of <split>.parquet files (default: the bundled digits preferences), a folder written by datasets' save_to_disk, a .parquet file, or a Hub dataset id such as yuvalkirstain/pickapic_v2 (downloaded by datasets)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(default="validation", metadata={"help": "Split to evaluate on every eval_freq epochs (loss, implicit accuracy); empty or None: no evaluation."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Train on the first this many rows of the split only (like diffusers' --max_train_samples)."})
+    minority_fraction: float | None = field(default=None, metadata={"help": "Bundled digits preferences only: relabel them with this share of minority (flipped) labels, in [0, 0.5) (default: as shipped, 0.1)."})
+
+
+def load_preference_split(dataset: str, split: str, minority_fraction: float | None = None):
+    """A split of the preference data named by ``--dataset`` (see :class:`PreferenceScriptArguments`); None if a local source lacks it."""
+    import datasets
+
+    from .data.digits_preferences import load_digits_preferences
+
+    if os.path.abspath(dataset) == os.path.abspath(BUNDLED_DIGITS_PREFERENCES):
+        return load_digits_preferences(split, minority_fraction=minority_fraction)
+    if minority_fraction is not None:
+        raise ValueError(f"minority_fraction: relabels the bundled digits preferences only, not {dataset!r}")
+    if os.path.isfile(dataset):
+        if not dataset.endswith(".parquet"):
+            raise ValueError(f"dataset: {dataset} is a file but not a .parquet file")
+        return _read_parquet(dataset) if split == "train" else None
+    if os.path.isdir(dataset):
+        file = os.path.join(dataset, f"{split}.parquet")
+        if os.path.isfile(file):
+            return _read_parquet(file)
+        if os.path.isfile(os.path.join(dataset, "dataset_dict.json")) or os.path.isfile(os.path.join(dataset, "dataset_info.json")):
+            loaded = datasets.load_from_disk(dataset)
+            if isinstance(loaded, datasets.DatasetDict):
+                return loaded[split] if split in loaded else None
+            return loaded if split == "train" else None
+        raise ValueError(f"dataset: {dataset} holds neither {split}.parquet nor a dataset written by save_to_disk")
+    return datasets.load_dataset(dataset, split=split)  # a Hub dataset
+
+
+def _read_parquet(path: str):
+    import datasets
+    import pyarrow.parquet as pq
+    from datasets.table import InMemoryTable
+
+    return datasets.Dataset(InMemoryTable(pq.read_table(path)))
+
+
+def run_preference(argv: list[str] | None = None):
+    """The preference example: parse :class:`PreferenceScriptArguments` + ``DiffusionDPOConfig`` (flags and ``--config``), load the
+    pipeline and the pairs, train with :class:`~trl_gfn.DiffusionDPOTrainer`, save. Without flags: the bundled model and data."""
+    from .configs.dpo import DiffusionDPOConfig
+    from .trainers.diffusion_dpo import DiffusionDPOTrainer
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, config = build_parser(DiffusionDPOConfig, script_class=PreferenceScriptArguments).parse_args_and_config(args=argv)[:2]
+    train = load_preference_split(args.dataset, args.dataset_split, args.minority_fraction)
+    if train is None:
+        raise ValueError(f"dataset: {args.dataset} has no split {args.dataset_split!r}")
+    if args.max_train_pairs:
+        train = train.select(range(min(args.max_train_pairs, len(train))))
+    evaluation = load_preference_split(args.dataset, args.eval_split, args.minority_fraction) if args.eval_split else None
+    trainer = DiffusionDPOTrainer(config, load_pipeline(args, config), train, evaluation)
+    report = trainer.train_pairs.report
+    trainer.accelerator.print(f"{trainer.method_name}: {report.pairs} training pairs ({report.ties_dropped} ties dropped, {report.invalid_skipped} "
+                              f"invalid rows skipped), beta {trainer.beta:g}")
     trainer.train()
     trainer.accelerator.print(f"final LoRA, model card and config in {trainer.output_dir}")
     return trainer

@@ -73,3 +73,35 @@ class PromptAwareReward(RewardModel):
     def score(self, images, prompts, prompt_metadata):
         channel = torch.tensor([0 if "red" in p else 2 for p in prompts], device=images.device)
         return images[torch.arange(len(prompts)), channel].mean(dim=(1, 2))
+
+
+def encode_png(array) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 array."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def brightness_preferences(num_pairs: int = 16, size: int = 16, seed: int = 0, captions: tuple[str, ...] = ("a cat", "a dog")):
+    """A separable toy preference ``datasets.Dataset`` (Pick-a-Pic layout): two flat grey images with noise per pair,
+    the brighter one preferred; which side is brighter alternates. ``user_id`` is the pair index mod 3."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "user_id": []}
+    for i in range(num_pairs):
+        levels = sorted(rng.uniform(0.1, 0.9, size=2))
+        dark, bright = ((np.clip(level + rng.normal(0, 0.05, (size, size, 1)), 0, 1).repeat(3, axis=2) * 255).astype(np.uint8)
+                        for level in levels)
+        first_bright = i % 2 == 0
+        rows["caption"].append(captions[i % len(captions)])
+        rows["jpg_0"].append(encode_png(bright if first_bright else dark))
+        rows["jpg_1"].append(encode_png(dark if first_bright else bright))
+        rows["label_0"].append(1.0 if first_bright else 0.0)
+        rows["user_id"].append(i % 3)
+    return datasets.Dataset.from_dict(rows)

@@ -8,7 +8,10 @@
   ``trl_gfn.rewards.digits.DigitClassifier.from_pretrained`` or as a reward with
   ``DigitClassifierReward.from_pretrained(BUNDLED_DIGIT_CLASSIFIER, target_digits=[0, 8])``.
 
-Both are plain path strings (the directories ship as package data).
+- :data:`BUNDLED_DIGITS_PREFERENCES`: preference pairs (Pick-a-Pic layout) sampled from the digits model and labelled by
+  simulated annotators who prefer round digits (``scripts/make_digits_preferences.py``, docs/preference.md).
+
+All are plain path strings (the directories ship as package data).
 """
 
 from pathlib import Path
@@ -19,8 +22,11 @@ _HERE = Path(__file__).resolve().parent
 BUNDLED_DIGITS_MODEL: str = str(_HERE / "digits-sd")
 #: path of the bundled digit classifier (``DigitClassifier`` / ``DigitClassifierReward`` checkpoint)
 BUNDLED_DIGIT_CLASSIFIER: str = str(_HERE / "digit-classifier")
+#: folder of the bundled preference data (``train.parquet``, ``validation.parquet``): pairs of the digits model labelled by
+#: simulated annotators (``trl_gfn.data.digits_preferences``; load with ``load_digits_preferences``)
+BUNDLED_DIGITS_PREFERENCES: str = str(_HERE / "digits-preferences")
 #: the generic prompt of the bundled digits model and the template of the class prompts
 DIGITS_GENERIC_PROMPT: str = "a handwritten digit"
 DIGITS_PROMPT_TEMPLATE: str = "a handwritten digit {}"
 
-__all__ = ["BUNDLED_DIGITS_MODEL", "BUNDLED_DIGIT_CLASSIFIER", "DIGITS_GENERIC_PROMPT", "DIGITS_PROMPT_TEMPLATE"]
+__all__ = ["BUNDLED_DIGITS_MODEL", "BUNDLED_DIGITS_PREFERENCES", "BUNDLED_DIGIT_CLASSIFIER", "DIGITS_GENERIC_PROMPT", "DIGITS_PROMPT_TEMPLATE"]

@@ -1,9 +1,10 @@
 """One config dataclass per trainer, over a shared base of DDPO-named fields."""
 
-from .base import DiffusionRLConfig
+from .base import BaseDiffusionConfig, DiffusionRLConfig
 from .nabla_gfn import NablaGFlowNetConfig
 from .ddpo import DDPOConfig
 from .draft import AlignPropConfig, DRaFTConfig
+from .dpo import DiffusionDPOConfig
 from .refl import ReFLConfig
 
-__all__ = ["AlignPropConfig", "DDPOConfig", "DRaFTConfig", "DiffusionRLConfig", "NablaGFlowNetConfig", "ReFLConfig"]
+__all__ = ["AlignPropConfig", "BaseDiffusionConfig", "DDPOConfig", "DRaFTConfig", "DiffusionDPOConfig", "DiffusionRLConfig", "NablaGFlowNetConfig", "ReFLConfig"]

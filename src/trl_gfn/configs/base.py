@@ -23,11 +23,12 @@ def _check(condition: bool, name: str, message: str) -> None:
 
 
 @dataclass
-class DiffusionRLConfig:
-    """Configuration shared by all trl-gfn trainers.
+class BaseDiffusionConfig:
+    """Configuration shared by all trl-gfn trainers, online (reward) and offline (preference pairs).
 
-    Sampling, optimisation, logging, checkpointing and Hub fields carry the names and meanings of TRL's
-    former ``DDPOConfig`` so that existing configs move over unchanged. Values are checked in
+    Run, optimisation, logging, checkpointing, LoRA and Hub fields carry the names and meanings of TRL's
+    former ``DDPOConfig`` so that existing configs move over unchanged; :class:`DiffusionRLConfig` adds
+    the sampling fields of the online trainers. Values are checked in
     ``__post_init__`` (and again by the trainer): every field's type against its annotation (no coercion:
     ``'False'`` is not a bool), finiteness, the range declared in ``field_ranges``, then the combinations
     of fields; an invalid value raises ``ValueError`` naming the field.
@@ -46,7 +47,7 @@ class DiffusionRLConfig:
     output_dir: str | None = field(default=None, metadata={"help": "Where the final LoRA (and flow head) are written; default `<logdir>/<run_name>/final`."})
 
     # --- epochs, checkpoints -----------------------------------------------------------------------
-    num_epochs: int = field(default=100, metadata={"help": "Number of epochs (one epoch = sample, score, train)."})
+    num_epochs: int = field(default=100, metadata={"help": "Number of epochs (online trainers: one epoch = sample, score, train; preference trainers: one pass over the pairs)."})
     save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints (older ones are deleted)."})
     resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
@@ -56,20 +57,8 @@ class DiffusionRLConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Checkpoint every UNet call made with gradient as a whole (non-reentrant `torch.utils.checkpoint`, as TRL's AlignProp did): the call keeps only its inputs and the backward pass recomputes it. Same gradients; one more UNet forward per differentiated call (docs/memory.md)."})
     vae_gradient_checkpointing: bool = field(default=False, metadata={"help": "Checkpoint the VAE decoder block by block when the reward is differentiated through it: same gradients, less memory, one more decoder forward per reward gradient (docs/memory.md)."})
 
-    # --- sampling ------------------------------------------------------------------------------------
-    sampler: Literal["ddpm", "dpm_solver_sde"] = field(default="ddpm", metadata={"help": "Stochastic sampler: `ddpm` (DDIM with eta=sample_eta) or `dpm_solver_sde` (first-order SDE-DPM-Solver++)."})
-    sample_num_steps: int = field(default=50, metadata={"help": "Number of sampler steps K."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (1 = DDPM posterior); must be > 0 for the `ddpm` sampler, ignored by `dpm_solver_sde` (which must keep 1.0)."})
-    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale w used to sample (and to train: the policy is the guided step)."})
-    sample_batch_size: int = field(default=1, metadata={"help": "Samples per process per sampling batch."})
-    sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per process per epoch."})
-    negative_prompts: str | None = field(default=None, metadata={"help": "Negative prompt used for the unconditional branch of CFG (default: the empty prompt)."})
-    prompt_set: str = field(default="simple_animals", metadata={"help": "Named prompt set shipped with trl_gfn (see `trl_gfn.prompts.available_prompt_sets()`), used when no prompt function or dataset is given."})
-    log_image_freq: int = field(default=1, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
-    log_num_images: int = field(default=8, metadata={"help": "Number of images in the logged grid (>= 1; set log_image_freq=0 to log none)."})
-
     # --- optimisation --------------------------------------------------------------------------------
-    train_batch_size: int = field(default=1, metadata={"help": "Trajectories per training micro-batch (per process)."})
+    train_batch_size: int = field(default=1, metadata={"help": "Trajectories (online trainers) or preference pairs (preference trainers) per training micro-batch (per process)."})
     train_use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' `AdamW8bit` (TRL's field): the two AdamW moments of every trained tensor with at least 4096 elements are kept in 8 bits (block-wise quantised), smaller tensors keep float32 moments. For SD1.5 this shrinks the optimizer state from 214 to 55 MB with a flow head, 13 to 4 MB for LoRA r8 alone (docs/memory.md). Requires `bitsandbytes` (CPU or GPU); without it the config raises an error naming this field."})
     train_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the LoRA parameters."})
     train_adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -78,8 +67,6 @@ class DiffusionRLConfig:
     train_adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     train_gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches whose gradients are summed per optimizer step."})
     train_max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (over all trainable parameters); 0 disables."})
-    train_num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each epoch's samples."})
-    train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the K transitions of each trajectory to train on."})
 
     # --- LoRA (always: the reference policy is the same UNet with the adapter switched off; no full fine-tuning) ---------
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
@@ -92,12 +79,10 @@ class DiffusionRLConfig:
 
     #: range of every numeric field (checked with the type from the annotation by ``validation.check_fields``)
     field_ranges = {
-        "seed": "[0, 4294967295]", "num_epochs": ">= 1", "save_freq": ">= 0", "num_checkpoint_limit": ">= 1",
-        "sample_num_steps": ">= 1", "sample_eta": "[0, 1]", "sample_guidance_scale": ">= 0", "sample_batch_size": ">= 1",
-        "sample_num_batches_per_epoch": ">= 1", "log_image_freq": ">= 0", "log_num_images": ">= 1", "train_batch_size": ">= 1",
+        "seed": "[0, 4294967295]", "num_epochs": ">= 1", "save_freq": ">= 0", "num_checkpoint_limit": ">= 1", "train_batch_size": ">= 1",
         "train_learning_rate": "> 0", "train_adam_beta1": "[0, 1)", "train_adam_beta2": "[0, 1)", "train_adam_weight_decay": ">= 0",
-        "train_adam_epsilon": "> 0", "train_gradient_accumulation_steps": ">= 1", "train_max_grad_norm": ">= 0",
-        "train_num_inner_epochs": ">= 1", "train_timestep_fraction": "(0, 1]", "lora_rank": ">= 1", "lora_alpha": ">= 1",
+        "train_adam_epsilon": "> 0", "train_gradient_accumulation_steps": ">= 1", "train_max_grad_norm": ">= 0", "lora_rank": ">= 1",
+        "lora_alpha": ">= 1",
     }
 
     def __post_init__(self) -> None:
@@ -114,24 +99,7 @@ class DiffusionRLConfig:
                f"init_from starts a new one from trained weights; got init_from={self.init_from!r}, resume_from={self.resume_from!r}")
         _check(bool(self.tracker_project_name), "tracker_project_name", f"must be a non-empty string, got {self.tracker_project_name!r}")
         self._check_kwargs_fields()
-        from ..prompts import available_prompt_sets
-
-        _check(self.prompt_set in available_prompt_sets(), "prompt_set", f"must be one of {available_prompt_sets()}, got {self.prompt_set!r}")
-        from ..diffusion import SUPPORTED_SAMPLERS
-
-        _check(self.sampler in SUPPORTED_SAMPLERS, "sampler", f"must be one of {SUPPORTED_SAMPLERS}, got {self.sampler!r}")
-        if self.sampler == "ddpm":
-            _check(0.0 < self.sample_eta <= 1.0, "sample_eta", f"must be in (0, 1] for the stochastic `ddpm` sampler, got {self.sample_eta}")
-        else:
-            _check(self.sample_eta == 1.0, "sample_eta", f"is not used by the `dpm_solver_sde` sampler and must stay 1.0, got {self.sample_eta}")
         _check(all(self.lora_target_modules), "lora_target_modules", f"must name modules (non-empty strings), got {self.lora_target_modules!r}")
-        batches = self.sample_batch_size * self.sample_num_batches_per_epoch
-        _check(batches % self.train_batch_size == 0, "train_batch_size",
-               f"must divide the samples per process per epoch (sample_batch_size * sample_num_batches_per_epoch = {batches}), got {self.train_batch_size}")
-        micro = batches // self.train_batch_size
-        _check(micro % self.train_gradient_accumulation_steps == 0, "train_gradient_accumulation_steps",
-               f"must divide the training micro-batches per epoch ({micro} = {batches} samples / train_batch_size {self.train_batch_size}), "
-               f"got {self.train_gradient_accumulation_steps}")
         if self.push_to_hub:
             _check(bool(self.hub_model_id), "hub_model_id", "must be set when push_to_hub=True")
         if self.hub_model_id is not None:
@@ -183,11 +151,6 @@ class DiffusionRLConfig:
         """How many checkpoints are kept: ``project_kwargs['total_limit']`` (TRL's name) or ``num_checkpoint_limit``."""
         return int(self.project_kwargs.get("total_limit", self.num_checkpoint_limit))
 
-    @property
-    def num_train_timesteps(self) -> int:
-        """Transitions trained per trajectory: int(K * f), at least 1 (subclasses may add the last one)."""
-        return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
-
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict (e.g. to save the config as YAML); see :meth:`to_public_dict` for what may be shared."""
         return asdict(self)
@@ -208,6 +171,61 @@ class DiffusionRLConfig:
     def field_help(cls) -> dict[str, str]:
         """Field name -> help text (used by the docs and the example CLI)."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@dataclass
+class DiffusionRLConfig(BaseDiffusionConfig):
+    """Configuration shared by the online trainers, which sample from the policy and score the samples with a reward.
+
+    Adds the sampling fields of TRL's former ``DDPOConfig`` (sampler, steps, guidance, batches per epoch, prompts,
+    image logging) and the per-epoch training passes over the samples.
+    """
+
+    # --- sampling ------------------------------------------------------------------------------------
+    sampler: Literal["ddpm", "dpm_solver_sde"] = field(default="ddpm", metadata={"help": "Stochastic sampler: `ddpm` (DDIM with eta=sample_eta) or `dpm_solver_sde` (first-order SDE-DPM-Solver++)."})
+    sample_num_steps: int = field(default=50, metadata={"help": "Number of sampler steps K."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (1 = DDPM posterior); must be > 0 for the `ddpm` sampler, ignored by `dpm_solver_sde` (which must keep 1.0)."})
+    sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale w used to sample (and to train: the policy is the guided step)."})
+    sample_batch_size: int = field(default=1, metadata={"help": "Samples per process per sampling batch."})
+    sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per process per epoch."})
+    negative_prompts: str | None = field(default=None, metadata={"help": "Negative prompt used for the unconditional branch of CFG (default: the empty prompt)."})
+    prompt_set: str = field(default="simple_animals", metadata={"help": "Named prompt set shipped with trl_gfn (see `trl_gfn.prompts.available_prompt_sets()`), used when no prompt function or dataset is given."})
+    log_image_freq: int = field(default=1, metadata={"help": "Log a grid of sampled images with prompts and rewards every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
+    log_num_images: int = field(default=8, metadata={"help": "Number of images in the logged grid (>= 1; set log_image_freq=0 to log none)."})
+
+    train_num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each epoch's samples."})
+    train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the K transitions of each trajectory to train on."})
+
+    field_ranges = {
+        "sample_num_steps": ">= 1", "sample_eta": "[0, 1]", "sample_guidance_scale": ">= 0", "sample_batch_size": ">= 1",
+        "sample_num_batches_per_epoch": ">= 1", "log_image_freq": ">= 0", "log_num_images": ">= 1", "train_num_inner_epochs": ">= 1",
+        "train_timestep_fraction": "(0, 1]",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        from ..prompts import available_prompt_sets
+
+        _check(self.prompt_set in available_prompt_sets(), "prompt_set", f"must be one of {available_prompt_sets()}, got {self.prompt_set!r}")
+        from ..diffusion import SUPPORTED_SAMPLERS
+
+        _check(self.sampler in SUPPORTED_SAMPLERS, "sampler", f"must be one of {SUPPORTED_SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "ddpm":
+            _check(0.0 < self.sample_eta <= 1.0, "sample_eta", f"must be in (0, 1] for the stochastic `ddpm` sampler, got {self.sample_eta}")
+        else:
+            _check(self.sample_eta == 1.0, "sample_eta", f"is not used by the `dpm_solver_sde` sampler and must stay 1.0, got {self.sample_eta}")
+        batches = self.sample_batch_size * self.sample_num_batches_per_epoch
+        _check(batches % self.train_batch_size == 0, "train_batch_size",
+               f"must divide the samples per process per epoch (sample_batch_size * sample_num_batches_per_epoch = {batches}), got {self.train_batch_size}")
+        micro = batches // self.train_batch_size
+        _check(micro % self.train_gradient_accumulation_steps == 0, "train_gradient_accumulation_steps",
+               f"must divide the training micro-batches per epoch ({micro} = {batches} samples / train_batch_size {self.train_batch_size}), "
+               f"got {self.train_gradient_accumulation_steps}")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Transitions trained per trajectory: int(K * f), at least 1 (subclasses may add the last one)."""
+        return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
 
 
 def _field_default(cls: type, name: str) -> Any:

@@ -1,6 +1,6 @@
 """Evaluation metrics for reward fine-tuning of diffusion models (see docs/evaluation.md).
 
-Reward (:func:`reward_stats`), diversity (:func:`pairwise_diversity`), prior preservation
+Reward (:func:`reward_stats`), paired win rate (:func:`win_rate`), diversity (:func:`pairwise_diversity`), prior preservation
 (:func:`frechet_distance`), mode coverage (:func:`class_histogram`, :func:`histogram_entropy`) and
 distribution matching (:func:`ideal_target_histogram`, :func:`total_variation`,
 :func:`distribution_matching`, :func:`target_features`; and in :mod:`~trl_gfn.evaluation.soft_value`, the Monte-Carlo
@@ -26,6 +26,7 @@ from .metrics import (
     target_features,
     total_variation,
     tv_noise_floor,
+    win_rate,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "target_features",
     "total_variation",
     "tv_noise_floor",
+    "win_rate",
 ]

@@ -4,6 +4,7 @@ and distribution matching. Pure torch / numpy; all results are plain Python floa
 Definitions (see docs/evaluation.md for the reasoning and the measured Monte-Carlo errors):
 
 - :func:`reward_stats`: mean, std (unbiased), standard error, min, max of the rewards.
+- :func:`win_rate`: share of paired samples (same prompt and noise) where one model's sample has the higher utility, ties half.
 - :func:`pairwise_diversity`: mean Euclidean distance between all distinct pairs of feature vectors
   (the paper uses DreamSim features; here the digit classifier's penultimate features stand in).
 - :func:`frechet_distance`: Fréchet distance between Gaussians fitted to two feature sets
@@ -69,6 +70,27 @@ def pairwise_diversity(features: ArrayLike, metric: str = "euclidean") -> float:
     n = f.shape[0]
     iu = torch.triu_indices(n, n, offset=1)
     return float(d[iu[0], iu[1]].mean())
+
+
+# ------------------------------------------------------------------------------------------- win rate
+def win_rate(utility_a: ArrayLike, utility_b: ArrayLike, tie_threshold: float = 0.0) -> dict[str, float]:
+    """How often sample a_i beats its paired sample b_i (same prompt and noise) under a utility; a tie (|Δ| <= tie_threshold) counts 1/2.
+
+    Returns ``win_rate`` = (wins + ties / 2) / n, its standard error, and the counts ``wins``, ``ties``, ``losses``, ``n``.
+    Pairs from the same initial noise make the comparison paired: a fine-tuned model that changes nothing reads 0.5.
+    """
+    a, b = _np(utility_a).reshape(-1), _np(utility_b).reshape(-1)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"win_rate needs two paired, non-empty sets of utilities of the same length, got {a.shape} and {b.shape}")
+    if tie_threshold < 0:
+        raise ValueError(f"tie_threshold must be >= 0, got {tie_threshold}")
+    d = a - b
+    ties = np.abs(d) <= tie_threshold
+    wins, losses = (d > 0) & ~ties, (d < 0) & ~ties
+    score = wins + 0.5 * ties
+    n = a.size
+    return {"win_rate": float(score.mean()), "stderr": float(score.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+            "wins": int(wins.sum()), "ties": int(ties.sum()), "losses": int(losses.sum()), "n": int(n)}
 
 
 # --------------------------------------------------------------------------------- prior preservation

@@ -136,6 +136,17 @@ class DiffusionPipelineForRL:
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, *size)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent element along a side (2 ** (number of VAE blocks - 1))."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images at the model's default resolution."""
+        _, h, w = self.latent_shape
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
     def to(self, device: torch.device | str) -> DiffusionPipelineForRL:
         self.pipeline.to(device)
         return self
@@ -342,6 +353,24 @@ class DiffusionPipelineForRL:
                 uncond, cond = both.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
         return model_output_to_epsilon(out, latents.float(), alpha_bar, prediction_type)
+
+    def model_output(self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The UNet's conditional output (its own parameterisation: epsilon, v or sample) as float32, under autocast
+        when the frozen weights are in half precision. ``unet`` may be the accelerate-prepared module."""
+        dtype = self.weight_dtype
+        with torch.autocast(device_type=latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """VAE latents (scaled as the UNet sees them) of images in [-1, 1], shape (B, 3, H, W): a sample of the VAE's
+        posterior, drawn with one generator per image when ``generators`` are given (else with the global RNG)."""
+        dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        latents = mean + std * self._randn(mean.shape, generators, mean.device)
+        if getattr(self.vae.config, "shift_factor", None):
+            latents = latents - self.vae.config.shift_factor
+        return latents * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents to float32 images in [0, 1] (differentiable; clamps like diffusers' postprocessing)."""

@@ -1,13 +1,14 @@
 """Trainers: a shared base (accelerate, sampling, logging, checkpoints, Hub) and one module per method."""
 
-from .base import DiffusionRLTrainer, TrainableModules, TransitionTrainer
+from .base import BaseDiffusionTrainer, DiffusionRLTrainer, TrainableModules, TransitionTrainer
 from .checkpoints import CheckpointError, resolve_resume_path, verify_checkpoint
 from .nabla_gfn import NablaGFlowNetTrainer
 from .ddpo import DDPOTrainer, PerPromptStatTracker
+from .diffusion_dpo import DiffusionDPOTrainer
 from .draft import AlignPropTrainer, DRaFTTrainer
 from .refl import ReFLTrainer
 from .reward_backprop import RewardBackpropTrainer
 
-__all__ = ["AlignPropTrainer", "CheckpointError", "DDPOTrainer", "DRaFTTrainer", "DiffusionRLTrainer", "NablaGFlowNetTrainer",
+__all__ = ["AlignPropTrainer", "BaseDiffusionTrainer", "CheckpointError", "DDPOTrainer", "DRaFTTrainer", "DiffusionDPOTrainer", "DiffusionRLTrainer", "NablaGFlowNetTrainer",
            "PerPromptStatTracker", "ReFLTrainer", "RewardBackpropTrainer", "TrainableModules", "TransitionTrainer", "resolve_resume_path",
            "verify_checkpoint"]

@@ -1,10 +1,11 @@
-"""The trainer machinery every method shares: accelerate set-up, sampling, rewards, the optimisation step,
-logging, checkpoints, the final save and the Hub.
+"""The trainer machinery every method shares, and the online (sample, score, train) loop on top of it.
 
-A method subclasses :class:`DiffusionRLTrainer` and provides only what differs: its config class, the
-extra trainable modules it needs (:meth:`build_modules`), its parameter groups, and how it trains on an
+:class:`BaseDiffusionTrainer` holds what every trainer shares: accelerate set-up, the LoRA policy, the optimisation
+step, logging, checkpoints and resume, the final save and the Hub. :class:`DiffusionRLTrainer` adds the online loop of
+the reward trainers (prompts, sampling, rewards); a method subclasses it and provides only what differs: its config
+class, the extra trainable modules it needs (:meth:`build_modules`), its parameter groups, and how it trains on an
 epoch's samples (:meth:`train_on_samples`, usually through :class:`TransitionTrainer`'s loop and its own
-:meth:`compute_loss`).
+:meth:`compute_loss`). Offline trainers (the preference trainers) build on :class:`BaseDiffusionTrainer` directly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..configs.base import DiffusionRLConfig
+from ..configs.base import BaseDiffusionConfig, DiffusionRLConfig
 from ..pipelines import DiffusionPipelineForRL, Trajectories, TransitionBatch
 from ..prompts import PromptSource
 from ..rewards.base import validate_rewards
@@ -100,50 +101,31 @@ class _Dispatch:
         return self.model(self.name, *args, **kwargs)
 
 
-class DiffusionRLTrainer(PublishingMixin):
-    """Base class of the trl-gfn trainers (see the module docstring for what a method overrides).
+class BaseDiffusionTrainer(PublishingMixin):
+    """The machinery every trl-gfn trainer shares, online (reward) or offline (preference pairs).
+
+    It sets up accelerate, the run directory, the LoRA policy (the reference is the same UNet with the adapter off),
+    the optimizer, logging, checkpoints and resume, the final save, the model card and the Hub upload. A trainer
+    subclasses it (usually through :class:`DiffusionRLTrainer` or the preference trainers) and provides its epoch
+    (:meth:`step`) and, where it needs them, :meth:`setup_components` (before the trainable modules are built) and
+    :meth:`finish_setup` (after the optimizer exists, before trackers start and a checkpoint is restored).
 
     Args:
-        config: the method's config dataclass.
-        reward_function: ``reward_fn(images, prompts, prompt_metadata) -> (rewards, metadata)``; an
-            ``nn.Module`` is moved to the device, frozen and kept in float32.
+        config: the method's config dataclass (an instance of :attr:`config_class`).
         pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` is wrapped).
-        prompt_function: a callable ``() -> (prompt, metadata)``, a list of prompts, a ``datasets.Dataset``
-            with a ``prompt`` column, or a prompt-set name; default ``config.prompt_set``.
-        image_samples_hook: optional ``hook(image_data, global_step, tracker)`` called on the main process every
-            ``log_image_freq`` epochs with what :meth:`image_hook_data` returns (TRL's structures) and the first
-            tracker (None without ``log_with``).
-
-    TRL's argument order ``(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)`` and its
-    ``sd_pipeline=`` keyword are accepted too: the pipeline is recognised by its type.
     """
 
-    config_class: type[DiffusionRLConfig] = DiffusionRLConfig
-    method_name: str = "diffusion RL"
+    config_class: type[BaseDiffusionConfig] = BaseDiffusionConfig
+    method_name: str = "diffusion fine-tuning"
     paper: str = ""
     citation: str = ""
-    #: whether the method differentiates the reward w.r.t. the images
-    needs_reward_gradient: bool = True
     #: config fields shown in the model card
-    card_fields: list[str] = ["sample_num_steps", "sample_guidance_scale", "sampler", "lora_rank", "train_learning_rate",
-                              "num_epochs", "sample_batch_size", "train_batch_size"]
+    card_fields: list[str] = ["lora_rank", "train_learning_rate", "num_epochs", "train_batch_size"]
 
-    def __init__(
-        self,
-        config: DiffusionRLConfig,
-        reward_function: Callable,
-        pipeline: DiffusionPipelineForRL | None = None,
-        prompt_function: Any = None,
-        image_samples_hook: Callable | None = None,
-        *,
-        sd_pipeline: Any = None,
-    ) -> None:
-        pipeline, prompt_function = _pipeline_and_prompts(pipeline, prompt_function, sd_pipeline)
+    def __init__(self, config: BaseDiffusionConfig, pipeline: DiffusionPipelineForRL) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         config.validate()
-        if not callable(reward_function):
-            raise TypeError(f"reward_function must be callable (images, prompts, metadata) -> (rewards, metadata), got {type(reward_function).__name__}")
         if not isinstance(pipeline, DiffusionPipelineForRL):
             if hasattr(pipeline, "unet") and hasattr(pipeline, "vae"):
                 pipeline = DiffusionPipelineForRL(pipeline)
@@ -151,11 +133,8 @@ class DiffusionRLTrainer(PublishingMixin):
                 raise TypeError(f"pipeline must be a DiffusionPipelineForRL or a diffusers Stable Diffusion pipeline, got {type(pipeline).__name__}")
         self.config = config
         self.pipeline = pipeline
-        self.image_samples_hook = image_samples_hook
         #: the first distinct prompts trained on (:meth:`note_prompts`), shown in the model card
         self.card_prompts: list[str] = []
-        #: per sampling batch of the last epoch: ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (TRL DDPO's hook data)
-        self.sampled_batches: list[list[Any]] = []
         self.resume_path = resolve_resume_path(config.resume_from) if config.resume_from else None
 
         project_kwargs = dict(config.project_kwargs)
@@ -206,13 +185,7 @@ class DiffusionRLTrainer(PublishingMixin):
             pipeline.vae.enable_gradient_checkpointing()
         else:
             pipeline.vae.disable_gradient_checkpointing()
-        self.schedule = pipeline.make_schedule(config.sampler, config.sample_num_steps, config.sample_eta)
-
-        if isinstance(reward_function, torch.nn.Module):
-            reward_function.to(device=device, dtype=torch.float32)
-            reward_function.requires_grad_(False)
-            reward_function.eval()
-        self.reward_fn = reward_function
+        self.setup_components()
 
         self.modules = TrainableModules(pipeline.unet, **self.build_modules())
         if config.gradient_checkpointing:
@@ -234,9 +207,7 @@ class DiffusionRLTrainer(PublishingMixin):
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
 
-        self.prompt_source = PromptSource(prompt_function if prompt_function is not None else config.prompt_set, seed=config.seed)
-        if self.needs_reward_gradient:
-            self.probe_reward_gradient()
+        self.finish_setup()
         self.last_metrics: dict[str, float] = {}
         self._training_rewards: list[torch.Tensor] = []
         if self.accelerator.is_main_process and config.log_with is not None:
@@ -262,14 +233,15 @@ class DiffusionRLTrainer(PublishingMixin):
         c = self.config
         return [{"params": self.pipeline.lora_parameters(), "lr": c.train_learning_rate, "weight_decay": c.train_adam_weight_decay, "name": "lora"}]
 
-    def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
-        """Train on one epoch's samples; return the new global step."""
-        raise NotImplementedError
+    def setup_components(self) -> None:
+        """Build what the method needs before its trainable modules (the accelerator and the LoRA pipeline exist)."""
 
-    @property
-    def samples_needed(self) -> bool:
-        """Whether the epoch begins by sampling trajectories without gradient (all but direct backprop methods)."""
-        return True
+    def finish_setup(self) -> None:
+        """Finish setting up once the optimizer is prepared (before trackers start and a checkpoint is restored)."""
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch of training (and its checkpoint); returns the new global step."""
+        raise NotImplementedError
 
     def checkpoint_state(self) -> dict[str, Any]:
         """A method's extra state saved in each checkpoint (JSON-serialisable: it is stored in the manifest)."""
@@ -277,33 +249,6 @@ class DiffusionRLTrainer(PublishingMixin):
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`checkpoint_state` saved."""
-
-    def probe_reward_gradient(self) -> None:
-        """Fail at start-up, not after the first sampling epoch, if the reward cannot be differentiated w.r.t. the images.
-
-        A reward declaring ``differentiable = False`` is refused; otherwise it is called once on one random image of the
-        pipeline's output size with a prompt of the prompt source, and its gradient w.r.t. the image must exist and be finite.
-        """
-        name = getattr(self.reward_fn, "name", None) or getattr(self.reward_fn, "__name__", None) or type(self.reward_fn).__name__
-        me = type(self).__name__
-        if getattr(self.reward_fn, "differentiable", True) is False:
-            raise ValueError(f"reward_function: {name} is not differentiable (differentiable=False), but {me} back-propagates the reward "
-                             "into the images; use DDPOTrainer for non-differentiable rewards")
-        _, h, w = self.pipeline.latent_shape
-        scale = 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
-        generator = torch.Generator().manual_seed(sample_seed(self.config.seed, 997))
-        images = torch.rand(1, 3, h * scale, w * scale, generator=generator).to(self.accelerator.device).requires_grad_(True)
-        prompts, metadata = self.prompt_source([0], 0)
-        try:
-            with torch.enable_grad():
-                rewards, _ = self.compute_rewards(images, prompts, metadata, need_grad=True)
-                (grad,) = torch.autograd.grad(rewards.sum(), images, allow_unused=True)
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(f"reward_function: {me} differentiates the reward w.r.t. the images, and a probe call at start-up "
-                             f"(one random {h * scale}x{w * scale} image, prompt {prompts[0]!r}) failed: {err}") from err
-        if grad is None or not bool(torch.isfinite(grad).all()):
-            raise ValueError(f"reward_function: {name}'s rewards have {'no' if grad is None else 'a non-finite'} gradient w.r.t. the images "
-                             f"(probe at start-up, prompt {prompts[0]!r}); {me} needs a differentiable reward. Use DDPOTrainer otherwise.")
 
     # ------------------------------------------------------------------ building blocks
     def build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -351,6 +296,346 @@ class DiffusionRLTrainer(PublishingMixin):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def optimizer_step(self, loss_value: torch.Tensor, epoch: int) -> dict[str, float] | None:
+        """At the end of an accumulation cycle: check for non-finite values on every rank, clip, step once.
+
+        Returns the step's diagnostics (grad norms, learning rates), or None when gradients are still
+        being accumulated. A non-finite loss or gradient raises ``FloatingPointError`` before any update,
+        so no corrupt weights or checkpoint are ever written.
+
+        One pass over the gradients serves the check, the logged per-group norms and the clipping: the norm of every
+        gradient is computed once (``torch._foreach_norm``); a gradient holds a NaN or an infinity exactly when its norm
+        is not finite; the per-group and total norms are norms of those norms; clipping multiplies by the coefficient
+        of the total norm (``torch.nn.utils.clip_grad_norm_``'s, with its 1e-6). Under DeepSpeed, FSDP or XLA, whose
+        gradients are sharded or clipped by the engine, clipping is left to ``accelerator.clip_grad_norm_``.
+        """
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if not acc.sync_gradients:
+            return None
+        engine_clips = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA)
+        if not engine_clips:
+            acc.unscale_gradients()  # fp16 loss scaling: check, log and clip the true gradients (no-op otherwise)
+        group_norms, names = [], []
+        for group in self.optimizer.param_groups:
+            grads = [p.grad.detach() for p in group["params"] if p.grad is not None]
+            norms = torch._foreach_norm([g.float() for g in grads]) if grads else []
+            group_norms.append(torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=acc.device))
+            names.append(group.get("name", "group"))
+        group_norms = torch.stack(group_norms).float()
+        total = torch.linalg.vector_norm(group_norms)
+        bad = (~torch.isfinite(loss_value.detach().float())).any().float() + (~torch.isfinite(total)).float()
+        if acc.reduce(bad.reshape(1).to(acc.device), reduction="sum").item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"non-finite loss or gradient at epoch {epoch} (global step {self.state.global_step}); the parameters were not "
+                "updated and no checkpoint was written. Lower the learning rate or reward_scale, or enable train_max_grad_norm.")
+        info = {}
+        for name, norm, group in zip(names, group_norms.tolist(), self.optimizer.param_groups):
+            info[f"grad_norm/{name}"] = norm
+            info[f"lr/{name}"] = float(group["lr"])
+        max_norm = self.config.train_max_grad_norm
+        if max_norm > 0:
+            if engine_clips:
+                acc.clip_grad_norm_(self.trainable_parameters(), max_norm)
+            else:
+                coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+                grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coefficient.to(grads[0].device))
+        self.optimizer.step()
+        crash_point("optimizer_step")
+        self.optimizer.zero_grad(set_to_none=True)
+        return info
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, epochs: int | None = None) -> None:
+        """Run epochs ``first_epoch .. epochs - 1`` (default ``config.num_epochs``), then save (and push)."""
+        epochs = self.config.num_epochs if epochs is None else epochs
+        global_step = self.state.global_step
+        for epoch in range(self.state.epoch, epochs):
+            global_step = self.step(epoch, global_step)
+        self.save_pretrained(self.output_dir)
+        if self.config.push_to_hub:
+            self.push_to_hub(self.config.hub_model_id)
+        self.accelerator.end_training()
+
+    # ------------------------------------------------------------------ logging
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Log scalars to the trackers (main process) and keep them as :attr:`last_metrics` for the model card."""
+        values = {k: (v.item() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}
+        self.last_metrics.update(values)
+        if self.config.log_with is not None:
+            self.accelerator.log(values, step=step)
+
+    # ------------------------------------------------------------------ trained weights
+    def extra_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """The trained modules besides the UNet's LoRA (e.g. the flow head), by name."""
+        return [(name, module) for name, module in self.modules.named_children() if name != "unet"]
+
+    def output_files(self) -> list[str]:
+        """The files :meth:`save_trained_weights` writes, relative to its directory (what a checkpoint and an upload hold)."""
+        from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+        from ..pipelines.rl_pipeline import LORA_WEIGHT_NAME
+
+        files = [LORA_WEIGHT_NAME]
+        for name, _ in self.extra_modules():
+            files += [f"{name}/{CONFIG_NAME}", f"{name}/{SAFETENSORS_WEIGHTS_NAME}"]
+        return files
+
+    def save_trained_weights(self, directory: str) -> list[str]:
+        """LoRA (``pytorch_lora_weights.safetensors``) and each extra module with ``save_pretrained`` in a sub-folder.
+
+        Returns :meth:`output_files`; raises ``FloatingPointError`` (writing nothing) if a parameter is not finite.
+        """
+        for p in self.trainable_parameters():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError("refusing to save: a trainable parameter is not finite")
+        os.makedirs(directory, exist_ok=True)
+        self.pipeline.save_lora(directory)
+        crash_point("save:weights")
+        for name, module in self.extra_modules():
+            module.save_pretrained(os.path.join(directory, name), safe_serialization=True)
+        files = self.output_files()
+        missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            raise RuntimeError(f"saving the trained weights to {directory} did not write {missing}")
+        return files
+
+    def load_trained_weights(self, directory: str) -> None:
+        """Load what :meth:`save_trained_weights` wrote (safetensors only; errors name the file)."""
+        from .initial_weights import load_module
+
+        self.pipeline.load_lora(directory)
+        for name, module in self.extra_modules():
+            load_module(module, directory, name)
+
+    def init_weights_from(self, source: str) -> None:
+        """Start from trained weights (``config.init_from``): the LoRA, and each extra module the source has.
+
+        A module the source lacks (e.g. a flow head when starting Nabla-GFlowNet from a DDPO LoRA) keeps its
+        initialisation, and a module folder this trainer does not use is left alone; both with a warning.
+        """
+        from .initial_weights import check_lora_metadata, load_module, module_files, resolve_weights_source
+
+        names = [name for name, _ in self.extra_modules()]
+        folder = resolve_weights_source(source, names)
+        c = self.config
+        check_lora_metadata(folder, c.lora_rank, c.lora_alpha if c.lora_alpha is not None else c.lora_rank)
+        self.pipeline.load_lora(folder)
+        for name, module in self.extra_modules():
+            if os.path.isdir(os.path.join(folder, name)):
+                load_module(module, folder, name)
+            else:
+                warnings.warn(f"init_from: {source} has no {name}/ folder; the {name} starts from its initialisation", UserWarning, stacklevel=2)
+        unused = sorted(d for d in os.listdir(folder) if d not in names and all(os.path.isfile(os.path.join(folder, f)) for f in module_files(d)))
+        if unused:
+            warnings.warn(f"init_from: {source} also holds {unused}, which {type(self).__name__} does not train; only the LoRA is used",
+                          UserWarning, stacklevel=2)
+        logger.info(f"Initialised the LoRA{' and ' + ', '.join(names) if names else ''} from {source}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        """Save only what is trained (LoRA in diffusers format + extra modules), not the frozen UNet."""
+        if self.accelerator.is_main_process:
+            self.save_trained_weights(output_dir)
+            self.save_checkpoint_extras(output_dir)
+        weights.clear()  # accelerate would otherwise write the full UNet
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        self.load_trained_weights(input_dir)
+        self.load_checkpoint_extras(input_dir)
+        models.clear()
+
+    def save_checkpoint_extras(self, directory: str) -> None:
+        """Write a method's tensor state that checkpoints need but the final folder does not (e.g. EMA copies), as safetensors
+        files in ``directory`` (main process); the manifest lists and hashes them like every other file."""
+
+    def load_checkpoint_extras(self, directory: str) -> None:
+        """Restore what :meth:`save_checkpoint_extras` wrote."""
+
+    def _manifest_config(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.config.to_public_dict(), default=str))
+
+    def save_checkpoint(self) -> str:
+        """Write ``<run>/checkpoints/checkpoint_<epoch>`` crash-safely and keep the newest ``num_checkpoint_limit``.
+
+        ``accelerator.save_state`` (every rank) writes into a hidden partial folder; the main process then adds
+        the manifest (counters, method state, config, size and SHA-256 of every file) and renames the folder
+        into place, so that a ``checkpoint_N`` folder is always complete (see :mod:`.checkpoints`).
+        """
+        acc = self.accelerator
+        folder = os.path.join(self.run_dir, "checkpoints")
+        final = os.path.join(folder, f"checkpoint_{self.state.epoch}")
+        partial = partial_path(folder, self.state.epoch)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            os.makedirs(folder, exist_ok=True)
+            if os.path.exists(partial):  # left by a save that was killed
+                shutil.rmtree(partial)
+        acc.wait_for_everyone()
+        acc.save_state(partial)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            crash_point("save:files")
+            write_manifest(partial, {"trainer": type(self).__name__, **self.state.state_dict(), "num_processes": acc.num_processes,
+                                     "modules": [name for name, _ in self.extra_modules()], "state": self.checkpoint_state(),
+                                     "config": self._manifest_config()})
+            crash_point("save:manifest")
+            publish(partial, final)
+            crash_point("save:published")
+            prune(folder, self.config.checkpoint_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore weights, optimizer, RNG states, counters and method state from the complete checkpoint ``path``.
+
+        Refuses (``CheckpointError``, naming both sides) a checkpoint of another trainer, other trained modules
+        (e.g. ``use_flow_head``) or other method state; weights and optimizer state must be finite.
+        """
+        from accelerate.utils import load as load_weights_only  # torch.load(weights_only=True) with numpy's RNG types allowed
+
+        acc, me = self.accelerator, type(self).__name__
+        manifest = read_manifest(path)
+        diff = config_differences(manifest["config"], self._manifest_config(), RUN_ONLY_FIELDS)
+        hint = ("; the config differs from the checkpoint's in: " + "; ".join(diff)) if diff else ""
+        if manifest["trainer"] != me:
+            raise CheckpointError(f"resume_from: {path} was written by {manifest['trainer']}, not by {me}{hint}")
+        modules = [name for name, _ in self.extra_modules()]
+        if manifest["modules"] != modules:
+            raise CheckpointError(f"resume_from: {path} holds the trained modules {['lora', *manifest['modules']]} but this {me} "
+                                  f"trains {['lora', *modules]}{hint}")
+        state_keys = sorted(self.checkpoint_state())
+        if sorted(manifest["state"]) != state_keys:
+            raise CheckpointError(f"resume_from: {path} holds the {manifest['trainer']} state {sorted(manifest['state'])} but this "
+                                  f"{me} keeps {state_keys}{hint}")
+        rng = os.path.join(path, f"random_states_{acc.process_index}.pkl")
+        if os.path.isfile(rng):
+            try:  # accelerate would skip an unreadable RNG file with a log line only
+                load_weights_only(rng)
+            except Exception as err:  # noqa: BLE001 - re-raised naming the file
+                raise CheckpointError(f"{rng}: cannot be read with torch.load(weights_only=True): {err}") from err
+        else:
+            warnings.warn(f"resume_from: {path} was written by {manifest['num_processes']} process(es) and has no RNG state for "
+                          f"process {acc.process_index}; its global random state is not restored (trl-gfn draws samples, prompts "
+                          "and transitions from per-sample seeds, so training is unaffected)", UserWarning, stacklevel=2)
+        try:
+            acc.load_state(path)
+        except Exception as err:  # noqa: BLE001 - re-raised with the checkpoint and the config differences
+            raise CheckpointError(f"resume_from: cannot load {path}: {err}{hint}") from err
+        for group in self.optimizer.state_dict()["state"].values():
+            for key, value in group.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CheckpointError(f"{os.path.join(path, 'optimizer.bin')}: non-finite optimizer state ({key}); refusing to resume")
+        self.state.load_state_dict(manifest)
+        self.load_checkpoint_state(manifest["state"])
+
+
+class DiffusionRLTrainer(BaseDiffusionTrainer):
+    """Base class of the online trainers: each epoch samples from the policy, scores the samples with a reward, trains.
+
+    A method subclasses it and provides only what differs: its config class, the extra trainable modules it needs
+    (:meth:`build_modules`), its parameter groups, and how it trains on an epoch's samples (:meth:`train_on_samples`,
+    usually through :class:`TransitionTrainer`'s loop and its own :meth:`compute_loss`).
+
+    Args:
+        config: the method's config dataclass.
+        reward_function: ``reward_fn(images, prompts, prompt_metadata) -> (rewards, metadata)``; an
+            ``nn.Module`` is moved to the device, frozen and kept in float32.
+        pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` is wrapped).
+        prompt_function: a callable ``() -> (prompt, metadata)``, a list of prompts, a ``datasets.Dataset``
+            with a ``prompt`` column, or a prompt-set name; default ``config.prompt_set``.
+        image_samples_hook: optional ``hook(image_data, global_step, tracker)`` called on the main process every
+            ``log_image_freq`` epochs with what :meth:`image_hook_data` returns (TRL's structures) and the first
+            tracker (None without ``log_with``).
+
+    TRL's argument order ``(config, reward_function, prompt_function, sd_pipeline, image_samples_hook)`` and its
+    ``sd_pipeline=`` keyword are accepted too: the pipeline is recognised by its type.
+    """
+
+    config_class: type[DiffusionRLConfig] = DiffusionRLConfig
+    method_name: str = "diffusion RL"
+    #: whether the method differentiates the reward w.r.t. the images
+    needs_reward_gradient: bool = True
+    #: config fields shown in the model card
+    card_fields: list[str] = ["sample_num_steps", "sample_guidance_scale", "sampler", "lora_rank", "train_learning_rate",
+                              "num_epochs", "sample_batch_size", "train_batch_size"]
+
+    def __init__(
+        self,
+        config: DiffusionRLConfig,
+        reward_function: Callable,
+        pipeline: DiffusionPipelineForRL | None = None,
+        prompt_function: Any = None,
+        image_samples_hook: Callable | None = None,
+        *,
+        sd_pipeline: Any = None,
+    ) -> None:
+        pipeline, prompt_function = _pipeline_and_prompts(pipeline, prompt_function, sd_pipeline)
+        if not callable(reward_function):
+            raise TypeError(f"reward_function must be callable (images, prompts, metadata) -> (rewards, metadata), got {type(reward_function).__name__}")
+        self.reward_fn = reward_function
+        self.prompt_function = prompt_function
+        self.image_samples_hook = image_samples_hook
+        #: per sampling batch of the last epoch: ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` (TRL DDPO's hook data)
+        self.sampled_batches: list[list[Any]] = []
+        super().__init__(config, pipeline)
+
+    def setup_components(self) -> None:
+        """The sampler's transition schedule, and the reward module on the device (frozen, float32)."""
+        c, device = self.config, self.accelerator.device
+        self.schedule = self.pipeline.make_schedule(c.sampler, c.sample_num_steps, c.sample_eta)
+        if isinstance(self.reward_fn, torch.nn.Module):
+            self.reward_fn.to(device=device, dtype=torch.float32)
+            self.reward_fn.requires_grad_(False)
+            self.reward_fn.eval()
+
+    def finish_setup(self) -> None:
+        """The prompt source; with a gradient-based method, a probe of the reward's differentiability."""
+        c = self.config
+        self.prompt_source = PromptSource(self.prompt_function if self.prompt_function is not None else c.prompt_set, seed=c.seed)
+        if self.needs_reward_gradient:
+            self.probe_reward_gradient()
+
+    def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
+        """Train on one epoch's samples; return the new global step."""
+        raise NotImplementedError
+
+    @property
+    def samples_needed(self) -> bool:
+        """Whether the epoch begins by sampling trajectories without gradient (all but direct backprop methods)."""
+        return True
+
+    def probe_reward_gradient(self) -> None:
+        """Fail at start-up, not after the first sampling epoch, if the reward cannot be differentiated w.r.t. the images.
+
+        A reward declaring ``differentiable = False`` is refused; otherwise it is called once on one random image of the
+        pipeline's output size with a prompt of the prompt source, and its gradient w.r.t. the image must exist and be finite.
+        """
+        name = getattr(self.reward_fn, "name", None) or getattr(self.reward_fn, "__name__", None) or type(self.reward_fn).__name__
+        me = type(self).__name__
+        if getattr(self.reward_fn, "differentiable", True) is False:
+            raise ValueError(f"reward_function: {name} is not differentiable (differentiable=False), but {me} back-propagates the reward "
+                             "into the images; use DDPOTrainer for non-differentiable rewards")
+        _, h, w = self.pipeline.latent_shape
+        scale = 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+        generator = torch.Generator().manual_seed(sample_seed(self.config.seed, 997))
+        images = torch.rand(1, 3, h * scale, w * scale, generator=generator).to(self.accelerator.device).requires_grad_(True)
+        prompts, metadata = self.prompt_source([0], 0)
+        try:
+            with torch.enable_grad():
+                rewards, _ = self.compute_rewards(images, prompts, metadata, need_grad=True)
+                (grad,) = torch.autograd.grad(rewards.sum(), images, allow_unused=True)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ValueError(f"reward_function: {me} differentiates the reward w.r.t. the images, and a probe call at start-up "
+                             f"(one random {h * scale}x{w * scale} image, prompt {prompts[0]!r}) failed: {err}") from err
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"reward_function: {name}'s rewards have {'no' if grad is None else 'a non-finite'} gradient w.r.t. the images "
+                             f"(probe at start-up, prompt {prompts[0]!r}); {me} needs a differentiable reward. Use DDPOTrainer otherwise.")
 
     def compute_rewards(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict], *, need_grad: bool) -> tuple[torch.Tensor, dict]:
         """Call the reward function in float32 (autocast off) and check its output against the contract."""
@@ -432,71 +717,6 @@ class DiffusionRLTrainer(PublishingMixin):
         traj.sample_ids = torch.tensor(ids, device=acc.device)
         return traj
 
-    def optimizer_step(self, loss_value: torch.Tensor, epoch: int) -> dict[str, float] | None:
-        """At the end of an accumulation cycle: check for non-finite values on every rank, clip, step once.
-
-        Returns the step's diagnostics (grad norms, learning rates), or None when gradients are still
-        being accumulated. A non-finite loss or gradient raises ``FloatingPointError`` before any update,
-        so no corrupt weights or checkpoint are ever written.
-
-        One pass over the gradients serves the check, the logged per-group norms and the clipping: the norm of every
-        gradient is computed once (``torch._foreach_norm``); a gradient holds a NaN or an infinity exactly when its norm
-        is not finite; the per-group and total norms are norms of those norms; clipping multiplies by the coefficient
-        of the total norm (``torch.nn.utils.clip_grad_norm_``'s, with its 1e-6). Under DeepSpeed, FSDP or XLA, whose
-        gradients are sharded or clipped by the engine, clipping is left to ``accelerator.clip_grad_norm_``.
-        """
-        from accelerate.utils import DistributedType
-
-        acc = self.accelerator
-        if not acc.sync_gradients:
-            return None
-        engine_clips = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA)
-        if not engine_clips:
-            acc.unscale_gradients()  # fp16 loss scaling: check, log and clip the true gradients (no-op otherwise)
-        group_norms, names = [], []
-        for group in self.optimizer.param_groups:
-            grads = [p.grad.detach() for p in group["params"] if p.grad is not None]
-            norms = torch._foreach_norm([g.float() for g in grads]) if grads else []
-            group_norms.append(torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=acc.device))
-            names.append(group.get("name", "group"))
-        group_norms = torch.stack(group_norms).float()
-        total = torch.linalg.vector_norm(group_norms)
-        bad = (~torch.isfinite(loss_value.detach().float())).any().float() + (~torch.isfinite(total)).float()
-        if acc.reduce(bad.reshape(1).to(acc.device), reduction="sum").item() > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
-                f"non-finite loss or gradient at epoch {epoch} (global step {self.state.global_step}); the parameters were not "
-                "updated and no checkpoint was written. Lower the learning rate or reward_scale, or enable train_max_grad_norm.")
-        info = {}
-        for name, norm, group in zip(names, group_norms.tolist(), self.optimizer.param_groups):
-            info[f"grad_norm/{name}"] = norm
-            info[f"lr/{name}"] = float(group["lr"])
-        max_norm = self.config.train_max_grad_norm
-        if max_norm > 0:
-            if engine_clips:
-                acc.clip_grad_norm_(self.trainable_parameters(), max_norm)
-            else:
-                coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
-                grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, coefficient.to(grads[0].device))
-        self.optimizer.step()
-        crash_point("optimizer_step")
-        self.optimizer.zero_grad(set_to_none=True)
-        return info
-
-    # ------------------------------------------------------------------ the loop
-    def train(self, epochs: int | None = None) -> None:
-        """Run epochs ``first_epoch .. epochs - 1`` (default ``config.num_epochs``), then save (and push)."""
-        epochs = self.config.num_epochs if epochs is None else epochs
-        global_step = self.state.global_step
-        for epoch in range(self.state.epoch, epochs):
-            global_step = self.step(epoch, global_step)
-        self.save_pretrained(self.output_dir)
-        if self.config.push_to_hub:
-            self.push_to_hub(self.config.hub_model_id)
-        self.accelerator.end_training()
-
     def step(self, epoch: int, global_step: int) -> int:
         """One epoch: sample and score, log, train, checkpoint. Returns the new global step."""
         acc, c = self.accelerator, self.config
@@ -530,14 +750,6 @@ class DiffusionRLTrainer(PublishingMixin):
             self.save_checkpoint()
         return global_step
 
-    # ------------------------------------------------------------------ logging
-    def log(self, values: dict[str, float], step: int) -> None:
-        """Log scalars to the trackers (main process) and keep them as :attr:`last_metrics` for the model card."""
-        values = {k: (v.item() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}
-        self.last_metrics.update(values)
-        if self.config.log_with is not None:
-            self.accelerator.log(values, step=step)
-
     def log_images(self, samples: Trajectories, global_step: int, epoch: int) -> None:
         """Save a grid of the main process's samples (with prompts and rewards) and send it to the trackers."""
         if not self.accelerator.is_main_process or samples.images is None:
@@ -566,162 +778,6 @@ class DiffusionRLTrainer(PublishingMixin):
         """What ``image_samples_hook`` receives: as TRL's DDPOTrainer passed it, one
         ``[images, prompts, prompt_metadata, rewards, reward_metadata]`` per sampling batch of the epoch (this process's)."""
         return list(self.sampled_batches)
-
-    # ------------------------------------------------------------------ trained weights
-    def extra_modules(self) -> list[tuple[str, torch.nn.Module]]:
-        """The trained modules besides the UNet's LoRA (e.g. the flow head), by name."""
-        return [(name, module) for name, module in self.modules.named_children() if name != "unet"]
-
-    def output_files(self) -> list[str]:
-        """The files :meth:`save_trained_weights` writes, relative to its directory (what a checkpoint and an upload hold)."""
-        from diffusers.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-
-        from ..pipelines.rl_pipeline import LORA_WEIGHT_NAME
-
-        files = [LORA_WEIGHT_NAME]
-        for name, _ in self.extra_modules():
-            files += [f"{name}/{CONFIG_NAME}", f"{name}/{SAFETENSORS_WEIGHTS_NAME}"]
-        return files
-
-    def save_trained_weights(self, directory: str) -> list[str]:
-        """LoRA (``pytorch_lora_weights.safetensors``) and each extra module with ``save_pretrained`` in a sub-folder.
-
-        Returns :meth:`output_files`; raises ``FloatingPointError`` (writing nothing) if a parameter is not finite.
-        """
-        for p in self.trainable_parameters():
-            if not torch.isfinite(p).all():
-                raise FloatingPointError("refusing to save: a trainable parameter is not finite")
-        os.makedirs(directory, exist_ok=True)
-        self.pipeline.save_lora(directory)
-        crash_point("save:weights")
-        for name, module in self.extra_modules():
-            module.save_pretrained(os.path.join(directory, name), safe_serialization=True)
-        files = self.output_files()
-        missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
-        if missing:
-            raise RuntimeError(f"saving the trained weights to {directory} did not write {missing}")
-        return files
-
-    def load_trained_weights(self, directory: str) -> None:
-        """Load what :meth:`save_trained_weights` wrote (safetensors only; errors name the file)."""
-        from .initial_weights import load_module
-
-        self.pipeline.load_lora(directory)
-        for name, module in self.extra_modules():
-            load_module(module, directory, name)
-
-    def init_weights_from(self, source: str) -> None:
-        """Start from trained weights (``config.init_from``): the LoRA, and each extra module the source has.
-
-        A module the source lacks (e.g. a flow head when starting Nabla-GFlowNet from a DDPO LoRA) keeps its
-        initialisation, and a module folder this trainer does not use is left alone; both with a warning.
-        """
-        from .initial_weights import check_lora_metadata, load_module, module_files, resolve_weights_source
-
-        names = [name for name, _ in self.extra_modules()]
-        folder = resolve_weights_source(source, names)
-        c = self.config
-        check_lora_metadata(folder, c.lora_rank, c.lora_alpha if c.lora_alpha is not None else c.lora_rank)
-        self.pipeline.load_lora(folder)
-        for name, module in self.extra_modules():
-            if os.path.isdir(os.path.join(folder, name)):
-                load_module(module, folder, name)
-            else:
-                warnings.warn(f"init_from: {source} has no {name}/ folder; the {name} starts from its initialisation", UserWarning, stacklevel=2)
-        unused = sorted(d for d in os.listdir(folder) if d not in names and all(os.path.isfile(os.path.join(folder, f)) for f in module_files(d)))
-        if unused:
-            warnings.warn(f"init_from: {source} also holds {unused}, which {type(self).__name__} does not train; only the LoRA is used",
-                          UserWarning, stacklevel=2)
-        logger.info(f"Initialised the LoRA{' and ' + ', '.join(names) if names else ''} from {source}")
-
-    # ------------------------------------------------------------------ checkpoints
-    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
-        """Save only what is trained (LoRA in diffusers format + extra modules), not the frozen UNet."""
-        if self.accelerator.is_main_process:
-            self.save_trained_weights(output_dir)
-        weights.clear()  # accelerate would otherwise write the full UNet
-
-    def _load_model_hook(self, models: list, input_dir: str) -> None:
-        self.load_trained_weights(input_dir)
-        models.clear()
-
-    def _manifest_config(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.config.to_public_dict(), default=str))
-
-    def save_checkpoint(self) -> str:
-        """Write ``<run>/checkpoints/checkpoint_<epoch>`` crash-safely and keep the newest ``num_checkpoint_limit``.
-
-        ``accelerator.save_state`` (every rank) writes into a hidden partial folder; the main process then adds
-        the manifest (counters, method state, config, size and SHA-256 of every file) and renames the folder
-        into place, so that a ``checkpoint_N`` folder is always complete (see :mod:`.checkpoints`).
-        """
-        acc = self.accelerator
-        folder = os.path.join(self.run_dir, "checkpoints")
-        final = os.path.join(folder, f"checkpoint_{self.state.epoch}")
-        partial = partial_path(folder, self.state.epoch)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            os.makedirs(folder, exist_ok=True)
-            if os.path.exists(partial):  # left by a save that was killed
-                shutil.rmtree(partial)
-        acc.wait_for_everyone()
-        acc.save_state(partial)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            crash_point("save:files")
-            write_manifest(partial, {"trainer": type(self).__name__, **self.state.state_dict(), "num_processes": acc.num_processes,
-                                     "modules": [name for name, _ in self.extra_modules()], "state": self.checkpoint_state(),
-                                     "config": self._manifest_config()})
-            crash_point("save:manifest")
-            publish(partial, final)
-            crash_point("save:published")
-            prune(folder, self.config.checkpoint_limit)
-        acc.wait_for_everyone()
-        return final
-
-    def load_checkpoint(self, path: str) -> None:
-        """Restore weights, optimizer, RNG states, counters and method state from the complete checkpoint ``path``.
-
-        Refuses (``CheckpointError``, naming both sides) a checkpoint of another trainer, other trained modules
-        (e.g. ``use_flow_head``) or other method state; weights and optimizer state must be finite.
-        """
-        from accelerate.utils import load as load_weights_only  # torch.load(weights_only=True) with numpy's RNG types allowed
-
-        acc, me = self.accelerator, type(self).__name__
-        manifest = read_manifest(path)
-        diff = config_differences(manifest["config"], self._manifest_config(), RUN_ONLY_FIELDS)
-        hint = ("; the config differs from the checkpoint's in: " + "; ".join(diff)) if diff else ""
-        if manifest["trainer"] != me:
-            raise CheckpointError(f"resume_from: {path} was written by {manifest['trainer']}, not by {me}{hint}")
-        modules = [name for name, _ in self.extra_modules()]
-        if manifest["modules"] != modules:
-            raise CheckpointError(f"resume_from: {path} holds the trained modules {['lora', *manifest['modules']]} but this {me} "
-                                  f"trains {['lora', *modules]}{hint}")
-        state_keys = sorted(self.checkpoint_state())
-        if sorted(manifest["state"]) != state_keys:
-            raise CheckpointError(f"resume_from: {path} holds the {manifest['trainer']} state {sorted(manifest['state'])} but this "
-                                  f"{me} keeps {state_keys}{hint}")
-        rng = os.path.join(path, f"random_states_{acc.process_index}.pkl")
-        if os.path.isfile(rng):
-            try:  # accelerate would skip an unreadable RNG file with a log line only
-                load_weights_only(rng)
-            except Exception as err:  # noqa: BLE001 - re-raised naming the file
-                raise CheckpointError(f"{rng}: cannot be read with torch.load(weights_only=True): {err}") from err
-        else:
-            warnings.warn(f"resume_from: {path} was written by {manifest['num_processes']} process(es) and has no RNG state for "
-                          f"process {acc.process_index}; its global random state is not restored (trl-gfn draws samples, prompts "
-                          "and transitions from per-sample seeds, so training is unaffected)", UserWarning, stacklevel=2)
-        try:
-            acc.load_state(path)
-        except Exception as err:  # noqa: BLE001 - re-raised with the checkpoint and the config differences
-            raise CheckpointError(f"resume_from: cannot load {path}: {err}{hint}") from err
-        for group in self.optimizer.state_dict()["state"].values():
-            for key, value in group.items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                    raise CheckpointError(f"{os.path.join(path, 'optimizer.bin')}: non-finite optimizer state ({key}); refusing to resume")
-        self.state.load_state_dict(manifest)
-        self.load_checkpoint_state(manifest["state"])
-
 
 class TransitionTrainer(DiffusionRLTrainer):
     """Trainers that learn from individual transitions of recorded trajectories (Nabla-GFlowNet, DDPO).
@@ -823,5 +879,5 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
 
 
-__all__ = ["CHECKPOINT_PATTERN", "CheckpointError", "DiffusionRLTrainer", "TrainableModules", "TrainingState", "TransitionTrainer",
+__all__ = ["BaseDiffusionTrainer", "CHECKPOINT_PATTERN", "CheckpointError", "DiffusionRLTrainer", "TrainableModules", "TrainingState", "TransitionTrainer",
            "resolve_resume_path", "sample_seed"]

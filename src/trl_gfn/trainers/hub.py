@@ -87,8 +87,11 @@ def build_model_card(
     extra_usage: str = "",
     dataset_name: str | None = None,
     tags: list[str] | None = None,
+    objective: str | None = None,
 ):
-    """The model card of a trained LoRA: Hub metadata plus method, base model, reward, key config, metrics and loading code."""
+    """The model card of a trained LoRA: Hub metadata plus method, base model, reward, key config, metrics and loading code.
+
+    ``objective`` replaces "to maximise the reward `<reward>`" for methods trained on something else (preference pairs)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     all_tags = list(dict.fromkeys(["trl-gfn", method_tag, "lora", "text-to-image", "diffusers", *(tags or [])]))
@@ -101,10 +104,11 @@ def build_model_card(
     rows = "\n".join(f"| `{k}` | `{json.dumps(config.get(k), default=str)}` |" for k in key_fields if k in config)
     metric_text = "\n".join(f"- {k}: {v:.6g}" for k, v in sorted(metrics.items())) if metrics else "(no metrics logged)"
     trained_on = ", ".join(f"`{p}`" for p in prompts) if prompts else "(none recorded)"
+    objective = objective or f"to maximise the reward `{reward}`"
     body = f"""
 # {method} LoRA for {os.path.basename(base_model.rstrip("/")) or base_model}
 
-A LoRA for {base_link} trained with **{method}** ({paper}) using trl-gfn to maximise the reward `{reward}` while
+A LoRA for {base_link} trained with **{method}** ({paper}) using trl-gfn {objective} while
 staying close to the pretrained model.
 
 ## Use it

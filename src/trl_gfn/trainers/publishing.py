@@ -1,7 +1,7 @@
 """What a trainer publishes: the final folder (LoRA, extra modules, public config, model card) and the Hub upload.
 
-A mixin of :class:`~trl_gfn.trainers.base.DiffusionRLTrainer`, kept apart from the training loop: it reads the
-trainer's config, pipeline, reward and metrics and writes nothing but the files of :meth:`final_files`.
+A mixin of :class:`~trl_gfn.trainers.base.BaseDiffusionTrainer`, kept apart from the training loop: it reads the
+trainer's config, pipeline, reward (or preference data) and metrics and writes nothing but the files of :meth:`final_files`.
 """
 
 from __future__ import annotations
@@ -61,13 +61,22 @@ class PublishingMixin:
             seen = list(dict.fromkeys(self.prompt_source.prompts))[:4]
         return seen
 
+    def card_reward_name(self) -> str:
+        """How the card names what the model was trained for: the reward's ``name``, class or function name."""
+        reward = getattr(self.reward_fn, "name", None) or type(self.reward_fn).__name__
+        if reward == "function":
+            reward = getattr(self.reward_fn, "__name__", "custom reward")
+        return reward
+
+    def card_objective(self) -> str | None:
+        """The card's "trained ... <objective> while staying close to the pretrained model" (None: maximise the reward)."""
+        return None
+
     def create_model_card(self, repo_id: str = "<repo_id>", dataset_name: str | None = None, tags: list[str] | None = None) -> str:
         """The model card (``huggingface_hub.ModelCard`` text): Hub metadata (base model id, its license, ``text-to-image``,
         ``diffusers``, tags for the method and trl-gfn), method and paper, reward, key config values, final metrics, and
         loading code that uses one of the run's own prompts. ``dataset_name`` and ``tags`` (TRL's arguments) go to the metadata."""
-        reward = getattr(self.reward_fn, "name", None) or type(self.reward_fn).__name__
-        if reward == "function":
-            reward = getattr(self.reward_fn, "__name__", "custom reward")
+        reward = self.card_reward_name()
         metrics = {k: v for k, v in self.last_metrics.items() if not k.startswith("lr/")}
         name_or_path = self.pipeline.name_or_path
         hub_id = base_model_hub_id(name_or_path)
@@ -76,7 +85,8 @@ class PublishingMixin:
                                 license=base_model_license(name_or_path, hub_id), method=self.method_name, method_tag=tag, paper=self.paper,
                                 citation=self.citation, reward=reward, config=self.config.to_public_dict(), key_fields=self.card_fields,
                                 metrics=metrics, prompts=self.card_prompt_examples(), extra_usage=self.model_card_extra_usage(),
-                                dataset_name=dataset_name, tags=list(tags) if isinstance(tags, (list, tuple)) else ([tags] if tags else None))
+                                dataset_name=dataset_name, tags=list(tags) if isinstance(tags, (list, tuple)) else ([tags] if tags else None),
+                                objective=self.card_objective())
         return str(card)
 
     def push_to_hub(self, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None,
