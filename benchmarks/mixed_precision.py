@@ -31,10 +31,10 @@ K = 10
 TERMS = ("loss_forward", "loss_reverse", "loss_terminal", "loss_reg")
 
 
-def trainer(precision: str, latent: int, tmp: str) -> NablaGFlowNetTrainer:
+def trainer(precision: str, latent: int, tmp: str, unet_reg_scale: float = 1e2) -> NablaGFlowNetTrainer:
     reset_accelerate_state()
     config = NablaGFlowNetConfig(sample_num_steps=K, sample_batch_size=1, sample_num_batches_per_epoch=1, train_batch_size=1, logdir=tmp,
-                                 save_freq=0, log_image_freq=0, reward_scale=1e3, unet_reg_scale=1e2, mixed_precision=precision)
+                                 save_freq=0, log_image_freq=0, reward_scale=1e3, unet_reg_scale=unet_reg_scale, mixed_precision=precision)
     tr = NablaGFlowNetTrainer(config, quarter_width_aesthetic(), DiffusionPipelineForRL(sd15_quarter_width(latent)), prompt_function=["a cat"])
     torch.manual_seed(7)
     for p in tr.pipeline.lora_parameters():
@@ -58,13 +58,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--unet_reg_scale", type=float, default=1e2, help="λ of both trainers (0 isolates the ∇-DB terms)")
+    parser.add_argument("--samples_from", choices=["fp32", "bf16"], default="fp32",
+                        help="which trainer samples the transitions (and so records ε̂_old for the regulariser)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, bf16 = trainer("no", args.latent, tmp + "/a"), trainer("bf16", args.latent, tmp + "/b")
-        samples = fp32.sample_epoch(0)
+        fp32, bf16 = (trainer(p, args.latent, tmp + d, args.unet_reg_scale) for p, d in (("no", "/a"), ("bf16", "/b")))
+        samples = (fp32 if args.samples_from == "fp32" else bf16).sample_epoch(0)
         print(f"one transition, batch 1, SD1.5-shaped UNet at quarter width, {args.latent}x{args.latent}x4 latents, K = {K}, CFG 5, "
-              "Nabla-GFlowNet defaults (flow head, reverse term), 1 thread; errors of bf16 against float32\n")
+              f"Nabla-GFlowNet defaults (flow head, reverse term), λ = {args.unet_reg_scale:g}, transitions sampled by the {args.samples_from} "
+              "trainer, 1 thread; errors of bf16 against float32\n")
         print("| transition | " + " | ".join(f"{k} rel. error" for k in TERMS) + " | LoRA grad rel. L2 error (cosine) | "
               "flow-head grad rel. L2 error (cosine) | time bf16 / fp32 | peak memory fp32 → bf16 (MiB) |")
         print("|---|" + "---|" * (len(TERMS) + 4))
