@@ -350,6 +350,16 @@ class BaseDiffusionTrainer(PublishingMixin):
         self.optimizer.zero_grad(set_to_none=True)
         return info
 
+    def log_update(self, info: dict[str, list[float]], stepped: dict[str, float], step: int, **extra: Any) -> None:
+        """Log one optimizer update: each per-micro-batch figure in ``info`` averaged here and over processes, the step's
+        diagnostics (``stepped``, from :meth:`optimizer_step`) and ``extra`` fields."""
+        keys = list(info)
+        means = torch.tensor([float(np.mean(info[k])) for k in keys], device=self.accelerator.device)
+        logs = dict(zip(keys, self.accelerator.reduce(means, reduction="mean").tolist())) if keys else {}
+        logs.update(stepped)
+        logs.update(extra)
+        self.log(logs, step=step)
+
     # ------------------------------------------------------------------ the loop
     def train(self, epochs: int | None = None) -> None:
         """Run epochs ``first_epoch .. epochs - 1`` (default ``config.num_epochs``), then save (and push)."""
@@ -827,12 +837,7 @@ class TransitionTrainer(DiffusionRLTrainer):
                     if stepped is not None:
                         global_step += 1
                         self.state.global_step = global_step
-                        keys = list(info)
-                        means = torch.tensor([float(np.mean(info[k])) for k in keys], device=acc.device)
-                        logs = dict(zip(keys, acc.reduce(means, reduction="mean").tolist())) if keys else {}
-                        logs.update(stepped)
-                        logs.update({"epoch": epoch, "inner_epoch": inner})
-                        self.log(logs, step=global_step)
+                        self.log_update(info, stepped, global_step, epoch=epoch, inner_epoch=inner)
                         info = defaultdict(list)
                         loss_sum = torch.zeros((), device=acc.device)
         return global_step

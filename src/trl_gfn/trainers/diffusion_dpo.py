@@ -373,12 +373,7 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
             if stepped is not None:
                 global_step += 1
                 self.state.global_step = global_step
-                keys = list(info)
-                means = torch.tensor([float(np.mean(info[k])) for k in keys], device=acc.device)
-                logs = dict(zip(keys, acc.reduce(means, reduction="mean").tolist()))
-                logs.update(stepped)
-                logs["epoch"] = epoch
-                self.log(logs, step=global_step)
+                self.log_update(info, stepped, global_step, epoch=epoch)
                 info = defaultdict(list)
                 loss_sum = torch.zeros((), device=acc.device)
         self.state.epoch = epoch + 1
