@@ -1,6 +1,7 @@
 """Trainers: a shared base (accelerate, sampling, logging, checkpoints, Hub) and one module per method."""
 
-from .base import BaseDiffusionTrainer, DiffusionRLTrainer, TrainableModules, TransitionTrainer
+from .base import BaseDiffusionTrainer, TrainableModules
+from .online import DiffusionRLTrainer, TransitionTrainer
 from .checkpoints import CheckpointError, resolve_resume_path, verify_checkpoint
 from .nabla_gfn import NablaGFlowNetTrainer
 from .ddpo import DDPOTrainer, PerPromptStatTracker

@@ -26,7 +26,8 @@ from accelerate.utils import gather_object
 from ..configs.ddpo import DDPOConfig
 from ..diffusion import log_prob, step_mean
 from ..pipelines import Trajectories, TransitionBatch
-from .base import TransitionTrainer, sample_seed
+from .base import sample_seed
+from .online import TransitionTrainer
 
 CITATION = """@inproceedings{black2024training,
   title     = {Training Diffusion Models with Reinforcement Learning},

@@ -25,7 +25,8 @@ from ..configs.nabla_gfn import NablaGFlowNetConfig
 from ..diffusion import predict_x0, score_residual, step_mean
 from ..models import FlowHead
 from ..pipelines import Trajectories, TransitionBatch
-from .base import TransitionTrainer, sample_seed
+from .base import sample_seed
+from .online import TransitionTrainer
 
 CITATION = """@inproceedings{liu2025nablagfn,
   title     = {Efficient Diversity-Preserving Diffusion Alignment via Gradient-Informed GFlowNets},

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import step_mean
 from ..pipelines import Trajectories
-from .base import DiffusionRLTrainer
+from .online import DiffusionRLTrainer
 
 
 @dataclass
