@@ -11,6 +11,8 @@ REWARD_GRADIENT_SCALINGS = ("squared", "sqrt")
 TRANSITION_LOSS_WEIGHTINGS = ("none", "variance")
 FLOW_GUESS_MODELS = ("reference", "policy")
 REVERSE_LOSS_TYPES = ("pathwise", "score")
+FLOW_ESTIMATORS = ("nabla_db", "monte_carlo")
+VALUE_BASELINES = ("guess", "none")
 
 #: the loss exactly as the paper (and its released code) specifies it; :meth:`NablaGFlowNetConfig.paper` sets these
 PAPER_LOSS = dict(transition_loss_weighting="none", flow_guess_model="policy", reverse_loss_type="score", train_flow_head_on_forward_loss=True)
@@ -57,11 +59,18 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     flow_attention_head_dim: int = field(default=8, metadata={"help": "Attention head dim of the flow head's cross-attention."})
     flow_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the flow head (the paper's 1e-3 equals the LoRA's; a faster critic than actor lets the flow head track the policy)."})
     flow_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay of the flow head."})
+    flow_estimator: Literal["nabla_db", "monte_carlo"] = field(default="nabla_db", metadata={"help": "How the flow head learns the residual ∇ log F̃ of the forward target at interior states. `nabla_db` (the paper's structure): g_φ is a vector field trained by the reverse and terminal ∇-DB terms. `monte_carlo`: the flow head is a scalar log-flow critic u_ψ (spatial mean of its output); log F̃ = [guess baseline, value_baseline] + β·u_ψ is fitted to exp(β·r(x_0)) of reference-sampler rollouts from the trained states by a proper scoring loss (an unbiased, policy-independent target: F̃ belongs to the reference sampler), optionally warmed up on reference trajectories before training; the forward target is the guess + ∇_x β·u_ψ, with no reverse or terminal term. The last transition keeps the exact β∇r(x_0) in both. docs/nabla_gfn.md, 'Monte-Carlo flow critic'."})
+    value_baseline: Literal["guess", "none"] = field(default="guess", metadata={"help": "flow_estimator='monte_carlo': `guess` (default) models log F̃(x) = β·γ_k·r(decode(x̂_0(x))) + β·u_ψ(x), the critic learning only the residual u_ψ on top of the guess (at initialisation the forward target is the guess, as with the flow head at zero); `none` models log F̃ = β·u_ψ alone."})
+    value_rollouts: int = field(default=1, metadata={"help": "flow_estimator='monte_carlo': reference rollouts to x_0 from each trained next state x_{k-1}; every state a rollout passes through is a labelled example for the critic."})
+    value_warmup_trajectories: int = field(default=0, metadata={"help": "flow_estimator='monte_carlo': before the first update, sample this many trajectories with the reference model (per process) and fit the critic on all their states (each labelled with its trajectory's r(x_0)): F̃ belongs to the reference sampler, so the critic can be trained before the policy moves. 0: no warm-up. Skipped on resume (the critic is in the checkpoint)."})
+    value_warmup_steps: int = field(default=0, metadata={"help": "flow_estimator='monte_carlo': optimizer steps of the critic's warm-up (AdamW at flow_learning_rate, flow_weight_decay), each on value_warmup_batch_size states drawn from the warm-up trajectories."})
+    value_warmup_batch_size: int = field(default=64, metadata={"help": "flow_estimator='monte_carlo': states per warm-up step of the critic."})
     flow_condition_on_prompt: bool = field(default=True, metadata={"help": "Feed the prompt embedding to the flow head; False feeds zeros (for prompt-free rewards such as aesthetics)."})
 
     field_ranges = {"reward_scale": ">= 0", "unet_reg_scale": ">= 0", "reverse_loss_scale": ">= 0", "pretrained_strength": ">= 0",
                     "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
-                    "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0"}
+                    "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
+                    "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -76,9 +85,24 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     def validate(self) -> None:
         super().validate()
         _check(self.flow_guess_model in FLOW_GUESS_MODELS, "flow_guess_model", f"must be one of {FLOW_GUESS_MODELS}, got {self.flow_guess_model!r}")
+        _check(self.flow_estimator in FLOW_ESTIMATORS, "flow_estimator", f"must be one of {FLOW_ESTIMATORS}, got {self.flow_estimator!r}")
+        _check(self.flow_estimator == "nabla_db" or self.use_flow_head, "flow_estimator",
+               "'monte_carlo' needs use_flow_head=True (the flow head is then the log-flow critic)")
+        _check(self.value_baseline in VALUE_BASELINES, "value_baseline", f"must be one of {VALUE_BASELINES}, got {self.value_baseline!r}")
+        _check(self.value_rollouts >= 1, "value_rollouts", f"must be >= 1, got {self.value_rollouts}")
+        _check(self.value_warmup_trajectories >= 0, "value_warmup_trajectories", f"must be >= 0, got {self.value_warmup_trajectories}")
+        _check(self.value_warmup_steps >= 0, "value_warmup_steps", f"must be >= 0, got {self.value_warmup_steps}")
+        _check(self.value_warmup_batch_size >= 1, "value_warmup_batch_size", f"must be >= 1, got {self.value_warmup_batch_size}")
+        _check((self.value_warmup_trajectories > 0) == (self.value_warmup_steps > 0), "value_warmup_steps",
+               f"the critic's warm-up needs both value_warmup_trajectories and value_warmup_steps > 0 (or both 0), got "
+               f"{self.value_warmup_trajectories} and {self.value_warmup_steps}")
+        _check(self.value_warmup_trajectories == 0 or self.flow_estimator == "monte_carlo", "value_warmup_trajectories",
+               "the critic's warm-up needs flow_estimator='monte_carlo'")
         _check(self.reverse_loss_type in REVERSE_LOSS_TYPES, "reverse_loss_type", f"must be one of {REVERSE_LOSS_TYPES}, got {self.reverse_loss_type!r}")
         if self.reverse_loss_scale is None:
-            self.reverse_loss_scale = 1.0 if self.use_flow_head else 0.0
+            self.reverse_loss_scale = 1.0 if self.use_flow_head and self.flow_estimator == "nabla_db" else 0.0
+        _check(self.flow_estimator == "nabla_db" or self.reverse_loss_scale == 0, "reverse_loss_scale",
+               f"must be 0 with flow_estimator='monte_carlo' (the critic is fitted to rollouts, not by the reverse term), got {self.reverse_loss_scale}")
         _check(self.reverse_loss_scale >= 0, "reverse_loss_scale", f"must be >= 0, got {self.reverse_loss_scale}")
         _check(self.use_flow_head or self.reverse_loss_scale == 0, "reverse_loss_scale",
                f"must be 0 when use_flow_head=False (the reverse term trains only the flow head), got {self.reverse_loss_scale}")

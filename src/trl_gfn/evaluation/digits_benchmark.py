@@ -76,6 +76,12 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_policy_guess": (dict(flow_guess_model="policy"), "the guess uses the fine-tuned model's x̂_0 (the paper's)"),
     "nabla_gfn_score_reverse": (dict(reverse_loss_type="score"), "the paper's score form of the reverse term"),
     "nabla_gfn_flow_on_forward": (dict(train_flow_head_on_forward_loss=True), "the forward term also trains the flow head (the paper's)"),
+    "nabla_gfn_mc": (dict(flow_estimator="monte_carlo", flow_learning_rate=3e-3, value_warmup_trajectories=1024, value_warmup_steps=1000),
+                     "flow head = a log-flow critic on top of the guess, fitted to reference rollouts (no reverse term), "
+                     "warmed up on 1024 reference trajectories (1000 steps)"),
+    "nabla_gfn_mc_no_guess": (dict(flow_estimator="monte_carlo", value_baseline="none", flow_learning_rate=3e-3, value_warmup_trajectories=1024,
+                                   value_warmup_steps=1000),
+                              "as nabla_gfn_mc, the critic without the guess as baseline (log F̃ = β·u_ψ)"),
     "nabla_gfn_slow_flow": (dict(flow_learning_rate=1e-3), "flow head learning rate 1e-3 (the paper's) instead of 1e-2"),
 }
 for _name, (_over, _note) in ABLATIONS.items():
