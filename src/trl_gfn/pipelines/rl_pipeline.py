@@ -362,12 +362,15 @@ class DiffusionPipelineForRL:
             return unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None, *, posterior_mean: bool = False) -> torch.Tensor:
         """VAE latents (scaled as the UNet sees them) of images in [-1, 1], shape (B, 3, H, W): a sample of the VAE's
-        posterior, drawn with one generator per image when ``generators`` are given (else with the global RNG)."""
+        posterior, drawn with one generator per image when ``generators`` are given (else with the global RNG), or the
+        posterior's mean with ``posterior_mean=True`` (deterministic; ``generators`` must then be None)."""
+        if posterior_mean and generators is not None:
+            raise ValueError("encode_images: posterior_mean=True draws nothing; pass generators=None")
         dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
-        latents = mean + std * self._randn(mean.shape, generators, mean.device)
+        latents = mean if posterior_mean else mean + std * self._randn(mean.shape, generators, mean.device)
         if getattr(self.vae.config, "shift_factor", None):
             latents = latents - self.vae.config.shift_factor
         return latents * self.vae.config.scaling_factor
