@@ -5,7 +5,7 @@ Nabla-GFlowNet (residual ∇-DB) and the methods it is compared with, on one TRL
 
 __version__ = "0.1.0.dev0"
 
-from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
+from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, InversionDPOConfig, NablaGFlowNetConfig, ReFLConfig
 from .models import FlowHead
 from .pipelines import DefaultDDPOStableDiffusionPipeline, DiffusionPipelineForRL, Trajectories, TransitionBatch
 from .trainers import (
@@ -15,6 +15,7 @@ from .trainers import (
     DiffusionDPOTrainer,
     DiffusionRLTrainer,
     DRaFTTrainer,
+    InversionDPOTrainer,
     NablaGFlowNetTrainer,
     ReFLTrainer,
     TransitionTrainer,
@@ -38,6 +39,8 @@ __all__ = [
     "DiffusionRLConfig",
     "DiffusionRLTrainer",
     "FlowHead",
+    "InversionDPOConfig",
+    "InversionDPOTrainer",
     "NablaGFlowNetConfig",
     "NablaGFlowNetTrainer",
     "Trajectories",

@@ -6,10 +6,11 @@ from .checkpoints import CheckpointError, resolve_resume_path, verify_checkpoint
 from .nabla_gfn import NablaGFlowNetTrainer
 from .ddpo import DDPOTrainer, PerPromptStatTracker
 from .diffusion_dpo import DiffusionDPOTrainer
+from .inversion_dpo import InversionDPOTrainer
 from .draft import AlignPropTrainer, DRaFTTrainer
 from .refl import ReFLTrainer
 from .reward_backprop import RewardBackpropTrainer
 
-__all__ = ["AlignPropTrainer", "BaseDiffusionTrainer", "CheckpointError", "DDPOTrainer", "DRaFTTrainer", "DiffusionDPOTrainer", "DiffusionRLTrainer", "NablaGFlowNetTrainer",
+__all__ = ["AlignPropTrainer", "BaseDiffusionTrainer", "CheckpointError", "DDPOTrainer", "DRaFTTrainer", "DiffusionDPOTrainer", "DiffusionRLTrainer", "InversionDPOTrainer", "NablaGFlowNetTrainer",
            "PerPromptStatTracker", "ReFLTrainer", "RewardBackpropTrainer", "TrainableModules", "TransitionTrainer", "resolve_resume_path",
            "verify_checkpoint"]
