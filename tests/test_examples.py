@@ -131,3 +131,16 @@ def test_diffusion_dpo_example_on_the_bundled_pairs_with_yaml_and_flags(tmp_path
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     assert "DMPO" in (final / "README.md").read_text()
     assert "ties dropped" in result.stdout
+
+
+def test_inversion_dpo_example_on_the_bundled_pairs(tmp_path):
+    result = run_example("inversion_dpo.py", ["--help"], cwd=tmp_path)
+    for flag in ("--inversion_num_steps", "--inversion_guidance_scale", "--inversion_train_steps", "--inversion_sign", "--loss_type",
+                 "--dataset", "--resume_from", "--config"):
+        assert flag in result.stdout, flag
+    run_example("inversion_dpo.py", ["--num_epochs", "1", "--train_batch_size", "4", "--lora_rank", "2", "--max_train_pairs", "16",
+                                     "--inversion_num_steps", "4", "--inversion_train_steps", "2", "--eval_split", "",
+                                     "--logdir", str(tmp_path / "logs"), "--run_name", "ex"], cwd=tmp_path)
+    final = tmp_path / "logs" / "ex" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert "Inversion-DPO" in (final / "README.md").read_text()

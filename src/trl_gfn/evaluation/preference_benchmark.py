@@ -43,6 +43,15 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "adaptive": ("adaptive", {}, "minority-aware weight and margin, EMA 0.9999 / 0.5"),
     "dpo_sdpo": ("sigmoid", {"winner_preserving_mu": 0.9}, "Diffusion-DPO + SDPO winner-preserving rescale (μ = 0.9)"),
 }
+#: Inversion-DPO's benchmark settings: N = 10 inversion steps (CPU budget), 2 trained steps per pair and update
+INVERSION_BENCH = {"inversion_num_steps": 10, "inversion_train_steps": 2}
+METHODS.update({
+    "inversion_dpo": ("sigmoid", dict(INVERSION_BENCH), "Inversion-DPO (derived sign), N = 10 DDIM inversion steps, CFG 2, 2 trained steps per pair"),
+    "inversion_dpo_released_sign": ("sigmoid", dict(INVERSION_BENCH, inversion_sign="released"),
+                                    "Inversion-DPO with the released code's sign (rewards deviation on the winner's trajectory)"),
+})
+#: methods trained with InversionDPOTrainer (the others with DiffusionDPOTrainer)
+INVERSION_METHODS = ("inversion_dpo", "inversion_dpo_released_sign")
 DEFAULT_METHODS = ["dpo", "hinge", "ipo", "dmpo", "see", "adaptive", "dpo_sdpo"]
 #: methods and minority fractions of the robustness table (the main table's fraction is added)
 ROBUSTNESS_METHODS = ["dpo", "adaptive"]
@@ -157,8 +166,9 @@ def base_record(reference: dict[str, Any], tie_threshold: float) -> dict[str, An
 
 # ------------------------------------------------------------------------------------------------ one run
 def method_config(method: str, seed: int, settings: PreferenceBenchmarkSettings, logdir: str | None = None, **overrides):
-    """The :class:`~trl_gfn.DiffusionDPOConfig` of ``method`` in this benchmark."""
+    """The :class:`~trl_gfn.DiffusionDPOConfig` (:class:`~trl_gfn.InversionDPOConfig` for Inversion-DPO) of ``method`` in this benchmark."""
     from ..configs.dpo import DiffusionDPOConfig
+    from ..configs.inversion_dpo import InversionDPOConfig
 
     loss_type, method_overrides, _ = METHODS[method]
     kwargs = dict(loss_type=loss_type, num_epochs=settings.epochs, train_batch_size=settings.train_batch_size,
@@ -166,7 +176,7 @@ def method_config(method: str, seed: int, settings: PreferenceBenchmarkSettings,
                   logdir=logdir or tempfile.mkdtemp(prefix="preference_bench_"), run_name=f"{method}_seed{seed}", eval_freq=1)
     kwargs.update(method_overrides)
     kwargs.update(overrides)
-    return DiffusionDPOConfig(**kwargs)
+    return (InversionDPOConfig if method in INVERSION_METHODS else DiffusionDPOConfig)(**kwargs)
 
 
 def training_data(settings: PreferenceBenchmarkSettings, minority_fraction: float):
@@ -185,12 +195,13 @@ def run_method(method: str, seed: int, minority_fraction: float, settings: Prefe
     from ..data.digits_preferences import load_classifier, load_pipeline
     from ..testing import reset_accelerate_state
     from ..trainers.diffusion_dpo import DiffusionDPOTrainer
+    from ..trainers.inversion_dpo import InversionDPOTrainer
 
     classifier = classifier if classifier is not None else load_classifier()
     reset_accelerate_state()
     train, validation = training_data(settings, minority_fraction)
     config = method_config(method, seed, settings)
-    trainer = DiffusionDPOTrainer(config, load_pipeline(), train, validation)
+    trainer = (InversionDPOTrainer if method in INVERSION_METHODS else DiffusionDPOTrainer)(config, load_pipeline(), train, validation)
     generic, classes = eval_prompts(settings)
     records = [base_record(reference, settings.tie_threshold)]
     global_step, wall = 0, 0.0
