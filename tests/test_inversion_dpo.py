@@ -13,7 +13,7 @@ from trl_gfn import DiffusionPipelineForRL, InversionDPOConfig, InversionDPOTrai
 from trl_gfn.configs.inversion_dpo import INVERSION_DEFAULT_BETA
 from trl_gfn.evaluation.unet_calls import UNetCallCounter
 from trl_gfn.diffusion import ddim_generate, ddim_invert, ddim_schedule, trajectory_weights
-from trl_gfn.testing import brightness_preferences, tiny_stable_diffusion
+from trl_gfn.testing import brightness_preferences, randomise_parameters, tiny_stable_diffusion
 from trl_gfn.trainers.inversion_dpo import stratified_steps
 
 CAPTION = ("a handwritten digit",)
@@ -24,14 +24,6 @@ def config(tmp_path, **overrides):
                   train_learning_rate=1e-3, inversion_num_steps=6, beta=50.0)
     kwargs.update(overrides)
     return InversionDPOConfig(**kwargs)
-
-
-def randomise_lora(pipeline, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pipeline.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 # ------------------------------------------------------------------------------------------------ inversion maths
@@ -148,7 +140,7 @@ def independent_loss(trainer, batch, beta, n, w):
 def test_loss_and_gradient_equal_an_independent_computation(tmp_path, sign):
     pipe = DiffusionPipelineForRL(tiny_stable_diffusion())
     trainer = InversionDPOTrainer(config(tmp_path, inversion_sign=sign), pipe, brightness_preferences(8))
-    randomise_lora(pipe)
+    randomise_parameters([p for n, p in pipe.unet.named_parameters() if "lora_B" in n])
     idx = [0, 3, 5, 6]
     batch = trainer.train_pairs.load(idx)
     loss, terms = trainer.compute_loss(batch, trainer.pair_generators([trainer.train_pairs.rows[i] for i in idx], epoch=0))

@@ -5,7 +5,7 @@ Nabla-GFlowNet (residual ∇-DB) and the methods it is compared with, on one TRL
 
 __version__ = "0.1.0.dev0"
 
-from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, InversionDPOConfig, NablaGFlowNetConfig, ReFLConfig
+from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, InversionDPOConfig, NablaGFlowNetConfig, PPDConfig, ReFLConfig, SPINDiffusionConfig
 from .models import FlowHead
 from .pipelines import DefaultDDPOStableDiffusionPipeline, DiffusionPipelineForRL, Trajectories, TransitionBatch
 from .trainers import (
@@ -17,7 +17,9 @@ from .trainers import (
     DRaFTTrainer,
     InversionDPOTrainer,
     NablaGFlowNetTrainer,
+    PPDTrainer,
     ReFLTrainer,
+    SPINDiffusionTrainer,
     TransitionTrainer,
 )
 
@@ -35,6 +37,8 @@ __all__ = [
     "DRaFTTrainer",
     "ReFLConfig",
     "ReFLTrainer",
+    "SPINDiffusionConfig",
+    "SPINDiffusionTrainer",
     "DiffusionPipelineForRL",
     "DiffusionRLConfig",
     "DiffusionRLTrainer",
@@ -43,6 +47,8 @@ __all__ = [
     "InversionDPOTrainer",
     "NablaGFlowNetConfig",
     "NablaGFlowNetTrainer",
+    "PPDConfig",
+    "PPDTrainer",
     "Trajectories",
     "TransitionBatch",
     "TransitionTrainer",

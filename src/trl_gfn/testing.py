@@ -60,6 +60,14 @@ def tiny_stable_diffusion(seed: int = 0, prediction_type: str = "epsilon", laten
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def randomise_parameters(params, seed: int = 0, scale: float = 0.05) -> None:
+    """Overwrite ``params`` (e.g. a LoRA's, so that policy != reference in a test) with N(0, scale²) draws from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 class BrightnessReward(RewardModel):
     """log-reward = mean pixel value (differentiable, prompt-free)."""
 

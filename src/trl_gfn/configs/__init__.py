@@ -6,6 +6,8 @@ from .ddpo import DDPOConfig
 from .draft import AlignPropConfig, DRaFTConfig
 from .dpo import DiffusionDPOConfig
 from .inversion_dpo import InversionDPOConfig
+from .spin import SPINDiffusionConfig
+from .ppd import PPDConfig
 from .refl import ReFLConfig
 
-__all__ = ["AlignPropConfig", "BaseDiffusionConfig", "DDPOConfig", "DRaFTConfig", "DiffusionDPOConfig", "DiffusionRLConfig", "InversionDPOConfig", "NablaGFlowNetConfig", "ReFLConfig"]
+__all__ = ["AlignPropConfig", "BaseDiffusionConfig", "DDPOConfig", "DRaFTConfig", "DiffusionDPOConfig", "DiffusionRLConfig", "InversionDPOConfig", "NablaGFlowNetConfig", "PPDConfig", "ReFLConfig", "SPINDiffusionConfig"]
