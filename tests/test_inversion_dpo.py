@@ -13,7 +13,7 @@ from trl_gfn import DiffusionPipelineForRL, InversionDPOConfig, InversionDPOTrai
 from trl_gfn.configs.inversion_dpo import INVERSION_DEFAULT_BETA
 from trl_gfn.evaluation.unet_calls import UNetCallCounter
 from trl_gfn.diffusion import ddim_generate, ddim_invert, ddim_schedule, trajectory_weights
-from trl_gfn.testing import brightness_preferences, randomise_parameters, tiny_stable_diffusion
+from trl_gfn.testing import brightness_preferences, full_and_resumed, randomise_parameters, tiny_stable_diffusion
 from trl_gfn.trainers.inversion_dpo import stratified_steps
 
 CAPTION = ("a handwritten digit",)
@@ -221,13 +221,7 @@ def test_resume_is_exact_and_card_names_the_method(tmp_path):
         c = config(tmp_path, num_epochs=2, save_freq=1, run_name=run, inversion_train_steps=3, **kw)
         return InversionDPOTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
 
-    full = trainer("full")
-    full.train()
-    cut = trainer("cut")
-    cut.train(epochs=1)
-    resumed = trainer("cut", resume_from=os.path.join(str(tmp_path), "cut", "checkpoints", "checkpoint_1"))
-    assert resumed.first_epoch == 1
-    resumed.train()
+    full, resumed = full_and_resumed(trainer, tmp_path, 1)
     for a, b in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters()):
         assert torch.equal(a, b)
     card = open(os.path.join(str(tmp_path), "full", "final", "README.md"), encoding="utf-8").read()

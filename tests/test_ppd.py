@@ -10,7 +10,7 @@ import torch
 from trl_gfn import DiffusionDPOConfig, DiffusionDPOTrainer, DiffusionPipelineForRL, PPDConfig, PPDTrainer
 from trl_gfn.assets import BUNDLED_USER_ENCODER
 from trl_gfn.models import UserCrossAttention, load_user_embedding_provider
-from trl_gfn.testing import brightness_preferences, randomise_parameters, tiny_stable_diffusion
+from trl_gfn.testing import brightness_preferences, full_and_resumed, randomise_parameters, tiny_stable_diffusion
 
 COMMON = dict(num_epochs=1, train_batch_size=4, save_freq=0, lora_rank=4, lr_warmup_steps=0, train_learning_rate=1e-3, beta=3000.0)
 
@@ -155,12 +155,7 @@ def test_final_folder_resume_and_interpolated_sampling(tmp_path):
         c = PPDConfig(logdir=str(tmp_path), run_name=run, **dict(COMMON, num_epochs=2, save_freq=1, **kw))
         return PPDTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
 
-    full = trainer("full")
-    full.train()
-    cut = trainer("cut")
-    cut.train(epochs=1)
-    resumed = trainer("cut", resume_from=os.path.join(str(tmp_path), "cut", "checkpoints", "checkpoint_1"))
-    resumed.train()
+    full, resumed = full_and_resumed(trainer, tmp_path, 1)
     for a, b in zip(list(full.pipeline.lora_parameters()) + list(full.user_layers.parameters()),
                     list(resumed.pipeline.lora_parameters()) + list(resumed.user_layers.parameters())):
         assert torch.equal(a, b)

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 
 from trl_gfn import DiffusionDPOConfig, DiffusionDPOTrainer, DiffusionPipelineForRL, SPINDiffusionConfig, SPINDiffusionTrainer
 from trl_gfn.data.self_play import SelfPlayBatch
-from trl_gfn.testing import brightness_preferences, encode_png, randomise_parameters, tiny_stable_diffusion
+from trl_gfn.testing import brightness_preferences, encode_png, full_and_resumed, randomise_parameters, tiny_stable_diffusion
 from trl_gfn.trainers.base import sample_seed
 from trl_gfn.trainers.spin import REFERENCE_ADAPTER
 
@@ -123,14 +123,8 @@ def test_resume_across_an_iteration_is_exact(tmp_path):
         c = config(tmp_path, num_epochs=3, spin_num_iterations=3, save_freq=1, run_name=run, **kw)
         return SPINDiffusionTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
 
-    full = trainer("full")
-    full.train()
-    cut = trainer("cut")
-    cut.train(epochs=2)
-    resumed = trainer("cut", resume_from=os.path.join(str(tmp_path), "cut", "checkpoints", "checkpoint_2"))
-    assert resumed.first_epoch == 2
+    full, resumed = full_and_resumed(trainer, tmp_path, 2)
     assert os.path.isfile(os.path.join(str(tmp_path), "cut", "checkpoints", "checkpoint_2", "spin_reference_lora.safetensors"))
-    resumed.train()
     for a, b in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters()):
         assert torch.equal(a, b)
     for a, b in zip(adapter(full.pipeline, REFERENCE_ADAPTER), adapter(resumed.pipeline, REFERENCE_ADAPTER)):
@@ -146,12 +140,7 @@ def test_resume_inside_an_iteration_restores_the_reference_and_the_fakes(tmp_pat
         c = config(tmp_path, num_epochs=2, spin_num_iterations=1, spin_epochs_per_iteration=2, save_freq=1, run_name=run, **kw)
         return SPINDiffusionTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
 
-    full = trainer("full")
-    full.train()
-    cut = trainer("cut")
-    cut.train(epochs=1)
-    resumed = trainer("cut", resume_from=os.path.join(str(tmp_path), "cut", "checkpoints", "checkpoint_1"))
-    resumed.train()
+    full, resumed = full_and_resumed(trainer, tmp_path, 1)
     assert torch.equal(full.train_pairs.fakes, resumed.train_pairs.fakes)
     for a, b in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters()):
         assert torch.equal(a, b)
