@@ -1,4 +1,4 @@
-"""Personalised preferences on the bundled digits model: PPD against a single-reward Diffusion-DPO, per user (docs/preference.md).
+"""Personalised preferences on the bundled digits model: PPD against a single-reward Diffusion-DPO, per user (docs/ppd.md).
 
 Simulated users (trl_gfn.data.personalized): user u prefers the digits of a set S_u; users 0-3 are seen in training (the bundled
 training pairs, relabelled per user), users 4-5 are unseen (only 4 of their validation pairs, for their embedding). Methods,

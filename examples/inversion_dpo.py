@@ -8,7 +8,7 @@
         --train_gradient_accumulation_steps 64 --num_epochs 1 --mixed_precision bf16 --gradient_checkpointing True
 
 Every `InversionDPOConfig` field is a flag (`--help` lists them) and can come from a YAML file given with `--config`; the data
-arguments are those of examples/diffusion_dpo.py. See docs/preference.md (Inversion-DPO) for the sign and the cost per pair.
+arguments are those of examples/diffusion_dpo.py. See docs/inversion_dpo.md for the sign and the cost per pair.
 """
 
 from trl_gfn import InversionDPOConfig, InversionDPOTrainer

@@ -7,7 +7,7 @@
 
 Every `PPDConfig` field is a flag (`--help` lists them) and can come from a YAML file given with `--config`. The dataset needs a
 `user_id` (or `annotator_id`) column; without `--dataset` the bundled pairs are relabelled for the simulated users 0-3 of
-trl_gfn.data.personalized (users 4-5 are kept for evaluation as unseen users). See docs/preference.md (PPD).
+trl_gfn.data.personalized (users 4-5 are kept for evaluation as unseen users). See docs/ppd.md.
 """
 
 from trl_gfn import PPDConfig, PPDTrainer

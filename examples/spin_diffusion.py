@@ -8,7 +8,7 @@
         --spin_num_iterations 2 --spin_epochs_per_iteration 1 --num_epochs 2 --mixed_precision bf16 --gradient_checkpointing True
 
 Every `SPINDiffusionConfig` field is a flag (`--help` lists them) and can come from a YAML file given with `--config`; the data
-arguments are those of examples/diffusion_dpo.py (only the preferred image of each pair is used). See docs/preference.md.
+arguments are those of examples/diffusion_dpo.py (only the preferred image of each pair is used). See docs/spin_diffusion.md.
 """
 
 from trl_gfn import SPINDiffusionConfig, SPINDiffusionTrainer

@@ -184,3 +184,24 @@ def test_final_folder_resume_and_interpolated_sampling(tmp_path):
     assert not torch.allclose(a, b) and not torch.allclose(mid, a)
     with pytest.raises(ValueError, match="extra_tokens: expected shape"):
         pipe.sample(["a cat"], schedule, guidance_scale=2.0, extra_tokens=torch.zeros(1, 2, 5))
+
+
+def test_push_to_hub_uploads_lora_user_layers_provider_and_embeddings(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
+
+    def fake_commit(self, repo_id, operations, commit_message, **kw):
+        calls["files"] = sorted(op.path_in_repo for op in operations)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_commit)
+    trainer = PPDTrainer(PPDConfig(logdir=str(tmp_path), run_name="hub", **COMMON), DiffusionPipelineForRL(tiny_stable_diffusion()),
+                         with_users(brightness_preferences(8), [0] * 4 + [1] * 4))
+    trainer.train()
+    trainer.push_to_hub("me/tiny-ppd")
+    assert calls["repo"] == "me/tiny-ppd"
+    assert calls["files"] == sorted(["pytorch_lora_weights.safetensors", "README.md", "training_config.json", "user_attention/config.json",
+                                     "user_attention/diffusion_pytorch_model.safetensors", "user_embeddings.safetensors",
+                                     "user_embedding_provider/provider.json", "user_embedding_provider/model.safetensors",
+                                     "user_embedding_provider/config.json"])

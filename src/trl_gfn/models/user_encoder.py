@@ -9,7 +9,7 @@ Hub repo by the class name stored in its config.
 The paper's provider is a VLM (LLaVA-OneVision) prompted with the user's pairs and asked to describe the user's taste; its
 hidden states are the embedding. :class:`DigitsUserEncoder` is the small one shipped here for the bundled digits model: a
 network over the bundled classifier's class probabilities of the pairs, trained (:func:`train_digits_user_encoder`) to predict
-held-out choices of simulated users. docs/preference.md shows how a VLM provider plugs in.
+held-out choices of simulated users. docs/ppd.md shows how a VLM provider plugs in.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ inverted state under the DDIM sampler. Per image, the trajectory error of a mode
     E = (1/N) Σ_i w_i · mean‖ε*_i − ε̂(x_i, τ_i)‖²,        w_i = 1 / (2 ᾱ_{τ_i}),
 
 (estimated on ``inversion_train_steps`` stratified steps when set) and the logit is Diffusion-DPO's on these errors,
-u = −(β/2)·[(E_θ,w − E_ref,w) − (E_θ,l − E_ref,l)]; docs/preference.md derives the sign from the trajectory likelihood
+u = −(β/2)·[(E_θ,w − E_ref,w) − (E_θ,l − E_ref,l)]; docs/inversion_dpo.md derives the sign from the trajectory likelihood
 ratio. The reference (adapter off) is frozen and the images are encoded with the VAE posterior mean, so each image's
 trajectory and the reference's predictions on it are computed once and cached (``inversion_cache``).
 
