@@ -8,7 +8,7 @@ from typing import Literal
 from .base import _check
 from .dpo import DiffusionDPOConfig
 
-#: default β of Inversion-DPO per loss type (its error is a trajectory mean weighted by 1/(2ᾱ), larger than Diffusion-DPO's)
+#: default β of Inversion-DPO (its error is a trajectory mean weighted by 1/(2ᾱ), larger than Diffusion-DPO's; not tuned)
 INVERSION_DEFAULT_BETA = 50.0
 
 
@@ -24,7 +24,7 @@ class InversionDPOConfig(DiffusionDPOConfig):
     images are encoded with the VAE posterior mean, so that a pair's inversion is fixed for the run and cached.
     """
 
-    beta: float | None = field(default=None, metadata={"help": f"KL weight beta of the implicit reward (see DiffusionDPOConfig). None: {INVERSION_DEFAULT_BETA:g}, chosen on the bundled model: the trajectory error is weighted by 1/(2 alpha_bar), which is up to ~100x larger than Diffusion-DPO's per-timestep error at the noisiest steps."})
+    beta: float | None = field(default=None, metadata={"help": f"KL weight beta of the implicit reward (see DiffusionDPOConfig). None: {INVERSION_DEFAULT_BETA:g}, 10x below Diffusion-DPO's default because the trajectory error is weighted by 1/(2 alpha_bar) (up to ~100 at the noisiest steps); a starting point, not tuned (docs/inversion_dpo.md)."})
     inversion_num_steps: int = field(default=40, metadata={"help": "N: deterministic DDIM steps of the inversion of each winner and loser through the reference (the paper's SD 1.5 default is 40, its SDXL script 80). Costs N guided reference forwards per image, once per run (cached)."})
     inversion_guidance_scale: float = field(default=2.0, metadata={"help": "Classifier-free guidance scale of the inversion and of the noise predictions on the trajectory (policy and reference), as in the paper (2). 1 disables guidance (one UNet call instead of two)."})
     inversion_train_steps: int | None = field(default=None, metadata={"help": "Trajectory steps per pair trained with gradient in each update, drawn stratified over the N steps from the pair's generator (shared by winner and loser): an unbiased estimate of the weighted trajectory mean. None: all N steps (the paper's objective; N policy forwards and backwards per image and update)."})
