@@ -37,7 +37,7 @@ def run(method: str, seed: int, args, classifier, base_utils) -> dict:
 
     from trl_gfn import DiffusionDPOConfig, DiffusionDPOTrainer, PPDConfig, PPDTrainer
     from trl_gfn.data.digits_preferences import CAPTION, load_digits_preferences, load_pipeline
-    from trl_gfn.data.personalized import SEEN_USERS, UNSEEN_USERS, USER_DIGIT_SETS, personalized_preferences, set_utility
+    from trl_gfn.data.personalized import SEEN_USERS, USER_DIGIT_SETS, personalized_preferences, set_utility
     from trl_gfn.data.preference import PreferencePairs
     from trl_gfn.evaluation import win_rate
     from trl_gfn.testing import reset_accelerate_state
