@@ -15,7 +15,6 @@ With ``memory_efficient_order`` (default) the UNet calls of the reward-gradient 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from functools import partial
 from typing import Any
@@ -27,6 +26,7 @@ from ..diffusion import predict_x0, score_residual, step_mean
 from ..models import FlowHead
 from ..pipelines import Trajectories, TransitionBatch
 from .base import sample_seed
+from .flow_critic import MonteCarloFlowCritic, rows_where
 from .online import TransitionTrainer
 
 CITATION = """@inproceedings{liu2025nablagfn,
@@ -41,15 +41,7 @@ LOSS_KEYS = ("loss", "loss_forward", "loss_reverse", "loss_terminal", "loss_reg"
              "norm_reward_guess", "norm_flow", "norm_forward_target")
 
 
-def _rows(items: list, mask: torch.Tensor) -> list:
-    return [item for item, keep in zip(items, mask.tolist()) if keep]
-
-
-def _take(items: list, index: torch.Tensor) -> list:
-    return [items[i] for i in index.tolist()]
-
-
-class NablaGFlowNetTrainer(TransitionTrainer):
+class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
     """Fine-tune a diffusion model's LoRA with Nabla-GFlowNet (residual ∇-DB).
 
     The sampled distribution is driven towards p_ref(x_0)·exp(β·r(x_0)): reward up, diversity and prior
@@ -72,8 +64,6 @@ class NablaGFlowNetTrainer(TransitionTrainer):
 
     def __init__(self, config: NablaGFlowNetConfig, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
         self._previous_samples: Trajectories | None = None
-        self._critic_warmed_up = False
-        self._value_offset: float | None = None  # running maximum of r over the critic's rollouts (flow_estimator="monte_carlo")
         super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
         if config.mixed_precision in ("bf16", "fp16"):
             # measured (docs/memory.md, benchmarks/mixed_precision.py): interior transitions agree with float32 (LoRA-gradient
@@ -193,14 +183,14 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         grad = torch.zeros_like(x)
         final = step_index == K
         if final.any():
-            grad[final], rewards = self.reward_gradient(x[final], _rows(prompts, final), _rows(prompt_metadata, final))
+            grad[final], rewards = self.reward_gradient(x[final], rows_where(prompts, final), rows_where(prompt_metadata, final))
             if final_rewards is not None:
                 final_rewards.append(rewards)
         inner = ~final
         if inner.any():
             xi, ai, ti = x[inner], a[inner], sched.timesteps[step_index[inner].clamp(max=K - 1)]
             emb, neg = prompt_embeds[inner], negative_prompt_embeds[inner]
-            sub_prompts, sub_meta = _rows(prompts, inner), _rows(prompt_metadata, inner)
+            sub_prompts, sub_meta = rows_where(prompts, inner), rows_where(prompt_metadata, inner)
             guided = partial(self.pipeline.guided_epsilon, guidance_scale=c.sample_guidance_scale, alpha_bar=ai,
                              prediction_type=sched.prediction_type)
             if c.jacobian_free_reward_gradient:
@@ -266,146 +256,28 @@ class NablaGFlowNetTrainer(TransitionTrainer):
             eps_ref = guided(self.pipeline.unet, x)
         return score_residual(eps, eps_ref, sched.gather("coef_eps", idx, like=x), sched.gather("std", idx, like=x))
 
-    # ------------------------------------------------------------------ Monte-Carlo log-flow critic (flow_estimator="monte_carlo")
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {"value_offset": self._value_offset} if self.config.flow_estimator == "monte_carlo" else {}
-
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        if "value_offset" in state:
-            self._value_offset = state["value_offset"]
+        super().load_checkpoint_state(state)
         if self.config.train_on_previous_samples:
             warnings.warn("train_on_previous_samples: checkpoints do not hold the previous epoch's samples; the first resumed "
                           "epoch trains on the samples it has just drawn", UserWarning, stacklevel=2)
 
-    def log_flow(self, head, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The critic's learned part β·u_ψ(x, τ) per sample, u_ψ the spatial mean of the flow head's output (in reward
-        units). With ``value_baseline="guess"`` log F̃(x) − β·m is modelled as β·γ_k·r(decode(x̂_0(x))) + β·u_ψ, else as
-        β·u_ψ alone (F̃ = E_ref[exp(β r(x_0)) | x], m the running maximum of r)."""
-        return self.config.reward_scale * head(latents, timesteps, prompt_embeds).flatten(1).mean(1)
-
-    @torch.no_grad()
-    def value_baseline(self, latents: torch.Tensor, position: torch.Tensor, epsilon: torch.Tensor, prompts: list, prompt_metadata: list,
-                       chunk: int = 256) -> torch.Tensor:
-        """β·γ_k·r(decode(x̂_0)) at states ``latents`` of sampling positions ``position`` (< K), x̂_0 from the guided noise
-        prediction ``epsilon`` there (the reference's): the critic's baseline with ``value_baseline="guess"`` (zeros with
-        "none"). No gradient: the critic's fit needs its value, the forward target its gradient (:meth:`reward_guess`)."""
-        c, sched = self.config, self.schedule
-        if c.value_baseline == "none":
-            return torch.zeros(latents.shape[0], device=latents.device)
-        a = sched.gather("alphas_cumprod", position, like=latents)
-        x0 = predict_x0(latents.float(), epsilon.float(), a)
-        rewards = torch.cat([self.score_no_grad(self.pipeline.decode(x0[i:i + chunk]), prompts[i:i + chunk], prompt_metadata[i:i + chunk])[0]
-                             for i in range(0, len(x0), chunk)])
-        return c.reward_scale * self._gamma(a.flatten()) * rewards.float()
-
-    def critic_loss(self, log_flow: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-        """Proper scoring loss of the log-flow critic, mean over states of (e^{y − V} + V)/β with y = β(r(x_0) − m): for
-        every state its minimiser is e^V = E[e^y | x], i.e. V = log F̃ − β m exactly, in log space (a rollout that ends
-        far below the others moves V by its weight e^{y − V}, not by its log-reward). Above y − V = 10 the exponential
-        is continued linearly, which bounds one rollout's weight at e^10 without changing the minimiser elsewhere."""
-        beta = self.config.reward_scale
-        z = beta * (rewards - self._value_offset) - log_flow
-        cap = 10.0
-        weight = torch.where(z <= cap, torch.exp(z.clamp(max=cap)), math.exp(cap) * (1 + z - cap))
-        return (weight + log_flow).mean() / beta
-
-    @torch.no_grad()
-    def reference_rollouts(self, latents: torch.Tensor, position: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
-                           prompts: list, prompt_metadata: list) -> tuple[torch.Tensor, ...]:
-        """Run the reference sampler (adapter off, the sampling CFG) from each state ``latents[i]`` at sampling position
-        ``position[i]`` (< K) to x_0 and score x_0. Returns ``(states, positions, rows, rewards, baselines)``: every state
-        a rollout passed through before x_0 (the start state included), its position, the row it came from, each row's
-        r(x_0), and each state's :meth:`value_baseline`. Given such a state the rest of its rollout is a reference rollout,
-        so each is an unbiased example of F̃."""
-        c, sched = self.config, self.schedule
-        K = sched.num_steps
-        x = latents.detach().float().clone()
-        n = x.shape[0]
-        states, positions, rows, epsilons = [], [], [], []
-        arange = torch.arange(n, device=x.device)
-        with self.pipeline.reference_mode():
-            for i in range(int(position.min()), K):
-                active = position <= i
-                idx = torch.full((int(active.sum()),), i, dtype=torch.long, device=x.device)
-                xa = x[active]
-                a = sched.gather("alphas_cumprod", idx, like=xa)
-                eps = self.pipeline.guided_epsilon(self.pipeline.unet, xa, sched.timesteps[idx], prompt_embeds[active], negative_prompt_embeds[active],
-                                                   c.sample_guidance_scale, a, sched.prediction_type).float()
-                states.append(xa.clone()), positions.append(idx), rows.append(arange[active]), epsilons.append(eps)
-                mean = step_mean(xa, eps, sched.gather("coef_x", idx, like=xa), sched.gather("coef_eps", idx, like=xa))
-                x[active] = mean + sched.gather("std", idx, like=xa) * torch.randn_like(xa)
-            rewards, _ = self.score_no_grad(self.pipeline.decode(x), prompts, prompt_metadata)
-        states, positions, rows, epsilons = (torch.cat(v) for v in (states, positions, rows, epsilons))
-        baselines = self.value_baseline(states, positions, epsilons, _take(prompts, rows), _take(prompt_metadata, rows))
-        return states, positions, rows, rewards.float(), baselines
-
-    def step(self, epoch: int, global_step: int) -> int:
-        if global_step == 0 and self.config.value_warmup_trajectories > 0 and not self._critic_warmed_up:
-            self.warm_up_critic()
-        return super().step(epoch, global_step)
-
-    def warm_up_critic(self) -> dict[str, float]:
-        """Fit the log-flow critic to ``value_warmup_trajectories`` reference trajectories before the policy moves
-        (``flow_estimator="monte_carlo"``): every state x_k of a reference trajectory, labelled with that trajectory's
-        r(x_0), is an unbiased example of F̃(x_k) (the rest of the trajectory is a reference rollout from x_k). Runs once,
-        at the first step of a run that does not resume; returns the critic loss at the first and the last warm-up step."""
-        c, sched = self.config, self.schedule
-        K, device = sched.num_steps, self.accelerator.device
-        states, positions, embeds, rewards, baselines = [], [], [], [], []
-        for start in range(0, c.value_warmup_trajectories, c.sample_batch_size):
-            ids = [start + i + self.accelerator.process_index * c.value_warmup_trajectories
-                   for i in range(min(c.sample_batch_size, c.value_warmup_trajectories - start))]
-            prompts, metadata = self.prompt_source(ids, 0)
-            generators = [torch.Generator(device=device).manual_seed(sample_seed(c.seed, -1, i, 29)) for i in ids]
-            with self.pipeline.reference_mode(), torch.no_grad():
-                traj = self.pipeline.sample(prompts, sched, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
-                                            prompt_metadata=metadata, generators=generators, decode=True)
-            r, _ = self.score_no_grad(traj.images, prompts, metadata)
-            n = len(ids)
-            states.append(traj.latents[:, :K].reshape(n * K, *traj.latents.shape[2:]).float())
-            positions.append(torch.arange(K, device=device).repeat(n))
-            with self.pipeline.reference_mode():
-                baselines.append(self.value_baseline(states[-1], positions[-1], traj.epsilons.reshape(n * K, *traj.epsilons.shape[2:]),
-                                                     [p for p in prompts for _ in range(K)], [m for m in metadata for _ in range(K)]))
-            embeds.append(traj.prompt_embeds.repeat_interleave(K, 0))
-            rewards.append(r.float().repeat_interleave(K, 0))
-        states, positions, embeds, rewards, baselines = (torch.cat(v) for v in (states, positions, embeds, rewards, baselines))
-        best = float(self.accelerator.gather(rewards).max())
-        self._value_offset = best if self._value_offset is None else max(self._value_offset, best)
-        head = self.wrapped("flow_head")
-        params = [p for p in self.flow_head.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=c.flow_learning_rate, weight_decay=c.flow_weight_decay)
-        gen = torch.Generator().manual_seed(sample_seed(c.seed, -1, 31))
-        losses = []
-        for _ in range(c.value_warmup_steps):
-            pick = torch.randint(len(states), (c.value_warmup_batch_size,), generator=gen).to(device)
-            loss = self.critic_loss(baselines[pick] + self.log_flow(head, states[pick], sched.timesteps[positions[pick]], embeds[pick]),
-                                    rewards[pick])
-            optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        for p in params:
-            p.grad = None
-        self._critic_warmed_up = True
-        result = {"critic_warmup_loss_first": losses[0], "critic_warmup_loss_last": float(sum(losses[-10:]) / len(losses[-10:]))}
-        self.log(result, step=0)
-        return result
+    def _transition(self, batch: TransitionBatch) -> tuple[torch.Tensor, ...]:
+        """``(x_k, x_{k-1}, step index, last-transition mask, interior mask, τ_k, ᾱ_k, coef_x, coef_eps, std)`` of a batch,
+        float32, the per-step coefficients broadcast like x_k."""
+        sched = self.schedule
+        x, x_next, idx = batch.latents.float(), batch.next_latents.float(), batch.step_index
+        last = idx == sched.num_steps - 1
+        coefs = (sched.gather(name, idx, like=x) for name in ("alphas_cumprod", "coef_x", "coef_eps", "std"))
+        return (x, x_next, idx, last, ~last, sched.timesteps[idx], *coefs)
 
     def _compute_loss_monte_carlo(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward ∇-DB with the flow gradient of a Monte-Carlo log-flow critic (``flow_estimator="monte_carlo"``,
         docs/nabla_gfn.md): s_θ − s·s_ref = ∇_x V_ψ(x_{k-1}) on interior transitions, β∇r(x_0) on the last; the critic is
         fitted in the same step (:meth:`critic_loss`) to reference rollouts from the interior next states."""
         c, sched = self.config, self.schedule
-        x, x_next = batch.latents.float(), batch.next_latents.float()
-        idx = batch.step_index
-        K = sched.num_steps
-        last = idx == K - 1
-        inter = ~last
+        x, x_next, idx, last, inter, t, a, cx, ce, std = self._transition(batch)
         strength = c.pretrained_strength
-        t = sched.timesteps[idx]
-        a = sched.gather("alphas_cumprod", idx, like=x)
-        cx, ce, std = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
         emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
         zero = x.new_zeros(())
         # the exact β∇r(x_0) on last transitions; on interior ones the guess (value_baseline="guess") or 0, plus ∇_x β·u_ψ below
@@ -416,8 +288,8 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         else:
             target = torch.zeros_like(x)
             if bool(last.any()):
-                target[last] = self.reward_guess(x_next[last], idx[last] + 1, emb[last], neg[last], _rows(batch.prompts, last),
-                                                 _rows(batch.prompt_metadata, last), final_rewards=final_rewards)
+                target[last] = self.reward_guess(x_next[last], idx[last] + 1, emb[last], neg[last], rows_where(batch.prompts, last),
+                                                 rows_where(batch.prompt_metadata, last), final_rewards=final_rewards)
         for rewards in final_rewards:
             self.record_training_rewards(rewards)
         guess_norm = target.detach().flatten(1).norm(dim=1).mean()
@@ -429,15 +301,8 @@ class NablaGFlowNetTrainer(TransitionTrainer):
             with torch.enable_grad():
                 v = self.log_flow(self.flow_head, xi, sched.next_timesteps[idx[inter]], emb[inter])
                 (learned[inter],) = torch.autograd.grad(v.sum(), xi)
-            # the critic's own fit to the rollouts' rewards, over every state a rollout passed through
-            reps = c.value_rollouts
-            sel = inter.nonzero().flatten().repeat(reps)
-            states, pos, rows, rewards, baselines = self.reference_rollouts(x_next[sel], idx[sel] + 1, emb[sel], neg[sel],
-                                                                            _rows(batch.prompts, inter) * reps, _rows(batch.prompt_metadata, inter) * reps)
-            batch_max = float(rewards.max())
-            self._value_offset = batch_max if self._value_offset is None else max(self._value_offset, batch_max)
-            head = self.wrapped("flow_head", checkpoint=True if c.memory_efficient_order else None)
-            loss_value = self.critic_loss(baselines + self.log_flow(head, states, sched.timesteps[pos], emb[sel][rows]), rewards[rows])
+            loss_value = self.fit_critic(x_next[inter], idx[inter] + 1, emb[inter], neg[inter], rows_where(batch.prompts, inter),
+                                         rows_where(batch.prompt_metadata, inter))
         target = target + learned
         with self.pipeline.reference_mode(), torch.no_grad():
             eps_ref = self._guided(self.local("unet"), x, t, batch, None, a)
@@ -466,16 +331,10 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         if self.config.flow_estimator == "monte_carlo":
             return self._compute_loss_monte_carlo(batch)
         c, sched = self.config, self.schedule
-        x, x_next = batch.latents.float(), batch.next_latents.float()
-        idx = batch.step_index
-        K = sched.num_steps
-        last = idx == K - 1
-        inter = ~last
+        x, x_next, idx, last, inter, t, a, cx, ce, std = self._transition(batch)
         inter_f = inter.view(-1, 1, 1, 1).to(x.dtype)
         strength = c.pretrained_strength
-        t, t_next = sched.timesteps[idx], sched.next_timesteps[idx]
-        a = sched.gather("alphas_cumprod", idx, like=x)
-        cx, ce, std = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
+        t_next = sched.next_timesteps[idx]
         use_flow = c.use_flow_head
         pathwise = c.reverse_loss_type == "pathwise"
         rev = torch.ones_like(inter) if pathwise else inter  # states x_k whose flow the reverse term trains
@@ -579,7 +438,7 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         the VJP that turns it into the guess at x_k."""
         vec = torch.zeros_like(x0)
         a = self.schedule.gather("alphas_cumprod", batch.step_index, like=x0)
-        g0, rewards = self.guess_reward_gradient(x0[rows].detach(), a[rows], _rows(batch.prompts, rows), _rows(batch.prompt_metadata, rows),
+        g0, rewards = self.guess_reward_gradient(x0[rows].detach(), a[rows], rows_where(batch.prompts, rows), rows_where(batch.prompt_metadata, rows),
                                                  return_rewards=True)
         vec[rows] = self.config.reward_scale * self._gamma(a[rows]) * g0
         return vec, rewards
