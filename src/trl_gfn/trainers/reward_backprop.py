@@ -53,7 +53,7 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
     # ------------------------------------------------------------------ sampling with gradient
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.pipeline.encode_prompts(prompts)
-        negative = self.pipeline.encode_prompts([self.config.negative_prompts or ""]).expand(len(prompts), -1, -1)
+        negative = self.pipeline.encode_negative_prompt(self.config.negative_prompts, len(prompts))
         return embeds, negative
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
