@@ -86,8 +86,11 @@ def tiny_stable_diffusion_xl(seed: int = 0, latent_size: int = 8, width: int = 1
     )
     text_encoder = CLIPTextModel(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    # the scheduler config of stabilityai/stable-diffusion-xl-base-1.0 (keys of SD's DDIM config included, as there)
+    scheduler = EulerDiscreteScheduler.from_config(dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, clip_sample=False, sample_max_value=1.0,
+        set_alpha_to_one=False, skip_prk_steps=True))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                                      tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)

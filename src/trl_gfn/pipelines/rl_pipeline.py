@@ -446,7 +446,7 @@ class DiffusionPipelineForRL:
         device = self.device
         prompt_embeds = self.encode_prompts(list(prompts))
         negative = self.encode_negative_prompt(negative_prompt, batch)
-        latents = self._randn((batch, *self.latent_shape), generators, device) * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+        latents = self.initial_latents(batch, generators, device)
         states = [latents]
         epsilons = []
         for i in tqdm(range(schedule.num_steps), disable=not progress, desc="sampling", leave=False):
@@ -469,6 +469,14 @@ class DiffusionPipelineForRL:
         if decode:
             traj.images = self.decode(latents)
         return traj
+
+    def initial_latents(self, batch: int, generators: Sequence[torch.Generator] | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """x_K ~ N(0, I), shape (batch, *latent_shape), one generator per sample when given.
+
+        The samplers (:func:`trl_gfn.diffusion.make_scheduler`: DDIM/DDPM, SDE-DPM-Solver++) are variance-preserving, so
+        x_K has unit variance whatever the pipeline's own scheduler is: an ``EulerDiscreteScheduler`` (SDXL's default)
+        reports ``init_noise_sigma`` = sigma_max for its own parameterisation, which does not apply here."""
+        return self._randn((batch, *self.latent_shape), generators, device if device is not None else self.device)
 
     @staticmethod
     def _randn(shape, generators, device) -> torch.Tensor:

@@ -58,9 +58,7 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """x_K, drawn exactly as :meth:`DiffusionPipelineForRL.sample` draws it (same generators, same sample)."""
-        shape = (len(generators), *self.pipeline.latent_shape)
-        sigma = float(getattr(self.pipeline.scheduler, "init_noise_sigma", 1.0))
-        return self.pipeline._randn(shape, generators, self.accelerator.device) * sigma
+        return self.pipeline.initial_latents(len(generators), generators, self.accelerator.device)
 
     def denoise(self, latents: torch.Tensor, start: int, stop: int, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                 generators: list[torch.Generator], *, grad_from: int) -> torch.Tensor:
