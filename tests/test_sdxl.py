@@ -245,3 +245,34 @@ def test_sdxl_and_sd_families_resolve_from_a_saved_model_index(tmp_path):
     tiny_stable_diffusion_xl().save_pretrained(tmp_path / "xl")
     wrapper = DiffusionPipelineForRL.from_pretrained(str(tmp_path / "xl"), lora_rank=4, height=H, width=W)
     assert isinstance(wrapper.pipeline, StableDiffusionXLPipeline) and wrapper.has_lora and wrapper.image_size == (H, W)
+
+
+def test_the_sdxl_example_config_and_the_cli_load_an_sdxl_model_with_its_vae_and_size(tmp_path):
+    """examples/configs/nabla_gfn_sdxl_aesthetic.yaml parses; the CLI's pretrained_vae / height / width reach the pipeline
+    (here on a local tiny SDXL and a VAE saved apart from it, whose weights differ from the model's own VAE)."""
+    import yaml
+
+    from trl_gfn.cli import load_pipeline, parse
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs", "nabla_gfn_sdxl_aesthetic.yaml")
+    args, config, _ = parse(NablaGFlowNetConfig, ["--config", path])
+    with open(path, encoding="utf-8") as f:
+        expected = yaml.safe_load(f)
+    assert args.pretrained_model == expected["pretrained_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert args.pretrained_vae == "madebyollin/sdxl-vae-fp16-fix" and (args.height, args.width) == (1024, 1024)
+    assert config.reward_scale == float(expected["reward_scale"]) == 1e4 and config.mixed_precision == "bf16"
+
+    tiny_stable_diffusion_xl().save_pretrained(tmp_path / "xl")
+    tiny_stable_diffusion_xl(seed=5).vae.save_pretrained(tmp_path / "vae")
+    args, config, _ = parse(NablaGFlowNetConfig, ["--pretrained_model", str(tmp_path / "xl"), "--pretrained_vae", str(tmp_path / "vae"),
+                                                  "--height", "16", "--width", "32", "--lora_rank", "4"])
+    pipeline = load_pipeline(args, config)
+    assert isinstance(pipeline.pipeline, StableDiffusionXLPipeline) and pipeline.image_size == (16, 32) and pipeline.has_lora
+    other = tiny_stable_diffusion_xl(seed=5).vae
+    assert all(torch.equal(a, b) for a, b in zip(pipeline.vae.state_dict().values(), other.state_dict().values()))
+
+
+def test_the_model_card_loads_the_lora_with_the_sdxl_pipeline_class(tmp_path):
+    trainer = make(tmp_path, "refl", save_freq=0)
+    card = trainer.create_model_card(repo_id="me/xl-lora")
+    assert "StableDiffusionXLPipeline.from_pretrained(" in card and "StableDiffusionPipeline.from_pretrained(" not in card

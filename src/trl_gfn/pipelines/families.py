@@ -92,6 +92,13 @@ class ModelFamily:
         """Keyword arguments of the denoiser call for ``conditioning``, cast to ``dtype``."""
         raise NotImplementedError
 
+    def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor | Conditioning,
+                dtype: torch.dtype) -> torch.Tensor:
+        """The denoiser's raw output (its own parameterisation) as float32; inputs cast to ``dtype``. ``denoiser`` may be the
+        accelerate-prepared module. UNet families call ``unet(latents, t, **denoiser_inputs).sample``; a transformer family
+        overrides this."""
+        return denoiser(latents.to(dtype), timesteps, **self.denoiser_inputs(conditioning, dtype)).sample.float()
+
 
 class StableDiffusionFamily(ModelFamily):
     """Stable Diffusion 1.x/2.x: one CLIP text encoder; conditioning is its (B, L, D) last hidden states, a plain tensor."""

@@ -375,19 +375,16 @@ class DiffusionPipelineForRL:
 
         ``unet`` is passed in so that trainers can use the accelerate-prepared (wrapped) module where
         parameter gradients must be synchronised. ``guidance_scale == 1`` skips the unconditional branch. The
-        conditioning reaches the denoiser through the family (:meth:`ModelFamily.denoiser_inputs`).
+        denoiser call itself is the family's (:meth:`ModelFamily.predict`).
         """
         dtype = self.weight_dtype
         device_type = latents.device.type
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
             if guidance_scale == 1.0:
-                out = unet(latents.to(dtype), timesteps, **self.family.denoiser_inputs(prompt_embeds, dtype)).sample.float()
+                out = self.family.predict(unet, latents, timesteps, prompt_embeds, dtype)
             else:
-                both = unet(
-                    torch.cat([latents, latents]).to(dtype),
-                    torch.cat([timesteps, timesteps]),
-                    **self.family.denoiser_inputs(torch.cat([negative_prompt_embeds, prompt_embeds]), dtype),
-                ).sample.float()
+                both = self.family.predict(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                                           torch.cat([negative_prompt_embeds, prompt_embeds]), dtype)
                 uncond, cond = both.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
         return model_output_to_epsilon(out, latents.float(), alpha_bar, prediction_type)
@@ -398,7 +395,7 @@ class DiffusionPipelineForRL:
         when the frozen weights are in half precision. ``unet`` may be the accelerate-prepared module."""
         dtype = self.weight_dtype
         with torch.autocast(device_type=latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return unet(latents.to(dtype), timesteps, **self.family.denoiser_inputs(prompt_embeds, dtype)).sample.float()
+            return self.family.predict(unet, latents, timesteps, prompt_embeds, dtype)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
