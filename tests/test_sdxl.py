@@ -276,3 +276,32 @@ def test_the_model_card_loads_the_lora_with_the_sdxl_pipeline_class(tmp_path):
     trainer = make(tmp_path, "refl", save_freq=0)
     card = trainer.create_model_card(repo_id="me/xl-lora")
     assert "StableDiffusionXLPipeline.from_pretrained(" in card and "StableDiffusionPipeline.from_pretrained(" not in card
+
+
+def test_a_video_pipeline_is_refused_naming_the_supported_families():
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    from trl_gfn.testing import tiny_stable_diffusion
+
+    sd = tiny_stable_diffusion()
+    unet = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    video = TextToVideoSDPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet, scheduler=sd.scheduler)
+    with pytest.raises(ValueError, match=r"UNet3DConditionModel.*Supported families: Stable Diffusion XL \(StableDiffusionXLPipeline\); "
+                                         r"Stable Diffusion 1.x/2.x \(StableDiffusionPipeline\)"):
+        DiffusionPipelineForRL(video)
+    with pytest.raises(TypeError, match="supported family .*StableDiffusionXLPipeline"):
+        NablaGFlowNetTrainer(NablaGFlowNetConfig(), BrightnessReward(), object())
+
+
+def test_sdxl_trains_under_bf16_with_gradient_checkpointing(tmp_path):
+    """The memory options on SDXL: frozen weights in bfloat16 (time ids and pooled embeddings cast with them), LoRA and flow
+    head in float32, one finite update."""
+    trainer = make(tmp_path, "nabla_gfn", save_freq=0, mixed_precision="bf16", gradient_checkpointing=True, sample_batch_size=4)
+    assert trainer.pipeline.unet.dtype == torch.bfloat16 and trainer.pipeline.pipeline.text_encoder_2.dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainer.pipeline.lora_parameters()]
+    trainer.train(epochs=1)
+    assert all(p.dtype == torch.float32 for p in trainer.pipeline.lora_parameters())
+    assert any((p - q).abs().max() > 0 for p, q in zip(trainer.pipeline.lora_parameters(), before))
+    assert all(torch.isfinite(p).all() for p in trainer.pipeline.lora_parameters())
