@@ -195,11 +195,15 @@ def test_diffusion_dpo_runs_on_sdxl_and_resumes_exactly(tmp_path):
     def trainer(run, **kw):
         c = DiffusionDPOConfig(num_epochs=2, train_batch_size=4, logdir=str(tmp_path), run_name=run, save_freq=1, lora_rank=4,
                                lr_warmup_steps=0, train_learning_rate=1e-3, **kw)
-        return DiffusionDPOTrainer(c, tiny_stable_diffusion_xl(), data)
+        return DiffusionDPOTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion_xl(), height=16, width=32), data)
 
     full = trainer("full")
+    sizes = []
+    time_ids = full.pipeline.family.time_ids
+    full.pipeline.family.time_ids = lambda size, rows: sizes.append(tuple(size)) or time_ids(size, rows)
     full.train()
     assert full.state.global_step == 4
+    assert set(sizes) == {(16, 16)}  # the size conditioning is the size trained on (the pairs' resolution), not the sampling size
     moved = sum(float(p.detach().abs().sum()) for n, p in full.pipeline.unet.named_parameters() if "lora_B" in n)
     assert moved > 0
     resumed = trainer("cut", resume_from=os.path.join(str(tmp_path), "full", "checkpoints", "checkpoint_1"))

@@ -347,13 +347,13 @@ class DiffusionPipelineForRL:
         scheduler = make_scheduler(self.scheduler, sampler, eta)
         return transition_schedule(scheduler, num_steps, eta, device=self.device)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor | Conditioning:
+    def encode_prompts(self, prompts: Sequence[str], image_size: tuple[int, int] | None = None) -> torch.Tensor | Conditioning:
         """Prompt conditioning, one row per prompt (float32, no grad): for SD 1.x/2.x the text encoder's hidden states
         (B, L, D) padded to the tokenizer's max length, for SDXL a :class:`Conditioning` (token states of both encoders,
-        pooled embedding, ``add_time_ids`` for :attr:`image_size`)."""
+        pooled embedding, ``add_time_ids`` for ``image_size`` (H, W), default :attr:`image_size`; SD ignores it)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.family.encode_prompts(list(prompts), self.image_size)
+        return self.family.encode_prompts(list(prompts), tuple(image_size) if image_size is not None else self.image_size)
 
     def encode_negative_prompt(self, negative_prompt: str | None, batch: int) -> torch.Tensor | Conditioning:
         """Conditioning of the unconditional CFG branch (``negative_prompt``, default empty), ``batch`` rows; SDXL with
