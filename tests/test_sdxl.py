@@ -113,16 +113,22 @@ def test_a_named_negative_prompt_is_encoded_like_diffusers():
     assert plain.encode_negative_prompt(None, 1).embeds.abs().max() > 0
 
 
-def test_sampled_trajectory_equals_diffusers_sdxl_pipeline_sampling():
-    """Our DDPM (DDIM, eta=1) trajectory on SDXL = StableDiffusionXLPipeline.__call__ with the same scheduler, noise and CFG."""
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver_sde"])
+def test_sampled_trajectory_equals_diffusers_sdxl_pipeline_sampling(sampler):
+    """Our trajectory on SDXL (DDPM = DDIM with eta=1, or SDE-DPM-Solver++) = StableDiffusionXLPipeline.__call__ with the
+    same scheduler, noise and CFG, starting from SDXL's own Euler scheduler config."""
+    from trl_gfn.diffusion import make_scheduler
+
     pipe = tiny_stable_diffusion_xl()
     wrapper = DiffusionPipelineForRL(pipe, height=H, width=W)
-    schedule = wrapper.make_schedule("ddpm", 4, eta=1.0)
+    schedule = wrapper.make_schedule(sampler, 4, eta=1.0)
     traj = wrapper.sample(PROMPTS, schedule, guidance_scale=3.0, generators=[torch.Generator().manual_seed(i) for i in range(2)], decode=False)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     for gen in gens:
         torch.randn((4, 8, 16), generator=gen)  # our sampler drew x_K from the same stream first
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.scheduler = make_scheduler(pipe.scheduler, sampler, 1.0)
+    if sampler == "ddpm":
+        assert isinstance(pipe.scheduler, DDIMScheduler)
     with torch.no_grad():
         out = pipe(PROMPTS, height=H, width=W, num_inference_steps=4, guidance_scale=3.0, eta=1.0, latents=traj.latents[:, 0].clone(),
                    generator=gens, output_type="latent").images

@@ -45,6 +45,7 @@ class Conditioning:
         return self.embeds.shape[0]
 
     def __getitem__(self, index: Any) -> Conditioning:
+        """The rows at ``index`` (a slice, an index tensor or list, a boolean mask) of every tensor."""
         if isinstance(index, tuple):
             raise IndexError("Conditioning supports row indexing only (one index along the sample dimension)")
         if isinstance(index, torch.Tensor):
@@ -58,10 +59,12 @@ class Conditioning:
 
     @property
     def device(self) -> torch.device:
+        """Device of :attr:`embeds`."""
         return self.embeds.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of :attr:`embeds`."""
         return self.embeds.dtype
 
     def expand(self, rows: int, *rest: int) -> Conditioning:
@@ -77,17 +80,21 @@ class Conditioning:
         return self.map(lambda v: v.repeat(rows, *([1] * (v.dim() - 1))))
 
     def repeat_interleave(self, repeats: int, dim: int = 0) -> Conditioning:
+        """Repeat each row ``repeats`` times in place (rows only)."""
         if dim != 0:
             raise ValueError("Conditioning.repeat_interleave works along the sample dimension (dim=0) only")
         return self.map(lambda v: v.repeat_interleave(repeats, 0))
 
     def to(self, *args, **kwargs) -> Conditioning:
+        """``Tensor.to`` on every tensor (device and/or dtype)."""
         return self.map(lambda v: v.to(*args, **kwargs))
 
     def float(self) -> Conditioning:
+        """Every tensor as float32."""
         return self.map(lambda v: v.float())
 
     def detach(self) -> Conditioning:
+        """Every tensor detached from the graph."""
         return self.map(lambda v: v.detach())
 
     @staticmethod

@@ -32,7 +32,11 @@ class ModelFamily:
         pipeline_class: the diffusers pipeline class of the family; its ``save_lora_weights`` writes the LoRA files and
             its ``load_lora_weights`` reads them back.
         text_encoder_names: the pipeline attributes holding text encoders (frozen, never LoRA-trained).
+        required_components: pipeline attributes that must be present (checked by :meth:`check`).
         default_lora_target_modules: LoRA targets used when none are given.
+
+    Args:
+        pipeline: the diffusers pipeline; :meth:`check` runs on it at construction.
     """
 
     name: ClassVar[str] = ""
