@@ -42,6 +42,7 @@ from trl_gfn.evaluation.preference_benchmark import (  # noqa: E402
     ROBUSTNESS_METHODS,
     PreferenceBenchmarkSettings,
     compute_reference,
+    epoch_table,
     main_table,
     plot,
     robustness_table,
@@ -172,6 +173,7 @@ def main(argv=None) -> dict:
                  f"{settings.train_batch_size}, {len(seeds)} seed(s), {100 * settings.minority_fraction:.0f} % minority labels (mean ± std)")
         plot(runs, settings.minority_fraction, os.path.join(args.out, "curves.png"), rob_methods if robust else [], title=title)
         table = main_table(runs, settings.minority_fraction, reference, settings.tie_threshold)
+        table += "\nWin rate vs base after each epoch:\n\n" + epoch_table(runs, settings.minority_fraction)
         if robust:
             table += "\nFinal win rate vs share of minority labels:\n\n" + robustness_table(runs, rob_methods)
         with open(os.path.join(args.out, "table.md"), "w") as f:

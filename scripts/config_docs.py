@@ -50,7 +50,8 @@ def loss_table(cls) -> str:
     rows = ["| `loss_type` | default `beta` | its own fields (defaults) |", "|---|---|---|"]
     for loss, beta in module.DEFAULT_BETA.items():
         own = ", ".join(f"`{n}` = `{json.dumps(defaults[n])}`" for n in module.LOSS_FIELDS.get(loss, ())) or "–"
-        rows.append(f"| `{loss}` | {beta:g} | {own} |")
+        shown = "– (not read)" if loss in getattr(module, "BETA_FREE_LOSSES", ()) else f"{beta:g}"
+        rows.append(f"| `{loss}` | {shown} | {own} |")
     return "\n".join(rows) + "\n"
 
 

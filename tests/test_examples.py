@@ -131,3 +131,39 @@ def test_diffusion_dpo_example_on_the_bundled_pairs_with_yaml_and_flags(tmp_path
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     assert "DMPO" in (final / "README.md").read_text()
     assert "ties dropped" in result.stdout
+
+
+def test_inversion_dpo_example_on_the_bundled_pairs(tmp_path):
+    result = run_example("inversion_dpo.py", ["--help"], cwd=tmp_path)
+    for flag in ("--inversion_num_steps", "--inversion_guidance_scale", "--inversion_train_steps", "--inversion_sign", "--loss_type",
+                 "--dataset", "--resume_from", "--config"):
+        assert flag in result.stdout, flag
+    run_example("inversion_dpo.py", ["--num_epochs", "1", "--train_batch_size", "4", "--lora_rank", "2", "--max_train_pairs", "16",
+                                     "--inversion_num_steps", "4", "--inversion_train_steps", "2", "--eval_split", "",
+                                     "--logdir", str(tmp_path / "logs"), "--run_name", "ex"], cwd=tmp_path)
+    final = tmp_path / "logs" / "ex" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert "Inversion-DPO" in (final / "README.md").read_text()
+
+
+def test_spin_diffusion_example_on_the_bundled_pairs(tmp_path):
+    result = run_example("spin_diffusion.py", ["--help"], cwd=tmp_path)
+    for flag in ("--spin_num_iterations", "--spin_epochs_per_iteration", "--spin_samples_per_prompt", "--sample_num_steps", "--dataset"):
+        assert flag in result.stdout, flag
+    run_example("spin_diffusion.py", ["--num_epochs", "2", "--spin_num_iterations", "2", "--train_batch_size", "4", "--lora_rank", "2",
+                                      "--max_train_pairs", "12", "--sample_num_steps", "3", "--eval_split", "",
+                                      "--logdir", str(tmp_path / "logs"), "--run_name", "ex"], cwd=tmp_path)
+    final = tmp_path / "logs" / "ex" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert "SPIN-Diffusion" in (final / "README.md").read_text()
+
+
+def test_ppd_example_on_the_bundled_pairs_relabelled_for_simulated_users(tmp_path):
+    result = run_example("ppd.py", ["--help"], cwd=tmp_path)
+    for flag in ("--ppd_context_pairs", "--ppd_embedding_provider", "--ppd_num_tokens", "--ppd_learning_rate", "--dataset"):
+        assert flag in result.stdout, flag
+    run_example("ppd.py", ["--num_epochs", "1", "--train_batch_size", "4", "--lora_rank", "2", "--max_train_pairs", "40",
+                           "--eval_split", "", "--logdir", str(tmp_path / "logs"), "--run_name", "ex"], cwd=tmp_path)
+    final = tmp_path / "logs" / "ex" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "user_attention" / "config.json").is_file()
+    assert (final / "user_embeddings.safetensors").is_file() and "PPD" in (final / "README.md").read_text()

@@ -2,6 +2,7 @@
 theory says, which term trains which parameters, and the paper's loss as an option."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -398,3 +399,30 @@ def test_a_flow_head_that_can_never_shape_the_policy_is_reported():
         warnings.simplefilter("error")
         NablaGFlowNetConfig(sample_num_steps=8, train_timestep_fraction=0.125)  # one interior transition: fine
         NablaGFlowNetConfig(sample_num_steps=8, use_flow_head=False)
+
+
+def test_posterior_averaged_guess_is_the_gradient_of_the_log_mean_exp(tmp_path, tiny_pipeline):
+    """guess_posterior_samples = M: Σ_i softmax(β r_i) ∇r(x̂_0 + sqrt(1 − ᾱ) ε_i), = (1/β) ∇ log mean_i exp(β r_i) by autograd."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=40.0, guess_posterior_samples=4)
+    samples = trainer.sample_epoch(0)
+    x0 = samples.latents[:, 2].clone()
+    a = torch.tensor([0.3, 0.7])
+    prompts = list(samples.prompts)
+    torch.manual_seed(5)
+    got, mean_reward = trainer.guess_reward_gradient(x0, a, prompts, [{}] * 2, return_rewards=True)
+    torch.manual_seed(5)
+    noise = torch.randn((4, *x0.shape))
+    y = x0.detach().clone().requires_grad_(True)
+    points = y.unsqueeze(0) + (1 - a).sqrt().view(1, 2, 1, 1, 1) * noise
+    images = trainer.pipeline.decode(points.flatten(0, 1))
+    r = trainer.reward_fn(images, prompts * 4, [{}] * 8)[0].view(4, 2)
+    objective = (torch.logsumexp(40.0 * r, 0) - math.log(4)) / 40.0
+    (expected,) = torch.autograd.grad(objective.sum(), y)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert mean_reward.shape == (2,)
+    # at ᾱ = 1 (no posterior spread) it is the one-point gradient
+    one = make_trainer(tmp_path, tiny_pipeline, reward_scale=40.0)
+    torch.testing.assert_close(trainer.guess_reward_gradient(x0, torch.ones(2), prompts, [{}] * 2),
+                               one.guess_reward_gradient(x0, torch.ones(2), prompts, [{}] * 2), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="guess_posterior_samples"):
+        NablaGFlowNetConfig(guess_posterior_samples=0)

@@ -5,7 +5,7 @@ Nabla-GFlowNet (residual ∇-DB) and the methods it is compared with, on one TRL
 
 __version__ = "0.1.0.dev0"
 
-from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, NablaGFlowNetConfig, ReFLConfig
+from .configs import AlignPropConfig, BaseDiffusionConfig, DDPOConfig, DiffusionDPOConfig, DiffusionRLConfig, DRaFTConfig, InversionDPOConfig, NablaGFlowNetConfig, PPDConfig, ReFLConfig, SPINDiffusionConfig
 from .models import FlowHead
 from .pipelines import DefaultDDPOStableDiffusionPipeline, DiffusionPipelineForRL, Trajectories, TransitionBatch
 from .trainers import (
@@ -15,8 +15,11 @@ from .trainers import (
     DiffusionDPOTrainer,
     DiffusionRLTrainer,
     DRaFTTrainer,
+    InversionDPOTrainer,
     NablaGFlowNetTrainer,
+    PPDTrainer,
     ReFLTrainer,
+    SPINDiffusionTrainer,
     TransitionTrainer,
 )
 
@@ -34,12 +37,18 @@ __all__ = [
     "DRaFTTrainer",
     "ReFLConfig",
     "ReFLTrainer",
+    "SPINDiffusionConfig",
+    "SPINDiffusionTrainer",
     "DiffusionPipelineForRL",
     "DiffusionRLConfig",
     "DiffusionRLTrainer",
     "FlowHead",
+    "InversionDPOConfig",
+    "InversionDPOTrainer",
     "NablaGFlowNetConfig",
     "NablaGFlowNetTrainer",
+    "PPDConfig",
+    "PPDTrainer",
     "Trajectories",
     "TransitionBatch",
     "TransitionTrainer",

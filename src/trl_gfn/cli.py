@@ -207,21 +207,31 @@ def _read_parquet(path: str):
     return datasets.Dataset(InMemoryTable(pq.read_table(path)))
 
 
-def run_preference(argv: list[str] | None = None):
-    """The preference example: parse :class:`PreferenceScriptArguments` + ``DiffusionDPOConfig`` (flags and ``--config``), load the
-    pipeline and the pairs, train with :class:`~trl_gfn.DiffusionDPOTrainer`, save. Without flags: the bundled model and data."""
+def run_preference(argv: list[str] | None = None, config_class: type | None = None, trainer_class: type | None = None,
+                   personalized: bool = False):
+    """The preference examples: parse :class:`PreferenceScriptArguments` + the config (``DiffusionDPOConfig`` by default; flags
+    and ``--config``), load the pipeline and the pairs, train with the trainer (:class:`~trl_gfn.DiffusionDPOTrainer` by default,
+    e.g. :class:`~trl_gfn.InversionDPOTrainer` with ``InversionDPOConfig``), save. Without flags: the bundled model and data;
+    ``personalized``: the bundled pairs (when ``--dataset`` is the bundled data) are relabelled for the seen simulated users of :mod:`trl_gfn.data.personalized` (PPD)."""
     from .configs.dpo import DiffusionDPOConfig
     from .trainers.diffusion_dpo import DiffusionDPOTrainer
 
+    config_class = config_class or DiffusionDPOConfig
+    trainer_class = trainer_class or DiffusionDPOTrainer
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, config = build_parser(DiffusionDPOConfig, script_class=PreferenceScriptArguments).parse_args_and_config(args=argv)[:2]
+    args, config = build_parser(config_class, script_class=PreferenceScriptArguments).parse_args_and_config(args=argv)[:2]
     train = load_preference_split(args.dataset, args.dataset_split, args.minority_fraction)
     if train is None:
         raise ValueError(f"dataset: {args.dataset} has no split {args.dataset_split!r}")
+    evaluation = load_preference_split(args.dataset, args.eval_split, args.minority_fraction) if args.eval_split else None
+    if personalized and os.path.abspath(args.dataset) == os.path.abspath(BUNDLED_DIGITS_PREFERENCES):
+        from .data.personalized import SEEN_USERS, personalized_preferences
+
+        train = personalized_preferences(train).filter(lambda r: r["user_id"] in SEEN_USERS)
+        evaluation = personalized_preferences(evaluation) if evaluation is not None else None
     if args.max_train_pairs:
         train = train.select(range(min(args.max_train_pairs, len(train))))
-    evaluation = load_preference_split(args.dataset, args.eval_split, args.minority_fraction) if args.eval_split else None
-    trainer = DiffusionDPOTrainer(config, load_pipeline(args, config), train, evaluation)
+    trainer = trainer_class(config, load_pipeline(args, config), train, evaluation)
     report = trainer.train_pairs.report
     trainer.accelerator.print(f"{trainer.method_name}: {report.pairs} training pairs ({report.ties_dropped} ties dropped, {report.invalid_skipped} "
                               f"invalid rows skipped), beta {trainer.beta:g}")

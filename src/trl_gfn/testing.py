@@ -96,6 +96,31 @@ def tiny_stable_diffusion_xl(seed: int = 0, latent_size: int = 8, width: int = 1
                                      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
 
 
+def randomise_parameters(params, seed: int = 0, scale: float = 0.05) -> None:
+    """Overwrite ``params`` (e.g. a LoRA's, so that policy != reference in a test) with N(0, scale²) draws from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def full_and_resumed(make_trainer, logdir, cut_epochs: int):
+    """The exact-resume check's two runs: ``make_trainer("full")`` trained to the end, and ``make_trainer("cut")`` trained for
+    ``cut_epochs`` epochs then rebuilt with ``resume_from=<logdir>/cut/checkpoints/checkpoint_<cut_epochs>`` and trained to the end.
+    ``make_trainer(run_name, **config_overrides)`` builds a trainer whose run directory is ``<logdir>/<run_name>``. Returns
+    ``(full, resumed)``."""
+    import os
+
+    full = make_trainer("full")
+    full.train()
+    make_trainer("cut").train(epochs=cut_epochs)
+    resumed = make_trainer("cut", resume_from=os.path.join(str(logdir), "cut", "checkpoints", f"checkpoint_{cut_epochs}"))
+    if resumed.first_epoch != cut_epochs:
+        raise AssertionError(f"resumed at epoch {resumed.first_epoch}, expected {cut_epochs}")
+    resumed.train()
+    return full, resumed
+
+
 class BrightnessReward(RewardModel):
     """log-reward = mean pixel value (differentiable, prompt-free)."""
 

@@ -25,8 +25,10 @@ BUNDLED_DIGIT_CLASSIFIER: str = str(_HERE / "digit-classifier")
 #: folder of the bundled preference data (``train.parquet``, ``validation.parquet``): pairs of the digits model labelled by
 #: simulated annotators (``trl_gfn.data.digits_preferences``; load with ``load_digits_preferences``)
 BUNDLED_DIGITS_PREFERENCES: str = str(_HERE / "digits-preferences")
+#: the user-embedding provider of PPD for the digits model (``trl_gfn.models.user_encoder.DigitsUserEncoder``, scripts/train_user_encoder.py)
+BUNDLED_USER_ENCODER: str = str(_HERE / "digits-user-encoder")
 #: the generic prompt of the bundled digits model and the template of the class prompts
 DIGITS_GENERIC_PROMPT: str = "a handwritten digit"
 DIGITS_PROMPT_TEMPLATE: str = "a handwritten digit {}"
 
-__all__ = ["BUNDLED_DIGITS_MODEL", "BUNDLED_DIGITS_PREFERENCES", "BUNDLED_DIGIT_CLASSIFIER", "DIGITS_GENERIC_PROMPT", "DIGITS_PROMPT_TEMPLATE"]
+__all__ = ["BUNDLED_DIGITS_MODEL", "BUNDLED_DIGITS_PREFERENCES", "BUNDLED_DIGIT_CLASSIFIER", "BUNDLED_USER_ENCODER", "DIGITS_GENERIC_PROMPT", "DIGITS_PROMPT_TEMPLATE"]

@@ -8,7 +8,9 @@ from typing import Literal
 from .base import BaseDiffusionConfig, _check, warn_ignored
 
 #: default β per loss type (measured on the bundled digits model, docs/preference.md; the papers' SD 1.5 values are in the docs)
-DEFAULT_BETA = {"sigmoid": 500.0, "hinge": 500.0, "ipo": 500.0, "dmpo": 500.0, "see": 500.0, "adaptive": 500.0}
+DEFAULT_BETA = {"sigmoid": 500.0, "hinge": 500.0, "ipo": 500.0, "dmpo": 500.0, "see": 500.0, "adaptive": 500.0, "sft": 500.0}
+#: loss types that do not read beta (their logged logits still use it)
+BETA_FREE_LOSSES = ("sft",)
 #: fields that only one loss type reads
 LOSS_FIELDS = {"dmpo": ("dmpo_alpha",), "see": ("see_gamma",),
                "adaptive": ("adaptive_rho", "adaptive_temperature", "adaptive_intercept", "adaptive_margin", "adaptive_ema_decays")}
@@ -33,7 +35,7 @@ class DiffusionDPOConfig(BaseDiffusionConfig):
     train_batch_size: int = field(default=16, metadata={"help": "Preference pairs per training micro-batch (per process); each pair is two images through the UNet, with and without the adapter."})
     train_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the LoRA parameters (see lr_scheduler)."})
 
-    loss_type: Literal["sigmoid", "hinge", "ipo", "dmpo", "see", "adaptive"] = field(default="sigmoid", metadata={"help": "`sigmoid`: Diffusion-DPO (Wallace et al. 2023); `hinge`: max(0, 1 - u); `ipo`: IPO's squared loss (u - 1/2)^2; `dmpo`: DMPO's reverse KL to Bernoulli(1 - dmpo_alpha) (Li et al. 2025); `see`: SEE-DPO's self-entropy regularisation (Shekhar et al. 2024); `adaptive`: Adaptive-DPO's minority-aware weight and margin (Zhang et al. 2025). u = -(beta/2)[(err_policy,w - err_ref,w) - (err_policy,l - err_ref,l)]."})
+    loss_type: Literal["sigmoid", "hinge", "ipo", "dmpo", "see", "adaptive", "sft"] = field(default="sigmoid", metadata={"help": "`sigmoid`: Diffusion-DPO (Wallace et al. 2023); `hinge`: max(0, 1 - u); `ipo`: IPO's squared loss (u - 1/2)^2; `dmpo`: DMPO's reverse KL to Bernoulli(1 - dmpo_alpha) (Li et al. 2025); `see`: SEE-DPO's self-entropy regularisation (Shekhar et al. 2024); `adaptive`: Adaptive-DPO's minority-aware weight and margin (Zhang et al. 2025); `sft`: the baseline of supervised fine-tuning on the preferred images only, loss err_policy,w (no reference, loser or beta in the loss; the logged logits still use them). u = -(beta/2)[(err_policy,w - err_ref,w) - (err_policy,l - err_ref,l)]."})
     beta: float | None = field(default=None, metadata={"help": "KL weight beta of the implicit reward beta*log(pi/pi_ref) (err is a per-pixel mean: beta absorbs the pixel count and ELBO weights). None: the loss type's default, chosen on the bundled model (" + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_BETA.items()) + "); Diffusion-DPO used 2000-5000 on SD 1.5."})
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = field(default="constant_with_warmup", metadata={"help": "Learning-rate schedule over the run's optimizer steps: constant, linear warm-up then constant, or warm-up then linear / cosine decay to 0."})
     lr_warmup_steps: int = field(default=10, metadata={"help": "Optimizer steps of linear warm-up from 0 (not used by `constant`)."})
@@ -73,6 +75,10 @@ class DiffusionDPOConfig(BaseDiffusionConfig):
             _check(self.loss_type in WINNER_PRESERVING_LOSSES, "winner_preserving_mu",
                    f"applies to loss_type in {list(WINNER_PRESERVING_LOSSES)} (a loss that lowers the winner's error and raises the "
                    f"loser's), not {self.loss_type!r}; got {self.winner_preserving_mu}")
+        if self.loss_type in BETA_FREE_LOSSES and self.beta is not None:
+            warn_ignored("beta", f"loss_type={self.loss_type!r} does not read it (only the logged logits do)")
+        if self.loss_type == "sft":
+            _check(self.tie_handling == "drop", "tie_handling", f"must be 'drop' with loss_type='sft' (a tie has no preferred image to fine-tune on); got {self.tie_handling!r}")
         if self.lr_scheduler == "constant" and self.lr_warmup_steps != _default_value(type(self), "lr_warmup_steps"):
             warn_ignored("lr_warmup_steps", "lr_scheduler='constant' has no warm-up")
 
@@ -94,4 +100,4 @@ def _default_value(cls: type, name: str):
     return f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
 
 
-__all__ = ["DEFAULT_BETA", "DiffusionDPOConfig", "LOSS_FIELDS", "LR_SCHEDULES", "WINNER_PRESERVING_LOSSES"]
+__all__ = ["BETA_FREE_LOSSES", "DEFAULT_BETA", "DiffusionDPOConfig", "LOSS_FIELDS", "LR_SCHEDULES", "WINNER_PRESERVING_LOSSES"]

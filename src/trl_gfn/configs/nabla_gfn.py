@@ -49,6 +49,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     reverse_loss_type: Literal["pathwise", "score"] = field(default="pathwise", metadata={"help": "Target of the reverse term for ∇ log F̃ at x_k: `pathwise` (default) carries the flow gradient of the sampled next state back through the policy step (J_θᵀ·∇log F̃(x_{k-1}) plus the score terms), also on the last transition where β∇r(x_0) is exact, so information reaches the noisy steps in one hop per update; `score` (the paper's) uses ∇_{x_k} of the two log-densities only, on interior transitions, which holds only once the policy is already optimal. Both share the same fixed point."})
     train_flow_head_on_forward_loss: bool = field(default=False, metadata={"help": "Let the forward term also train the flow head (the paper's). Off by default: the flow head is then a critic trained only by the reverse and terminal terms, and the forward term no longer pulls it towards the current policy (at initialisation, towards cancelling the guess)."})
     low_var_subsampling: bool = field(default=True, metadata={"help": "Draw the trained interior transitions one per equal chunk of the K steps (stratified) rather than uniformly."})
+    guess_posterior_samples: int = field(default=1, metadata={"help": "M: with M > 1 the guess at a noisy state averages ∇r over M samples x̂_0 + sqrt(1 − ᾱ_k)·ε of a Gaussian posterior around the one-step prediction, weighted by exp(β r) (self-normalised), i.e. the gradient of log mean exp(β r) instead of β r at the blurry x̂_0 (the Gaussian posterior approximation of ΠGDM, Song et al. 2023). M decodes and reward gradients per guess instead of 1; 1 (default): the paper's one-point guess."})
     jacobian_free_reward_gradient: bool = field(default=False, metadata={"help": "Approximation: hold the noise prediction at x_{k-1} constant in the guess, so no UNet backward is needed there (with flow_guess_model='policy' the ε̂ recorded while sampling is used and no UNet call at all; with 'reference' one reference forward without grad). About a third less compute per interior step; its effect is measured in docs/benchmark.md."})
     memory_efficient_order: bool = field(default=True, metadata={"help": "Order a transition's work so that no two large graphs are alive at once: the UNet calls that only carry ∇r back to a state (the guess at x_{k-1}, the reference side of the reverse term) are checkpointed, so their activations are recomputed in their VJP instead of sitting beside the VAE and reward graphs; with flow_guess_model='policy' ∇r at the policy's x̂_0(x_k) is taken before the policy graph is built; the flow head runs checkpointed before the policy, so its activations are recomputed after the policy's backward. Same gradients; one more UNet forward per such pass and one more flow-head forward (docs/memory.md)."})
     train_on_previous_samples: bool = field(default=False, metadata={"help": "Train each epoch on the previous epoch's trajectories (as one published implementation does) instead of the ones just sampled. Off by default: it trains on stale, off-policy samples."})
@@ -70,7 +71,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     field_ranges = {"reward_scale": ">= 0", "unet_reg_scale": ">= 0", "reverse_loss_scale": ">= 0", "pretrained_strength": ">= 0",
                     "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
-                    "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1"}
+                    "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
+                    "guess_posterior_samples": ">= 1"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -88,6 +90,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
         _check(self.flow_estimator in FLOW_ESTIMATORS, "flow_estimator", f"must be one of {FLOW_ESTIMATORS}, got {self.flow_estimator!r}")
         _check(self.flow_estimator == "nabla_db" or self.use_flow_head, "flow_estimator",
                "'monte_carlo' needs use_flow_head=True (the flow head is then the log-flow critic)")
+        _check(self.guess_posterior_samples >= 1, "guess_posterior_samples", f"must be >= 1, got {self.guess_posterior_samples}")
         _check(self.value_baseline in VALUE_BASELINES, "value_baseline", f"must be one of {VALUE_BASELINES}, got {self.value_baseline!r}")
         _check(self.value_rollouts >= 1, "value_rollouts", f"must be >= 1, got {self.value_rollouts}")
         _check(self.value_warmup_trajectories >= 0, "value_warmup_trajectories", f"must be >= 0, got {self.value_warmup_trajectories}")

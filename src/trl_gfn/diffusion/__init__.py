@@ -2,10 +2,15 @@
 
 from .gaussian import log_prob, model_output_to_epsilon, predict_x0, score_current, score_next, score_residual, step_mean
 from .schedule import SUPPORTED_SAMPLERS, TransitionSchedule, make_scheduler, transition_schedule
+from .inversion import InvertedTrajectory, ddim_generate, ddim_invert, ddim_schedule, trajectory_weights
 
 __all__ = [
+    "InvertedTrajectory",
     "SUPPORTED_SAMPLERS",
     "TransitionSchedule",
+    "ddim_generate",
+    "ddim_invert",
+    "ddim_schedule",
     "log_prob",
     "make_scheduler",
     "model_output_to_epsilon",
@@ -14,5 +19,6 @@ __all__ = [
     "score_next",
     "score_residual",
     "step_mean",
+    "trajectory_weights",
     "transition_schedule",
 ]

@@ -82,6 +82,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_mc_no_guess": (dict(flow_estimator="monte_carlo", value_baseline="none", flow_learning_rate=3e-3, value_warmup_trajectories=1024,
                                    value_warmup_steps=1000),
                               "as nabla_gfn_mc, the critic without the guess as baseline (log F̃ = β·u_ψ)"),
+    "nabla_gfn_posterior_guess": (dict(guess_posterior_samples=8),
+                                  "the guess averages ∇r over 8 Gaussian-posterior samples of x_0 (weights exp(β r))"),
     "nabla_gfn_slow_flow": (dict(flow_learning_rate=1e-3), "flow head learning rate 1e-3 (the paper's) instead of 1e-2"),
 }
 for _name, (_over, _note) in ABLATIONS.items():

@@ -43,6 +43,21 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "adaptive": ("adaptive", {}, "minority-aware weight and margin, EMA 0.9999 / 0.5"),
     "dpo_sdpo": ("sigmoid", {"winner_preserving_mu": 0.9}, "Diffusion-DPO + SDPO winner-preserving rescale (μ = 0.9)"),
 }
+#: Inversion-DPO's benchmark settings: N = 10 inversion steps (CPU budget), 2 trained steps per pair and update
+INVERSION_BENCH = {"inversion_num_steps": 10, "inversion_train_steps": 2}
+METHODS.update({
+    "inversion_dpo": ("sigmoid", dict(INVERSION_BENCH), "Inversion-DPO (derived sign), N = 10 DDIM inversion steps, CFG 2, 2 trained steps per pair"),
+    "inversion_dpo_released_sign": ("sigmoid", dict(INVERSION_BENCH, inversion_sign="released"),
+                                    "Inversion-DPO with the released code's sign (rewards deviation on the winner's trajectory)"),
+})
+METHODS.update({
+    "sft": ("sft", {}, "supervised fine-tuning on the preferred images (the baseline of SPIN-Diffusion)"),
+    "spin": ("sigmoid", {}, "SPIN-Diffusion: self-play on the preferred images, one iteration per epoch, 1 fake per real image"),
+})
+#: methods trained with another trainer than DiffusionDPOTrainer: method -> (config class, trainer class) names in trl_gfn
+TRAINERS = {"inversion_dpo": ("InversionDPOConfig", "InversionDPOTrainer"),
+            "inversion_dpo_released_sign": ("InversionDPOConfig", "InversionDPOTrainer"),
+            "spin": ("SPINDiffusionConfig", "SPINDiffusionTrainer")}
 DEFAULT_METHODS = ["dpo", "hinge", "ipo", "dmpo", "see", "adaptive", "dpo_sdpo"]
 #: methods and minority fractions of the robustness table (the main table's fraction is added)
 ROBUSTNESS_METHODS = ["dpo", "adaptive"]
@@ -157,8 +172,8 @@ def base_record(reference: dict[str, Any], tie_threshold: float) -> dict[str, An
 
 # ------------------------------------------------------------------------------------------------ one run
 def method_config(method: str, seed: int, settings: PreferenceBenchmarkSettings, logdir: str | None = None, **overrides):
-    """The :class:`~trl_gfn.DiffusionDPOConfig` of ``method`` in this benchmark."""
-    from ..configs.dpo import DiffusionDPOConfig
+    """The :class:`~trl_gfn.DiffusionDPOConfig` (:class:`~trl_gfn.InversionDPOConfig` for Inversion-DPO) of ``method`` in this benchmark."""
+    import trl_gfn.configs as configs
 
     loss_type, method_overrides, _ = METHODS[method]
     kwargs = dict(loss_type=loss_type, num_epochs=settings.epochs, train_batch_size=settings.train_batch_size,
@@ -166,7 +181,9 @@ def method_config(method: str, seed: int, settings: PreferenceBenchmarkSettings,
                   logdir=logdir or tempfile.mkdtemp(prefix="preference_bench_"), run_name=f"{method}_seed{seed}", eval_freq=1)
     kwargs.update(method_overrides)
     kwargs.update(overrides)
-    return DiffusionDPOConfig(**kwargs)
+    if method == "spin":  # one self-play iteration per epoch of the budget
+        kwargs.update(spin_num_iterations=settings.epochs, spin_epochs_per_iteration=1)
+    return getattr(configs, TRAINERS.get(method, ("DiffusionDPOConfig",))[0])(**kwargs)
 
 
 def training_data(settings: PreferenceBenchmarkSettings, minority_fraction: float):
@@ -184,13 +201,14 @@ def run_method(method: str, seed: int, minority_fraction: float, settings: Prefe
     """Train ``method`` and evaluate after every epoch; returns the run's records (no images)."""
     from ..data.digits_preferences import load_classifier, load_pipeline
     from ..testing import reset_accelerate_state
-    from ..trainers.diffusion_dpo import DiffusionDPOTrainer
+    from .. import trainers
 
     classifier = classifier if classifier is not None else load_classifier()
     reset_accelerate_state()
     train, validation = training_data(settings, minority_fraction)
     config = method_config(method, seed, settings)
-    trainer = DiffusionDPOTrainer(config, load_pipeline(), train, validation)
+    trainer_class = getattr(trainers, TRAINERS[method][1]) if method in TRAINERS else trainers.DiffusionDPOTrainer
+    trainer = trainer_class(config, load_pipeline(), train, validation)
     generic, classes = eval_prompts(settings)
     records = [base_record(reference, settings.tie_threshold)]
     global_step, wall = 0, 0.0
@@ -255,6 +273,17 @@ def main_table(runs: list[dict[str, Any]], fraction: float, reference: dict[str,
     return "\n".join(lines) + "\n"
 
 
+def epoch_table(runs: list[dict[str, Any]], fraction: float, key: str = "win_rate") -> str:
+    """``key`` after every epoch (mean ± std over seeds) per method at minority ``fraction``: how fast each method gets there."""
+    groups = {m: rs for (m, f), rs in group(runs).items() if f == fraction}
+    epochs = max((len(r["records"]) - 1 for rs in groups.values() for r in rs), default=0)
+    lines = ["| method | " + " | ".join(f"epoch {e}" for e in range(1, epochs + 1)) + " | train s |", "|" + "---|" * (epochs + 2)]
+    for m, rs in groups.items():
+        cells = [fmt([r["records"][e].get(key) for r in rs if len(r["records"]) > e]) for e in range(1, epochs + 1)]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt([r['records'][-1]['wall_time'] for r in rs], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
 def robustness_table(runs: list[dict[str, Any]], methods: list[str]) -> str:
     """Final win rate (mean ± std over seeds) per method and minority fraction."""
     groups = group(runs)
@@ -314,6 +343,6 @@ def plot(runs: list[dict[str, Any]], fraction: float, path: str, robustness_meth
     plt.close(fig)
 
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "PreferenceBenchmarkSettings", "QUICK", "ROBUSTNESS_FRACTIONS", "ROBUSTNESS_METHODS", "base_record",
+__all__ = ["DEFAULT_METHODS", "METHODS", "PreferenceBenchmarkSettings", "QUICK", "ROBUSTNESS_FRACTIONS", "TRAINERS", "epoch_table", "ROBUSTNESS_METHODS", "base_record",
            "compute_reference", "evaluate_images", "main_table", "method_config", "plot", "robustness_table", "run_method", "sample_images",
            "score", "training_data"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 #: the ``loss_type`` values of :class:`~trl_gfn.configs.DiffusionDPOConfig`
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "dmpo", "see", "adaptive")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "dmpo", "see", "adaptive", "sft")
 
 
 @dataclass

@@ -341,6 +341,53 @@ class DiffusionPipelineForRL:
         finally:
             self.unet.enable_adapters()
 
+    # ------------------------------------------------------------------ further adapters (self-play references)
+    def add_frozen_adapter(self, name: str) -> None:
+        """Add a second LoRA adapter ``name`` with the trained adapter's config, frozen and inactive (float32).
+
+        Self-play trainers keep the previous iterate's LoRA in it (:meth:`copy_adapter`) and switch to it for the
+        reference (:meth:`adapter_mode`): LoRA-sized, no second UNet.
+        """
+        import warnings
+
+        if not self.has_lora or self._lora_config is None:
+            raise ValueError("add_frozen_adapter: the pipeline needs its trained LoRA adapter first (add_lora / ensure_lora)")
+        if name == self.adapter_name or name in (getattr(self.unet, "peft_config", None) or {}):
+            raise ValueError(f"add_frozen_adapter: the UNet already has an adapter named {name!r}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            self.unet.add_adapter(self._lora_config, adapter_name=name)
+        self.unet.set_adapter(self.adapter_name)  # add_adapter activates the new adapter; the trained one stays active
+        for p in self.adapter_parameters(name):
+            p.requires_grad_(False)
+            p.data = p.data.float()
+
+    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of adapter ``name``, in module order."""
+        return [p for n, p in self.unet.named_parameters() if _is_lora_param(n, name)]
+
+    @torch.no_grad()
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Copy the weights of adapter ``source`` into adapter ``target`` (same config), in place."""
+        src = {n.replace(f".{source}.", ".#."): p for n, p in self.unet.named_parameters() if _is_lora_param(n, source)}
+        dst = {n.replace(f".{target}.", ".#."): p for n, p in self.unet.named_parameters() if _is_lora_param(n, target)}
+        if not src or src.keys() != dst.keys():
+            raise ValueError(f"copy_adapter: adapters {source!r} and {target!r} do not have the same layers")
+        for key, p in dst.items():
+            p.copy_(src[key])
+
+    @contextlib.contextmanager
+    def adapter_mode(self, name: str):
+        """Within this context the UNet runs with adapter ``name`` instead of the trained one (e.g. a frozen earlier iterate).
+
+        Switching back re-activates the trained adapter (``requires_grad`` on) and leaves the others frozen.
+        """
+        self.unet.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.unet.set_adapter(self.adapter_name)
+
     # ------------------------------------------------------------------ maths helpers
     def make_schedule(self, sampler: str, num_steps: int, eta: float = 1.0) -> TransitionSchedule:
         """The :class:`TransitionSchedule` of ``sampler`` over ``num_steps`` steps, on this pipeline's device."""
@@ -398,12 +445,15 @@ class DiffusionPipelineForRL:
             return self.family.predict(unet, latents, timesteps, prompt_embeds, dtype)
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None, *, posterior_mean: bool = False) -> torch.Tensor:
         """VAE latents (scaled as the UNet sees them) of images in [-1, 1], shape (B, 3, H, W): a sample of the VAE's
-        posterior, drawn with one generator per image when ``generators`` are given (else with the global RNG)."""
+        posterior, drawn with one generator per image when ``generators`` are given (else with the global RNG), or the
+        posterior's mean with ``posterior_mean=True`` (deterministic; ``generators`` must then be None)."""
+        if posterior_mean and generators is not None:
+            raise ValueError("encode_images: posterior_mean=True draws nothing; pass generators=None")
         dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
-        latents = mean + std * self._randn(mean.shape, generators, mean.device)
+        latents = mean if posterior_mean else mean + std * self._randn(mean.shape, generators, mean.device)
         if getattr(self.vae.config, "shift_factor", None):
             latents = latents - self.vae.config.shift_factor
         return latents * self.vae.config.scaling_factor
@@ -430,11 +480,13 @@ class DiffusionPipelineForRL:
         unet: torch.nn.Module | None = None,
         decode: bool = True,
         progress: bool = False,
+        extra_tokens: torch.Tensor | None = None,
     ) -> Trajectories:
         """Sample one trajectory per prompt with the current policy, recording every state and ε̂.
 
         ``generators`` (one per sample) make each trajectory's noise depend on its own seed only, so the
-        same sample is drawn whatever the batch size or number of processes.
+        same sample is drawn whatever the batch size or number of processes. ``extra_tokens`` (B, T, D) are appended to the
+        prompt embeddings (e.g. PPD's user tokens); the unconditional branch gets zeros in their place.
         """
         from tqdm.auto import tqdm
 
@@ -443,6 +495,12 @@ class DiffusionPipelineForRL:
         device = self.device
         prompt_embeds = self.encode_prompts(list(prompts))
         negative = self.encode_negative_prompt(negative_prompt, batch)
+        if extra_tokens is not None:
+            if extra_tokens.ndim != 3 or extra_tokens.shape[0] != batch or extra_tokens.shape[2] != prompt_embeds.shape[2]:
+                raise ValueError(f"extra_tokens: expected shape ({batch}, T, {prompt_embeds.shape[2]}), got {tuple(extra_tokens.shape)}")
+            extra = extra_tokens.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype)
+            prompt_embeds = _append_tokens(prompt_embeds, extra)
+            negative = _append_tokens(negative, torch.zeros_like(extra))
         latents = self.initial_latents(batch, generators, device)
         states = [latents]
         epsilons = []
@@ -482,6 +540,13 @@ class DiffusionPipelineForRL:
         if len(generators) != shape[0]:
             raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
         return torch.stack([torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generators])
+
+
+def _append_tokens(conditioning: torch.Tensor | Conditioning, tokens: torch.Tensor) -> torch.Tensor | Conditioning:
+    """``tokens`` (B, T, D) appended to the token states of ``conditioning`` (a tensor, or a :class:`Conditioning`'s ``embeds``)."""
+    if isinstance(conditioning, Conditioning):
+        return Conditioning(torch.cat([conditioning.embeds, tokens], dim=1), dict(conditioning.added))
+    return torch.cat([conditioning, tokens], dim=1)
 
 
 def _pipeline_class(pretrained_model_name_or_path: str | os.PathLike, revision: str | None) -> type:

@@ -68,6 +68,7 @@ METHODS: dict[str, tuple[str, str, str, str]] = {
   year    = {2025},
   eprint  = {2411.04712}
 }"""),
+    "sft": ("supervised fine-tuning on preferred images", "sft", "the supervised fine-tuning baseline of Wallace et al., CVPR 2024 (the denoising loss on the preferred image of each pair)", ""),
     "adaptive": ("Adaptive-DPO", "adaptive-dpo", "Zhang et al., *When Preferences Diverge: Aligning Diffusion Models with Minority-Aware Adaptive DPO*, arXiv:2503.16921", """@article{zhang2025preferences,
   title   = {When Preferences Diverge: Aligning Diffusion Models with Minority-Aware Adaptive {DPO}},
   author  = {Lingfan Zhang and Chen Liu and Chengming Xu and Kai Hu and Donghao Luo and Chengjie Wang and Yanwei Fu and Yuan Yao},
@@ -226,8 +227,7 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
         timestep, the noise. Targets follow the scheduler's ``prediction_type`` (ε, v = √ᾱ ε − √(1−ᾱ) x₀, or x₀).
         """
         device = self.accelerator.device
-        latents = self.pipeline.encode_images(torch.cat([batch.winners, batch.losers]).to(device), list(generators) * 2)
-        latents_w, latents_l = latents.float().chunk(2)
+        latents_w, latents_l = self.encode_pair_latents(batch, generators)
         t = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators]).to(device)
         noise = torch.stack([torch.randn(latents_w.shape[1:], generator=g) for g in generators]).to(device)
         ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -242,6 +242,12 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
             target_w, target_l = latents_w, latents_l
         embeds = self.pipeline.encode_prompts(batch.captions, image_size=tuple(batch.winners.shape[-2:])).to(device)  # SDXL: size ids
         return PairInputs(latents_w, latents_l, noise, t, noisy_w, noisy_l, target_w, target_l, embeds)
+
+    def encode_pair_latents(self, batch: PairBatch, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean latents (float32) of the winners and the losers: a VAE posterior sample each, winners' draws first."""
+        latents = self.pipeline.encode_images(torch.cat([batch.winners, batch.losers]).to(self.accelerator.device), list(generators) * 2)
+        latents_w, latents_l = latents.float().chunk(2)
+        return latents_w, latents_l
 
     def denoise(self, unet: torch.nn.Module, inputs: PairInputs) -> Denoised:
         """One batched UNet call on the winners' and losers' noisy latents; errors averaged over the latent's elements."""
@@ -279,6 +285,8 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
         """Per-pair losses (B,) of ``config.loss_type`` and its extra diagnostics; ``others``: :meth:`auxiliary_errors`."""
         c, beta, labels = self.config, self.beta, batch.labels.to(errors.policy_w.device)
         extra: dict[str, torch.Tensor] = {}
+        if c.loss_type == "sft":
+            return errors.policy_w, extra
         if c.loss_type == "see":
             u = L.see_logit(errors, beta, c.see_gamma)
             return L.soft_label_loss(L.sigmoid_loss, u, labels), extra

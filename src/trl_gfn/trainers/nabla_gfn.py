@@ -209,13 +209,13 @@ class NablaGFlowNetTrainer(TransitionTrainer):
                 else:
                     with self._guess_model(), torch.no_grad():
                         eps = guided(self.pipeline.unet, xi, ti, emb, neg)
-                g0, _ = self.reward_gradient(predict_x0(xi, eps, ai), sub_prompts, sub_meta)
+                g0 = self.guess_reward_gradient(predict_x0(xi, eps, ai), ai, sub_prompts, sub_meta)
                 grad[inner] = g0 / ai.sqrt()
             else:
                 xi = xi.requires_grad_(True)
                 with torch.enable_grad(), self._guess_model():
                     x0 = predict_x0(xi, guided(self._input_gradient_unet(), xi, ti, emb, neg), ai)
-                    g0, _ = self.reward_gradient(x0, sub_prompts, sub_meta)  # ∇_{x̂0} r on its own graph (VAE + reward freed)
+                    g0 = self.guess_reward_gradient(x0, ai, sub_prompts, sub_meta)  # ∇_{x̂0} r on its own graph (VAE + reward freed)
                     (grad[inner],) = torch.autograd.grad((x0 * g0).sum(), xi)
         return c.reward_scale * self._gamma(a) * grad
 
@@ -578,7 +578,28 @@ class NablaGFlowNetTrainer(TransitionTrainer):
         """β γ_k ∇r at the clean predictions ``x0`` of the states x_k of ``rows`` (zero elsewhere), detached: the vector of
         the VJP that turns it into the guess at x_k."""
         vec = torch.zeros_like(x0)
-        g0, rewards = self.reward_gradient(x0[rows].detach(), _rows(batch.prompts, rows), _rows(batch.prompt_metadata, rows))
         a = self.schedule.gather("alphas_cumprod", batch.step_index, like=x0)
+        g0, rewards = self.guess_reward_gradient(x0[rows].detach(), a[rows], _rows(batch.prompts, rows), _rows(batch.prompt_metadata, rows),
+                                                 return_rewards=True)
         vec[rows] = self.config.reward_scale * self._gamma(a[rows]) * g0
         return vec, rewards
+
+    def guess_reward_gradient(self, x0: torch.Tensor, alpha_bar: torch.Tensor, prompts: list, prompt_metadata: list, *,
+                              return_rewards: bool = False):
+        """∇r at the one-step predictions ``x0`` of states with ᾱ = ``alpha_bar`` — with ``guess_posterior_samples`` M > 1,
+        (1/β)∇ log mean_i exp(β r(x0 + sqrt(1 − ᾱ) ε_i)) = Σ_i w_i ∇r(x0 + sqrt(1 − ᾱ) ε_i), w = softmax_i(β r_i): the
+        soft value under a Gaussian posterior around x0 rather than the reward at the blurry x0 itself. Detached input
+        gradient; with ``return_rewards`` also r(x0) (M = 1) or the weighted mean of the r_i."""
+        c = self.config
+        M = c.guess_posterior_samples
+        if M == 1:
+            grad, rewards = self.reward_gradient(x0, prompts, prompt_metadata)
+            return (grad, rewards) if return_rewards else grad
+        n = x0.shape[0]
+        std = (1 - alpha_bar).clamp(min=0).sqrt().reshape(n, *([1] * (x0.ndim - 1)))
+        samples = x0.detach().unsqueeze(0) + std.unsqueeze(0) * torch.randn((M, *x0.shape), device=x0.device, dtype=x0.dtype)
+        grads, rewards = self.reward_gradient(samples.flatten(0, 1), list(prompts) * M, list(prompt_metadata) * M)
+        grads, rewards = grads.view(M, *x0.shape), rewards.view(M, n)
+        weights = torch.softmax(c.reward_scale * rewards, dim=0)
+        grad = (weights.view(M, n, *([1] * (x0.ndim - 1))) * grads).sum(0)
+        return (grad, (weights * rewards).sum(0)) if return_rewards else grad
