@@ -31,8 +31,11 @@ CONFIG_HELP = ("YAML file of flag values (any field below, e.g. examples/configs
 class ScriptArguments:
     """Arguments of the example scripts that are not trainer config fields."""
 
-    pretrained_model: str = field(default=BUNDLED_DIGITS_MODEL, metadata={"help": "Hub id or local directory of a Stable Diffusion 1.x/2.x pipeline (default: the bundled digits model)."})
+    pretrained_model: str = field(default=BUNDLED_DIGITS_MODEL, metadata={"help": "Hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL pipeline, the family read from its model_index.json (default: the bundled digits model)."})
     pretrained_revision: str | None = field(default=None, metadata={"help": "Revision of the pretrained model on the Hub."})
+    pretrained_vae: str | None = field(default=None, metadata={"help": "Hub id or local directory of a VAE (AutoencoderKL) replacing the model's own, e.g. madebyollin/sdxl-vae-fp16-fix to run SDXL's VAE in float16 (default: the model's VAE)."})
+    height: int | None = field(default=None, metadata={"help": "Height in pixels of the sampled images; give width too (default: the UNet's sample size, e.g. 1024 for SDXL)."})
+    width: int | None = field(default=None, metadata={"help": "Width in pixels of the sampled images; give height too (non-square sizes work)."})
     reward: str = field(default="digits", metadata={"help": "digits | jpeg_compressibility | jpeg_incompressibility | brightness | a reward from its official checkpoint (downloaded and converted on first use): aesthetic, hpsv2, hpsv2.1, imagereward, pickscore."})
     reward_model: str | None = field(default=None, metadata={"help": "Directory or Hub id of already converted reward weights (default: the official checkpoint, converted and cached; for digits the bundled classifier)."})
     target_digits: list[int] | None = field(default=None, metadata={"help": "digits reward: the target set S of r = log p(y in S | x) (default: the digit named in each prompt)."})
@@ -94,9 +97,15 @@ def apply_reward_preset(args: ScriptArguments, config) -> list[str]:
 
 def load_pipeline(args: ScriptArguments, config) -> DiffusionPipelineForRL:
     """The pipeline with the LoRA adapter the config asks for."""
+    kwargs = {}
+    if getattr(args, "pretrained_vae", None):
+        from diffusers import AutoencoderKL
+
+        kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae)
     return DiffusionPipelineForRL.from_pretrained(args.pretrained_model, revision=args.pretrained_revision, use_lora=True,
                                                   lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                                                  lora_target_modules=config.lora_target_modules)
+                                                  lora_target_modules=config.lora_target_modules, height=getattr(args, "height", None),
+                                                  width=getattr(args, "width", None), **kwargs)
 
 
 def build_parser(config_class, defaults: dict[str, Any] | None = None, script_class: type | None = None):

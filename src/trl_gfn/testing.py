@@ -8,8 +8,8 @@ UNet call, but they are not a model of anything. For a small *pretrained* model 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .rewards.base import RewardModel
 
@@ -58,6 +58,42 @@ def tiny_stable_diffusion(seed: int = 0, prediction_type: str = "epsilon", laten
                               steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type=prediction_type)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_stable_diffusion_xl(seed: int = 0, latent_size: int = 8, width: int = 16, force_zeros_for_empty_prompt: bool = True,
+                             ) -> StableDiffusionXLPipeline:
+    """A random tiny SDXL pipeline, shaped as diffusers' own SDXL pipeline tests build it: two CLIP text encoders (the
+    second with a projection giving the pooled embedding), a UNet with ``addition_embed_type="text_time"`` (time ids
+    embedded in 8 dims each: 6 x 8 + 16 pooled = 64 inputs), SDXL's Euler scheduler config; images 2 x ``latent_size``."""
+    torch.manual_seed(seed)
+    hidden = 16
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + hidden, cross_attention_dim=2 * hidden,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=2 * latent_size, scaling_factor=0.13025,
+    )
+    tokenizer = tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=hidden,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    # the scheduler config of stabilityai/stable-diffusion-xl-base-1.0 (keys of SD's DDIM config included, as there)
+    scheduler = EulerDiscreteScheduler.from_config(dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, clip_sample=False, sample_max_value=1.0,
+        set_alpha_to_one=False, skip_prk_steps=True))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
 
 
 def randomise_parameters(params, seed: int = 0, scale: float = 0.05) -> None:

@@ -133,7 +133,7 @@ def soft_value_gradient(
                 shifts.append(torch.zeros_like(g[0]))
                 continue
             emb = pipeline.encode_prompts([prompts[b]]).expand(chunk, -1, -1)
-            neg = pipeline.encode_prompts([negative_prompt or ""]).expand(chunk, -1, -1)
+            neg = pipeline.encode_negative_prompt(negative_prompt, chunk)
             std = schedule.std[position].to(x.dtype)
             # the reference mean at x and its VJP (for the score estimator)
             xg = x.clone().requires_grad_(True)

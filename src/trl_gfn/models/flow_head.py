@@ -60,7 +60,12 @@ class FlowHead(ModelMixin, ConfigMixin):
             torch.nn.init.zeros_(self.unet.conv_out.bias)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Return g_φ(sample, timestep, prompt) with the shape of ``sample`` (float32)."""
+        """Return g_φ(sample, timestep, prompt) with the shape of ``sample`` (float32).
+
+        ``encoder_hidden_states`` is a (B, L, D) tensor or a prompt ``Conditioning`` (SDXL), whose token states
+        (``.embeds``) it attends to."""
+        if not isinstance(encoder_hidden_states, torch.Tensor):
+            encoder_hidden_states = encoder_hidden_states.embeds
         if not self.config.condition_on_prompt:
             encoder_hidden_states = torch.zeros_like(encoder_hidden_states)
         dtype = self.unet.conv_in.weight.dtype

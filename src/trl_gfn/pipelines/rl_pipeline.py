@@ -16,6 +16,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
 from ..diffusion import TransitionSchedule, make_scheduler, model_output_to_epsilon, step_mean, transition_schedule
+from .conditioning import Conditioning
+from .families import FAMILIES, ModelFamily, resolve_family
 from .trajectory import Trajectories
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,36 +27,37 @@ ADAPTER_NAME = "default"
 
 
 class DiffusionPipelineForRL:
-    """Wrap a UNet2DConditionModel-based diffusers text-to-image pipeline (SD 1.x / 2.x) for RL fine-tuning.
+    """Wrap a diffusers text-to-image pipeline of a supported model family (SD 1.x/2.x, SDXL) for RL fine-tuning.
 
     Build it with :meth:`from_pretrained` (a Hub id or a local directory) or from an existing pipeline
-    object. The wrapper owns the LoRA adapter (:meth:`add_lora`), the reference switch
-    (:meth:`reference_mode`), prompt encoding, guided noise prediction, trajectory sampling, decoding and
-    LoRA save/load in diffusers format.
+    object (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``). The wrapper owns the LoRA adapter
+    (:meth:`add_lora`), the reference switch (:meth:`reference_mode`), prompt encoding, guided noise prediction,
+    trajectory sampling, decoding and LoRA save/load in the family's diffusers format. What differs between
+    families lives in :attr:`family` (:mod:`trl_gfn.pipelines.families`); prompt conditioning is a tensor (SD 1.x/2.x)
+    or a :class:`~trl_gfn.pipelines.Conditioning` (SDXL: pooled embeddings and ``add_time_ids`` too).
+
+    Args:
+        pipeline: the diffusers pipeline.
+        height, width: image size in pixels that trajectories are sampled at (multiples of the VAE scale factor times
+            the UNet's down-sampling); default: the UNet's ``sample_size`` times the VAE scale factor. Non-square sizes work;
+            SDXL also receives them as its size conditioning (``add_time_ids``).
 
     A LoRA that diffusers already loaded into the UNet (``pipeline.load_lora_weights(...)`` before wrapping) is
     detected and becomes the trained adapter once the trainer has checked it against its config
     (:meth:`ensure_lora`): training continues from it instead of adding a second, fresh adapter.
     """
 
-    def __init__(self, pipeline: StableDiffusionPipeline):
-        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            if getattr(pipeline, name, None) is None:
-                raise ValueError(f"pipeline of type {type(pipeline).__name__} has no `{name}`; a text-to-image pipeline with "
-                                 "unet, vae, text_encoder, tokenizer and scheduler (Stable Diffusion 1.x/2.x) is required")
-        if not isinstance(pipeline.unet, UNet2DConditionModel):
-            raise ValueError(f"unsupported pipeline: its unet is a {type(pipeline.unet).__name__}, expected UNet2DConditionModel")
-        if not isinstance(pipeline.vae, AutoencoderKL):
-            raise ValueError(f"unsupported pipeline: its vae is a {type(pipeline.vae).__name__}, expected AutoencoderKL")
-        if getattr(pipeline, "text_encoder_2", None) is not None:
-            raise ValueError(f"unsupported pipeline {type(pipeline).__name__}: pipelines with two text encoders (SDXL) are not supported yet")
+    def __init__(self, pipeline: StableDiffusionPipeline, *, height: int | None = None, width: int | None = None):
+        #: the family-specific part (prompt encoding, denoiser inputs, LoRA format), see :mod:`trl_gfn.pipelines.families`
+        self.family: ModelFamily = resolve_family(pipeline)
         self.pipeline = pipeline
+        self._size = self._check_size(height, width)
         self.weight_dtype = pipeline.unet.dtype
         self._lora_config = None
         self.adapter_name = ADAPTER_NAME
         #: an adapter found in the UNet when wrapping (e.g. loaded by diffusers' ``load_lora_weights``), not yet checked
         self.loaded_adapter: str | None = None
-        text_adapters = sorted(getattr(pipeline.text_encoder, "peft_config", None) or {})
+        text_adapters = sorted(a for e in self.family.text_encoders() for a in (getattr(e, "peft_config", None) or {}))
         if text_adapters:
             raise ValueError(f"the text encoder has LoRA adapter(s) {text_adapters} (e.g. from load_lora_weights): trl-gfn trains and "
                              "switches off UNet LoRAs only. Fuse them first (pipeline.fuse_lora(components=['text_encoder']); "
@@ -65,10 +68,11 @@ class DiffusionPipelineForRL:
                              "the weights (pipeline.fuse_lora(adapter_names=[...]); pipeline.unload_lora_weights()) or load one LoRA")
         if unet_adapters:
             self.loaded_adapter = self.adapter_name = unet_adapters[0]
-        for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet):
+        for module in self.family.frozen_modules():
             module.requires_grad_(False)
         pipeline.vae.eval()
-        pipeline.text_encoder.eval()
+        for encoder in self.family.text_encoders():
+            encoder.eval()
         if getattr(pipeline, "safety_checker", None) is not None:
             pipeline.safety_checker = None  # the trainers score raw samples; it would blank them
         pipeline.set_progress_bar_config(disable=True)
@@ -83,19 +87,27 @@ class DiffusionPipelineForRL:
         use_lora: bool = True,
         lora_rank: int = 8,
         lora_alpha: int | None = None,
-        lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        lora_target_modules: Sequence[str] | None = None,
         torch_dtype: torch.dtype | None = None,
+        height: int | None = None,
+        width: int | None = None,
         **kwargs: Any,
     ) -> DiffusionPipelineForRL:
-        """Load a Stable Diffusion pipeline from a Hub id or a local directory and (``use_lora``) add a LoRA adapter.
+        """Load a pipeline of a supported family from a Hub id or a local directory and (``use_lora``) add a LoRA adapter.
 
-        Loading goes through ``StableDiffusionPipeline.from_pretrained``: a missing model raises (there is no
-        fallback to random weights). Extra ``kwargs`` are passed to it.
+        The family comes from the model's ``model_index.json`` (``_class_name``): ``StableDiffusionXLPipeline`` loads
+        through that class, anything else through ``StableDiffusionPipeline.from_pretrained``. A missing model raises
+        (there is no fallback to random weights). Extra ``kwargs`` are passed to ``from_pretrained`` (e.g.
+        ``vae=AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix")`` for SDXL in float16).
+        ``lora_target_modules`` defaults to the family's (:attr:`ModelFamily.default_lora_target_modules`);
+        ``height`` / ``width`` as in the constructor.
         """
-        kwargs.setdefault("safety_checker", None)
-        kwargs.setdefault("requires_safety_checker", False)
-        pipeline = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision, torch_dtype=torch_dtype, **kwargs)
-        wrapper = cls(pipeline)
+        pipeline_class = _pipeline_class(pretrained_model_name_or_path, revision)
+        if pipeline_class is StableDiffusionPipeline:
+            kwargs.setdefault("safety_checker", None)
+            kwargs.setdefault("requires_safety_checker", False)
+        pipeline = pipeline_class.from_pretrained(pretrained_model_name_or_path, revision=revision, torch_dtype=torch_dtype, **kwargs)
+        wrapper = cls(pipeline, height=height, width=width)
         if use_lora:
             wrapper.add_lora(lora_rank, lora_alpha, lora_target_modules)
         return wrapper
@@ -111,7 +123,13 @@ class DiffusionPipelineForRL:
 
     @property
     def text_encoder(self):
+        """The (first) text encoder."""
         return self.pipeline.text_encoder
+
+    @property
+    def prompt_embed_dim(self) -> int:
+        """Width of the token states in the prompt conditioning (all text encoders together)."""
+        return self.family.prompt_embed_dim
 
     @property
     def tokenizer(self):
@@ -131,10 +149,24 @@ class DiffusionPipelineForRL:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of the latents at the model's default resolution."""
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
+        """(C, h, w) of the latents sampled: ``height`` / ``width`` over the VAE scale factor, else the UNet's sample size."""
+        if self._size is not None:
+            size = (self._size[0] // self.vae_scale_factor, self._size[1] // self.vae_scale_factor)
+        else:
+            size = self.unet.config.sample_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
         return (self.unet.config.in_channels, *size)
+
+    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int] | None:
+        if height is None and width is None:
+            return None
+        if height is None or width is None:
+            raise ValueError(f"give both height and width, or neither (got height={height}, width={width})")
+        step = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % step:
+                raise ValueError(f"{name}={value} must be a positive multiple of {step} (VAE scale factor x UNet down-sampling)")
+        return int(height), int(width)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -143,7 +175,7 @@ class DiffusionPipelineForRL:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(H, W) of the images at the model's default resolution."""
+        """(H, W) of the sampled images."""
         _, h, w = self.latent_shape
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
@@ -152,12 +184,14 @@ class DiffusionPipelineForRL:
         return self
 
     def set_precision(self, mixed_precision: str) -> None:
-        """Cast the frozen weights (UNet base, VAE, text encoder) to the precision of ``mixed_precision``; LoRA stays float32."""
+        """Cast the frozen weights (UNet base, VAE, text encoders) to the precision of ``mixed_precision``; LoRA stays float32.
+
+        The family may keep the VAE in float32 (SDXL's original VAE under float16, see :meth:`ModelFamily.vae_dtype`)."""
         if mixed_precision not in DTYPES:
             raise ValueError(f"mixed_precision must be one of {sorted(DTYPES)}, got {mixed_precision!r}")
         dtype = DTYPES[mixed_precision]
-        for module in (self.vae, self.text_encoder, self.unet):
-            module.to(dtype=dtype)
+        for module in self.family.frozen_modules():
+            module.to(dtype=self.family.vae_dtype(dtype) if module is self.vae else dtype)
         self.weight_dtype = dtype
         for p in self.lora_parameters():
             p.data = p.data.float()
@@ -168,10 +202,12 @@ class DiffusionPipelineForRL:
         self.unet.train()
 
     # ------------------------------------------------------------------ LoRA
-    def add_lora(self, rank: int = 8, alpha: int | None = None, target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")) -> None:
-        """Add the trainable LoRA adapter (B zero-initialised, so the policy starts equal to the reference)."""
+    def add_lora(self, rank: int = 8, alpha: int | None = None, target_modules: Sequence[str] | None = None) -> None:
+        """Add the trainable LoRA adapter (B zero-initialised, so the policy starts equal to the reference); ``target_modules``
+        defaults to the family's."""
         from peft import LoraConfig
 
+        target_modules = target_modules if target_modules is not None else self.family.default_lora_target_modules
         if self.has_lora:
             raise ValueError("the pipeline already has a LoRA adapter")
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian", target_modules=list(target_modules))
@@ -249,14 +285,15 @@ class DiffusionPipelineForRL:
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=self.adapter_name))
 
     def save_lora(self, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
-        """Write ``pytorch_lora_weights.safetensors`` loadable with ``StableDiffusionPipeline.load_lora_weights``."""
+        """Write ``pytorch_lora_weights.safetensors`` loadable with the family's ``load_lora_weights`` (e.g.
+        ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.load_lora_weights``)."""
         if not self.has_lora:
             raise ValueError("the pipeline has no LoRA adapter to save")
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.lora_state_dict().items()}
         metadata = self._lora_config.to_dict() if self._lora_config is not None else None
         if metadata is not None:
             metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-        StableDiffusionPipeline.save_lora_weights(save_directory, unet_lora_layers=state, is_main_process=is_main_process,
+        self.family.pipeline_class.save_lora_weights(save_directory, unet_lora_layers=state, is_main_process=is_main_process,
                                                   weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata)
 
     def load_lora(self, load_directory: str | os.PathLike) -> None:
@@ -357,26 +394,26 @@ class DiffusionPipelineForRL:
         scheduler = make_scheduler(self.scheduler, sampler, eta)
         return transition_schedule(scheduler, num_steps, eta, device=self.device)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states (B, L, D) of ``prompts`` padded to the tokenizer's max length."""
+    def encode_prompts(self, prompts: Sequence[str], image_size: tuple[int, int] | None = None) -> torch.Tensor | Conditioning:
+        """Prompt conditioning, one row per prompt (float32, no grad): for SD 1.x/2.x the text encoder's hidden states
+        (B, L, D) padded to the tokenizer's max length, for SDXL a :class:`Conditioning` (token states of both encoders,
+        pooled embedding, ``add_time_ids`` for ``image_size`` (H, W), default :attr:`image_size`; SD ignores it)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        ids = tokens.input_ids.to(self.text_encoder.device)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(ids.device)
-        return self.text_encoder(ids, attention_mask=mask)[0].float()
+        return self.family.encode_prompts(list(prompts), tuple(image_size) if image_size is not None else self.image_size)
+
+    def encode_negative_prompt(self, negative_prompt: str | None, batch: int) -> torch.Tensor | Conditioning:
+        """Conditioning of the unconditional CFG branch (``negative_prompt``, default empty), ``batch`` rows; SDXL with
+        ``force_zeros_for_empty_prompt`` uses zeros for an empty one, as diffusers does."""
+        return self.family.encode_negative_prompt(negative_prompt, batch, self.image_size)
 
     def guided_epsilon(
         self,
         unet: torch.nn.Module,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | Conditioning,
+        negative_prompt_embeds: torch.Tensor | Conditioning,
         guidance_scale: float,
         alpha_bar: torch.Tensor,
         prediction_type: str,
@@ -384,29 +421,28 @@ class DiffusionPipelineForRL:
         """Guided noise prediction ε̂ = ε_u + w (ε_c − ε_u) (float32), one batched UNet call for both branches.
 
         ``unet`` is passed in so that trainers can use the accelerate-prepared (wrapped) module where
-        parameter gradients must be synchronised. ``guidance_scale == 1`` skips the unconditional branch.
+        parameter gradients must be synchronised. ``guidance_scale == 1`` skips the unconditional branch. The
+        denoiser call itself is the family's (:meth:`ModelFamily.predict`).
         """
         dtype = self.weight_dtype
         device_type = latents.device.type
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
             if guidance_scale == 1.0:
-                out = unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+                out = self.family.predict(unet, latents, timesteps, prompt_embeds, dtype)
             else:
-                both = unet(
-                    torch.cat([latents, latents]).to(dtype),
-                    torch.cat([timesteps, timesteps]),
-                    encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype),
-                ).sample.float()
+                both = self.family.predict(unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                                           torch.cat([negative_prompt_embeds, prompt_embeds]), dtype)
                 uncond, cond = both.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
         return model_output_to_epsilon(out, latents.float(), alpha_bar, prediction_type)
 
-    def model_output(self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def model_output(self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+                     prompt_embeds: torch.Tensor | Conditioning) -> torch.Tensor:
         """The UNet's conditional output (its own parameterisation: epsilon, v or sample) as float32, under autocast
         when the frozen weights are in half precision. ``unet`` may be the accelerate-prepared module."""
         dtype = self.weight_dtype
         with torch.autocast(device_type=latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+            return self.family.predict(unet, latents, timesteps, prompt_embeds, dtype)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None, *, posterior_mean: bool = False) -> torch.Tensor:
@@ -458,14 +494,14 @@ class DiffusionPipelineForRL:
         unet = unet if unet is not None else self.unet
         device = self.device
         prompt_embeds = self.encode_prompts(list(prompts))
-        negative = self.encode_prompts([negative_prompt or ""]).expand(batch, -1, -1)
+        negative = self.encode_negative_prompt(negative_prompt, batch)
         if extra_tokens is not None:
             if extra_tokens.ndim != 3 or extra_tokens.shape[0] != batch or extra_tokens.shape[2] != prompt_embeds.shape[2]:
                 raise ValueError(f"extra_tokens: expected shape ({batch}, T, {prompt_embeds.shape[2]}), got {tuple(extra_tokens.shape)}")
-            extra = extra_tokens.to(prompt_embeds)
-            prompt_embeds = torch.cat([prompt_embeds, extra], dim=1)
-            negative = torch.cat([negative, torch.zeros_like(extra)], dim=1)
-        latents = self._randn((batch, *self.latent_shape), generators, device) * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+            extra = extra_tokens.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype)
+            prompt_embeds = _append_tokens(prompt_embeds, extra)
+            negative = _append_tokens(negative, torch.zeros_like(extra))
+        latents = self.initial_latents(batch, generators, device)
         states = [latents]
         epsilons = []
         for i in tqdm(range(schedule.num_steps), disable=not progress, desc="sampling", leave=False):
@@ -489,6 +525,14 @@ class DiffusionPipelineForRL:
             traj.images = self.decode(latents)
         return traj
 
+    def initial_latents(self, batch: int, generators: Sequence[torch.Generator] | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """x_K ~ N(0, I), shape (batch, *latent_shape), one generator per sample when given.
+
+        The samplers (:func:`trl_gfn.diffusion.make_scheduler`: DDIM/DDPM, SDE-DPM-Solver++) are variance-preserving, so
+        x_K has unit variance whatever the pipeline's own scheduler is: an ``EulerDiscreteScheduler`` (SDXL's default)
+        reports ``init_noise_sigma`` = sigma_max for its own parameterisation, which does not apply here."""
+        return self._randn((batch, *self.latent_shape), generators, device if device is not None else self.device)
+
     @staticmethod
     def _randn(shape, generators, device) -> torch.Tensor:
         if generators is None:
@@ -496,6 +540,28 @@ class DiffusionPipelineForRL:
         if len(generators) != shape[0]:
             raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
         return torch.stack([torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generators])
+
+
+def _append_tokens(conditioning: torch.Tensor | Conditioning, tokens: torch.Tensor) -> torch.Tensor | Conditioning:
+    """``tokens`` (B, T, D) appended to the token states of ``conditioning`` (a tensor, or a :class:`Conditioning`'s ``embeds``)."""
+    if isinstance(conditioning, Conditioning):
+        return Conditioning(torch.cat([conditioning.embeds, tokens], dim=1), dict(conditioning.added))
+    return torch.cat([conditioning, tokens], dim=1)
+
+
+def _pipeline_class(pretrained_model_name_or_path: str | os.PathLike, revision: str | None) -> type:
+    """The diffusers class to load a model with: the family whose ``pipeline_class`` its ``model_index.json`` names, else
+    ``StableDiffusionPipeline`` (which then reports what is missing)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision).get("_class_name")
+    except (OSError, ValueError):
+        return StableDiffusionPipeline  # its from_pretrained raises the informative error
+    for family in FAMILIES:
+        if family.pipeline_class.__name__ == name:
+            return family.pipeline_class
+    return StableDiffusionPipeline
 
 
 def _is_lora_param(name: str, adapter: str) -> bool:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .conditioning import Conditioning
+
 
 @dataclass
 class Trajectories:
@@ -15,8 +17,9 @@ class Trajectories:
     Attributes:
         latents: (B, K + 1, C, h, w) states x_K, …, x_0 (float32).
         epsilons: (B, K, C, h, w) guided noise predictions ε̂_old recorded while sampling (float32).
-        prompt_embeds: (B, L, D) text-encoder states of each sample's own prompt.
-        negative_prompt_embeds: (B, L, D) states of the negative (unconditional) prompt.
+        prompt_embeds: conditioning of each sample's own prompt: (B, L, D) text-encoder states (SD 1.x/2.x) or a
+            :class:`~trl_gfn.pipelines.Conditioning` with B rows (SDXL: token states, pooled embedding, time ids).
+        negative_prompt_embeds: the same for the negative (unconditional) prompt.
         prompts, prompt_metadata: the prompts and their metadata, one per sample.
         images: (B, 3, H, W) decoded final samples in [0, 1] (float32).
         rewards: (B,) log-rewards of the final samples (filled in after scoring).
@@ -25,8 +28,8 @@ class Trajectories:
 
     latents: torch.Tensor
     epsilons: torch.Tensor
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor
+    prompt_embeds: torch.Tensor | Conditioning
+    negative_prompt_embeds: torch.Tensor | Conditioning
     prompts: list[str]
     prompt_metadata: list[dict[str, Any]]
     images: torch.Tensor | None = None
@@ -47,7 +50,7 @@ class Trajectories:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, (torch.Tensor, Conditioning)):
                 out[f.name] = value[index.to(value.device)]
             elif isinstance(value, list):
                 out[f.name] = [value[i] for i in index.tolist()]
@@ -66,7 +69,7 @@ class Trajectories:
             values = [getattr(p, f.name) for p in parts]
             if values[0] is None:
                 out[f.name] = None
-            elif isinstance(values[0], torch.Tensor):
+            elif isinstance(values[0], (torch.Tensor, Conditioning)):
                 out[f.name] = torch.cat(values)
             elif isinstance(values[0], list):
                 out[f.name] = [item for v in values for item in v]
@@ -88,8 +91,8 @@ class TransitionBatch:
     step_index: torch.Tensor
     epsilons: torch.Tensor
     next_epsilons: torch.Tensor
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor
+    prompt_embeds: torch.Tensor | Conditioning
+    negative_prompt_embeds: torch.Tensor | Conditioning
     prompts: list[str]
     prompt_metadata: list[dict[str, Any]]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -25,6 +25,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from ..configs.base import BaseDiffusionConfig
 from ..pipelines import DiffusionPipelineForRL
+from ..pipelines.families import supported_families
 from .checkpoints import (
     CHECKPOINT_PATTERN,
     CheckpointError,
@@ -107,7 +108,7 @@ class BaseDiffusionTrainer(PublishingMixin):
 
     Args:
         config: the method's config dataclass (an instance of :attr:`config_class`).
-        pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` is wrapped).
+        pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` is wrapped).
     """
 
     config_class: type[BaseDiffusionConfig] = BaseDiffusionConfig
@@ -125,7 +126,8 @@ class BaseDiffusionTrainer(PublishingMixin):
             if hasattr(pipeline, "unet") and hasattr(pipeline, "vae"):
                 pipeline = DiffusionPipelineForRL(pipeline)
             else:
-                raise TypeError(f"pipeline must be a DiffusionPipelineForRL or a diffusers Stable Diffusion pipeline, got {type(pipeline).__name__}")
+                raise TypeError(f"pipeline must be a DiffusionPipelineForRL or a diffusers pipeline of a supported family "
+                                f"({supported_families()}), got {type(pipeline).__name__}")
         self.config = config
         self.pipeline = pipeline
         #: the first distinct prompts trained on (:meth:`note_prompts`), shown in the model card

@@ -240,7 +240,7 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
             target_l = ab.sqrt() * noise - (1 - ab).sqrt() * latents_l
         else:
             target_w, target_l = latents_w, latents_l
-        embeds = self.pipeline.encode_prompts(batch.captions).to(device)
+        embeds = self.pipeline.encode_prompts(batch.captions, image_size=tuple(batch.winners.shape[-2:])).to(device)  # SDXL: size ids
         return PairInputs(latents_w, latents_l, noise, t, noisy_w, noisy_l, target_w, target_l, embeds)
 
     def encode_pair_latents(self, batch: PairBatch, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:

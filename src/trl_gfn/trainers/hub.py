@@ -88,10 +88,12 @@ def build_model_card(
     dataset_name: str | None = None,
     tags: list[str] | None = None,
     objective: str | None = None,
+    pipeline_class: str = "StableDiffusionPipeline",
 ):
     """The model card of a trained LoRA: Hub metadata plus method, base model, reward, key config, metrics and loading code.
 
-    ``objective`` replaces "to maximise the reward `<reward>`" for methods trained on something else (preference pairs)."""
+    ``objective`` replaces "to maximise the reward `<reward>`" for methods trained on something else (preference pairs).
+    ``pipeline_class``: the diffusers class of the base model's family, used in the loading code."""
     from huggingface_hub import ModelCard, ModelCardData
 
     all_tags = list(dict.fromkeys(["trl-gfn", method_tag, "lora", "text-to-image", "diffusers", *(tags or [])]))
@@ -114,9 +116,9 @@ staying close to the pretrained model.
 ## Use it
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_class}
 
-pipeline = StableDiffusionPipeline.from_pretrained({load_base})
+pipeline = {pipeline_class}.from_pretrained({load_base})
 pipeline.load_lora_weights({json.dumps(repo_id)})
 image = pipeline({json.dumps(prompt)}, num_inference_steps={config.get("sample_num_steps", 50)}, guidance_scale={config.get("sample_guidance_scale", 7.5)}).images[0]
 ```

@@ -83,7 +83,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             in_channels=unet.config.in_channels,
             block_out_channels=tuple(int(w) for w in c.flow_block_out_channels),
             layers_per_block=c.flow_layers_per_block,
-            cross_attention_dim=self.pipeline.text_encoder.config.hidden_size,
+            cross_attention_dim=self.pipeline.prompt_embed_dim,
             attention_head_dim=c.flow_attention_head_dim,
             sample_size=self.pipeline.latent_shape[-1],
             condition_on_prompt=c.flow_condition_on_prompt,
@@ -221,7 +221,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         x = latents.detach().float().to(self.accelerator.device)
         metadata = list(prompt_metadata) if prompt_metadata is not None else [{} for _ in range(n)]
         emb = self.pipeline.encode_prompts(list(prompts))
-        neg = self.pipeline.encode_prompts([self.config.negative_prompts or ""]).expand(n, -1, -1)
+        neg = self.pipeline.encode_negative_prompt(self.config.negative_prompts, n)
         idx = torch.full((n,), position, dtype=torch.long, device=x.device)
         mc = self.config.flow_estimator == "monte_carlo"
         if mc and self.config.value_baseline == "none" and position < self.schedule.num_steps:
@@ -248,7 +248,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         idx = torch.full((n,), position, dtype=torch.long, device=x.device)
         a = sched.gather("alphas_cumprod", idx, like=x)
         emb = self.pipeline.encode_prompts(list(prompts))
-        neg = self.pipeline.encode_prompts([c.negative_prompts or ""]).expand(n, -1, -1)
+        neg = self.pipeline.encode_negative_prompt(c.negative_prompts, n)
         guided = partial(self.pipeline.guided_epsilon, timesteps=sched.timesteps[idx], prompt_embeds=emb, negative_prompt_embeds=neg,
                          guidance_scale=c.sample_guidance_scale, alpha_bar=a, prediction_type=sched.prediction_type)
         eps = guided(self.pipeline.unet, x)

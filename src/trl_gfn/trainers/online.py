@@ -32,7 +32,7 @@ class DiffusionRLTrainer(BaseDiffusionTrainer):
         config: the method's config dataclass.
         reward_function: ``reward_fn(images, prompts, prompt_metadata) -> (rewards, metadata)``; an
             ``nn.Module`` is moved to the device, frozen and kept in float32.
-        pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` is wrapped).
+        pipeline: a :class:`DiffusionPipelineForRL` (a plain ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` is wrapped).
         prompt_function: a callable ``() -> (prompt, metadata)``, a list of prompts, a ``datasets.Dataset``
             with a ``prompt`` column, or a prompt-set name; default ``config.prompt_set``.
         image_samples_hook: optional ``hook(image_data, global_step, tracker)`` called on the main process every

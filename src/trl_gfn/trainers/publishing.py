@@ -86,7 +86,7 @@ class PublishingMixin:
                                 citation=self.citation, reward=reward, config=self.config.to_public_dict(), key_fields=self.card_fields,
                                 metrics=metrics, prompts=self.card_prompt_examples(), extra_usage=self.model_card_extra_usage(),
                                 dataset_name=dataset_name, tags=list(tags) if isinstance(tags, (list, tuple)) else ([tags] if tags else None),
-                                objective=self.card_objective())
+                                objective=self.card_objective(), pipeline_class=self.pipeline.family.pipeline_class.__name__)
         return str(card)
 
     def push_to_hub(self, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None,

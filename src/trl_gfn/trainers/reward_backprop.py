@@ -53,14 +53,12 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
     # ------------------------------------------------------------------ sampling with gradient
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.pipeline.encode_prompts(prompts)
-        negative = self.pipeline.encode_prompts([self.config.negative_prompts or ""]).expand(len(prompts), -1, -1)
+        negative = self.pipeline.encode_negative_prompt(self.config.negative_prompts, len(prompts))
         return embeds, negative
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """x_K, drawn exactly as :meth:`DiffusionPipelineForRL.sample` draws it (same generators, same sample)."""
-        shape = (len(generators), *self.pipeline.latent_shape)
-        sigma = float(getattr(self.pipeline.scheduler, "init_noise_sigma", 1.0))
-        return self.pipeline._randn(shape, generators, self.accelerator.device) * sigma
+        return self.pipeline.initial_latents(len(generators), generators, self.accelerator.device)
 
     def denoise(self, latents: torch.Tensor, start: int, stop: int, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                 generators: list[torch.Generator], *, grad_from: int) -> torch.Tensor:

@@ -1,0 +1,211 @@
+"""Model families: what differs between SD 1.x/2.x, SDXL (and later flow-matching models) behind one interface.
+
+:class:`DiffusionPipelineForRL` holds one :class:`ModelFamily` and asks it for everything family-specific: checking
+the pipeline's components, prompt encoding (token states, pooled embeddings, extra conditioning), the keyword
+arguments of the denoiser call, the frozen modules and their dtypes, the default LoRA targets and the diffusers class
+whose ``save_lora_weights`` / ``load_lora_weights`` define the LoRA file format. Trainers only see the wrapper, so they
+never branch on the family.
+
+Adding a family: subclass :class:`ModelFamily`, implement :meth:`~ModelFamily.matches`, :meth:`~ModelFamily.encode_prompts`,
+:meth:`~ModelFamily.encode_negative_prompt` and :meth:`~ModelFamily.denoiser_inputs`, and register it in :data:`FAMILIES`
+(most specific first). See ``docs/model_families.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from .conditioning import Conditioning
+
+#: LoRA targets of the attention projections of a diffusers UNet (the reference setting of every trainer)
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class ModelFamily:
+    """The family-specific part of :class:`~trl_gfn.pipelines.DiffusionPipelineForRL` for one diffusers pipeline.
+
+    Class attributes:
+        name: human-readable name, used in error messages.
+        pipeline_class: the diffusers pipeline class of the family; its ``save_lora_weights`` writes the LoRA files and
+            its ``load_lora_weights`` reads them back.
+        text_encoder_names: the pipeline attributes holding text encoders (frozen, never LoRA-trained).
+        required_components: pipeline attributes that must be present (checked by :meth:`check`).
+        default_lora_target_modules: LoRA targets used when none are given.
+
+    Args:
+        pipeline: the diffusers pipeline; :meth:`check` runs on it at construction.
+    """
+
+    name: ClassVar[str] = ""
+    pipeline_class: ClassVar[type] = StableDiffusionPipeline
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    required_components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    default_lora_target_modules: ClassVar[tuple[str, ...]] = UNET_ATTENTION_TARGETS
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+        self.check()
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        """Whether ``pipeline`` looks like this family's (checked strictly afterwards by :meth:`check`)."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming what is missing or of the wrong type."""
+        pipeline = self.pipeline
+        for name in self.required_components:
+            if getattr(pipeline, name, None) is None:
+                raise ValueError(f"pipeline of type {type(pipeline).__name__} has no `{name}`; a {self.name} pipeline needs "
+                                 f"{', '.join(self.required_components)}")
+        if not isinstance(pipeline.unet, UNet2DConditionModel):
+            raise ValueError(f"unsupported pipeline: its unet is a {type(pipeline.unet).__name__}, expected UNet2DConditionModel")
+        if not isinstance(pipeline.vae, AutoencoderKL):
+            raise ValueError(f"unsupported pipeline: its vae is a {type(pipeline.vae).__name__}, expected AutoencoderKL")
+
+    # ------------------------------------------------------------------ components
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipeline, n) for n in self.text_encoder_names]
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """VAE, text encoders and UNet: frozen when wrapping and cast by ``set_precision``."""
+        return [self.pipeline.vae, *self.text_encoders(), self.pipeline.unet]
+
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the VAE runs in when the frozen weights are cast to ``dtype``."""
+        return dtype
+
+    @property
+    def prompt_embed_dim(self) -> int:
+        """Width D of the token states the denoiser (and a prompt-conditioned flow head) attends to."""
+        return sum(int(e.config.hidden_size) for e in self.text_encoders())
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_prompts(self, prompts: Sequence[str], image_size: tuple[int, int]) -> torch.Tensor | Conditioning:
+        """Conditioning of ``prompts`` (one row each) for images of ``image_size`` (H, W), float32."""
+        raise NotImplementedError
+
+    def encode_negative_prompt(self, negative_prompt: str | None, batch: int, image_size: tuple[int, int]) -> torch.Tensor | Conditioning:
+        """Conditioning of the unconditional branch of CFG, ``batch`` rows."""
+        return self.encode_prompts([negative_prompt or ""], image_size).expand(batch, -1, -1)
+
+    def denoiser_inputs(self, conditioning: torch.Tensor | Conditioning, dtype: torch.dtype) -> dict[str, Any]:
+        """Keyword arguments of the denoiser call for ``conditioning``, cast to ``dtype``."""
+        raise NotImplementedError
+
+    def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor | Conditioning,
+                dtype: torch.dtype) -> torch.Tensor:
+        """The denoiser's raw output (its own parameterisation) as float32; inputs cast to ``dtype``. ``denoiser`` may be the
+        accelerate-prepared module. UNet families call ``unet(latents, t, **denoiser_inputs).sample``; a transformer family
+        overrides this."""
+        return denoiser(latents.to(dtype), timesteps, **self.denoiser_inputs(conditioning, dtype)).sample.float()
+
+
+class StableDiffusionFamily(ModelFamily):
+    """Stable Diffusion 1.x/2.x: one CLIP text encoder; conditioning is its (B, L, D) last hidden states, a plain tensor."""
+
+    name = "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)"
+    pipeline_class = StableDiffusionPipeline
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        return getattr(pipeline, "text_encoder_2", None) is None  # the fallback: :meth:`check` says what is missing
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], image_size: tuple[int, int]) -> torch.Tensor:
+        tokenizer, text_encoder = self.pipeline.tokenizer, self.pipeline.text_encoder
+        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(text_encoder.device)
+        mask = None
+        if getattr(text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(ids.device)
+        return text_encoder(ids, attention_mask=mask)[0].float()
+
+    def denoiser_inputs(self, conditioning: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        return {"encoder_hidden_states": conditioning.to(dtype)}
+
+
+class StableDiffusionXLFamily(ModelFamily):
+    """SDXL: two CLIP text encoders (penultimate states concatenated), the second's pooled projection and the six size /
+    crop ``add_time_ids``, passed to the UNet as ``added_cond_kwargs={"text_embeds", "time_ids"}``.
+
+    Prompts are encoded by the pipeline's own ``encode_prompt`` (exactly what diffusers samples with). With the pipeline's
+    ``force_zeros_for_empty_prompt`` (SDXL base: true) an empty negative prompt is all zeros, as in diffusers. Time ids are
+    (H, W, 0, 0, H, W) for the wrapper's image size. The original SDXL VAE overflows in float16 (its config says
+    ``force_upcast``); it then stays float32 under ``mixed_precision="fp16"``, unless the pipeline was built with a VAE that
+    does not need it (``madebyollin/sdxl-vae-fp16-fix``).
+    """
+
+    name = "Stable Diffusion XL (StableDiffusionXLPipeline)"
+    pipeline_class = StableDiffusionXLPipeline
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    required_components = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        return isinstance(pipeline, StableDiffusionXLPipeline) or getattr(pipeline, "text_encoder_2", None) is not None
+
+    def check(self) -> None:
+        super().check()
+        unet = self.pipeline.unet
+        if unet.config.addition_embed_type != "text_time":
+            raise ValueError(f"an SDXL pipeline needs a UNet with addition_embed_type='text_time', got {unet.config.addition_embed_type!r}")
+        if not isinstance(self.pipeline, StableDiffusionXLPipeline):
+            raise ValueError(f"unsupported pipeline {type(self.pipeline).__name__}: two text encoders are supported through "
+                             "StableDiffusionXLPipeline only")
+
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if dtype == torch.float16 and getattr(self.pipeline.vae.config, "force_upcast", False):
+            return torch.float32
+        return dtype
+
+    def time_ids(self, image_size: tuple[int, int], rows: int) -> torch.Tensor:
+        """(rows, 6) float32 ``add_time_ids``: original size, crop top-left (0, 0), target size, all ``image_size``."""
+        pipeline = self.pipeline
+        ids = pipeline._get_add_time_ids(tuple(image_size), (0, 0), tuple(image_size), dtype=torch.float32,
+                                         text_encoder_projection_dim=int(pipeline.text_encoder_2.config.projection_dim))
+        return ids.to(pipeline.unet.device).expand(rows, -1)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.pipeline.unet.device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+        return embeds.float(), pooled.float()
+
+    def encode_prompts(self, prompts: Sequence[str], image_size: tuple[int, int]) -> Conditioning:
+        embeds, pooled = self._encode(list(prompts))
+        return Conditioning(embeds, {"text_embeds": pooled, "time_ids": self.time_ids(image_size, len(pooled))})
+
+    def encode_negative_prompt(self, negative_prompt: str | None, batch: int, image_size: tuple[int, int]) -> Conditioning:
+        cond = self.encode_prompts([negative_prompt or ""], image_size)
+        if not negative_prompt and self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            cond = Conditioning(torch.zeros_like(cond.embeds), {"text_embeds": torch.zeros_like(cond.added["text_embeds"]),
+                                                                 "time_ids": cond.added["time_ids"]})
+        return cond.expand(batch, -1, -1)
+
+    def denoiser_inputs(self, conditioning: Conditioning, dtype: torch.dtype) -> dict[str, Any]:
+        return {"encoder_hidden_states": conditioning.embeds.to(dtype),
+                "added_cond_kwargs": {k: v.to(dtype) for k, v in conditioning.added.items()}}
+
+
+#: the supported families, most specific first (the first whose ``matches`` accepts a pipeline handles it)
+FAMILIES: list[type[ModelFamily]] = [StableDiffusionXLFamily, StableDiffusionFamily]
+
+
+def supported_families() -> str:
+    """The supported families, for error messages."""
+    return "; ".join(f.name for f in FAMILIES)
+
+
+def resolve_family(pipeline: Any) -> ModelFamily:
+    """The :class:`ModelFamily` of ``pipeline`` (checked); ``ValueError`` naming the supported families otherwise."""
+    for family in FAMILIES:
+        if family.matches(pipeline):
+            try:
+                return family(pipeline)
+            except ValueError as err:
+                raise ValueError(f"{err}. Supported families: {supported_families()}") from None
+    raise ValueError(f"unsupported pipeline {type(pipeline).__name__}. Supported families: {supported_families()}")
