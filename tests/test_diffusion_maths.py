@@ -101,3 +101,17 @@ def test_unsupported_schedulers_raise():
         make_scheduler(DDPMScheduler(thresholding=True), "ddpm")
     with pytest.raises(ValueError, match="unsupported scheduler"):
         transition_schedule(EulerDiscreteScheduler(), 10)
+
+
+def test_a_deterministic_ddim_step_is_refused_by_name():
+    """A stochastic DDIM step with std 0 has no log-density (DDPO's ratio and the ∇-DB residuals divide by it): refused."""
+    with pytest.raises(ValueError, match="set_alpha_to_one"):
+        make_scheduler(DDIMScheduler(**dict(SD_SCHEDULER, set_alpha_to_one=True)), "ddpm")
+    # a base scheduler without the key is built with set_alpha_to_one=False; without steps_offset its last step starts at
+    # τ = 0, where ᾱ does not change: refused, naming the timestep
+    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    assert "set_alpha_to_one" not in DDPMScheduler(**base).config
+    with pytest.raises(ValueError, match=r"timestep\(s\) \[0\] are deterministic"):
+        transition_schedule(make_scheduler(DDPMScheduler(**base), "ddpm"), 10)
+    schedule = transition_schedule(make_scheduler(DDPMScheduler(**base, steps_offset=1), "ddpm"), 10)
+    assert bool((schedule.std > 0).all())

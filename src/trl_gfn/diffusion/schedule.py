@@ -79,7 +79,12 @@ def make_scheduler(base_scheduler, sampler: str, eta: float = 1.0):
     if sampler == "ddpm":
         if eta <= 0:
             raise ValueError(f"sample_eta must be > 0 for a stochastic DDIM/DDPM step, got {eta}")
-        scheduler = DDIMScheduler.from_config(config, clip_sample=False)
+        if config.get("set_alpha_to_one", False):
+            raise ValueError("scheduler config set_alpha_to_one=True makes the last DDIM step deterministic (ᾱ_prev = 1, std 0): it has no "
+                             "log-density to train on (DDPO's ratio and the ∇-DB residuals divide by it). Use set_alpha_to_one=False, as "
+                             "the Stable Diffusion 1.x/2.x and SDXL scheduler configs do")
+        # a base scheduler without the key (another class) gets False: the final ᾱ is that of the first train timestep
+        scheduler = DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
     else:
         for option in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
             if config.get(option, False):
@@ -112,6 +117,12 @@ def transition_schedule(scheduler, num_steps: int, eta: float = 1.0, device: tor
         coef_x = (a_prev / a_t).sqrt()
         coef_eps = (1 - a_prev - std**2).clamp(min=0).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt()
         alphas = torch.cat([a_t, a_prev[-1:]])
+        if eta > 0 and bool((std <= 0).any()):
+            dead = [int(timesteps[i]) for i in (std <= 0).nonzero().flatten().tolist()]
+            raise ValueError(f"the DDIM steps from timestep(s) {dead} are deterministic (std 0): ᾱ does not change over them (a step "
+                             "starting at timestep 0, e.g. steps_offset=0 with 'leading' spacing, or set_alpha_to_one=True). A "
+                             "deterministic step has no log-density to train on; use the Stable Diffusion scheduler settings "
+                             "(steps_offset=1, set_alpha_to_one=False)")
     elif isinstance(scheduler, DPMSolverMultistepScheduler):
         if scheduler.config.algorithm_type != "sde-dpmsolver++" or scheduler.config.solver_order != 1:
             raise ValueError("only the first-order sde-dpmsolver++ DPM-Solver step is supported; build it with make_scheduler")
