@@ -111,13 +111,13 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         self.step_weights = trajectory_weights(self.inversion_schedule).float()
         self.train_steps = c.inversion_train_steps or c.inversion_num_steps
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._negative: torch.Tensor | None = None
+        self._negative = None  # the unconditional branch's conditioning, one row (through the family: SDXL zeroes an empty prompt)
 
     # ------------------------------------------------------------------ guided predictions and the inversion
     def guided_eps(self, unet: torch.nn.Module, states: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Guided noise predictions (float32) at states (M, C, h, w), timesteps (M,), prompt embeddings (M, L, D)."""
         if self._negative is None:
-            self._negative = self.pipeline.encode_prompts([""]).to(self.accelerator.device)
+            self._negative = self.pipeline.encode_negative_prompt(None, 1).to(self.accelerator.device)
         ab = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         return self.pipeline.guided_epsilon(unet, states, timesteps, embeds, self._negative.expand(states.shape[0], -1, -1),
                                             self.config.inversion_guidance_scale, ab, self.prediction_type)
