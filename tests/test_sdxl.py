@@ -315,3 +315,27 @@ def test_sdxl_trains_under_bf16_with_gradient_checkpointing(tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.pipeline.lora_parameters())
     assert any((p - q).abs().max() > 0 for p, q in zip(trainer.pipeline.lora_parameters(), before))
     assert all(torch.isfinite(p).all() for p in trainer.pipeline.lora_parameters())
+
+
+@pytest.mark.parametrize("method", ["inversion_dpo", "spin", "ppd"])
+def test_the_preference_trainers_with_their_own_data_flow_train_on_sdxl(tmp_path, method):
+    """Inversion-DPO (CFG inversion with the family's unconditional branch), SPIN (fakes sampled with SDXL conditioning) and
+    PPD (user tokens appended to a Conditioning's token states): an epoch runs and the LoRA moves."""
+    from trl_gfn import InversionDPOConfig, InversionDPOTrainer, PPDConfig, PPDTrainer, SPINDiffusionConfig, SPINDiffusionTrainer
+
+    data = brightness_preferences(8)
+    common = dict(num_epochs=1, train_batch_size=4, save_freq=0, lora_rank=4, lr_warmup_steps=0, train_learning_rate=1e-3,
+                  logdir=str(tmp_path))
+    pipe = DiffusionPipelineForRL(tiny_stable_diffusion_xl(), height=16, width=16)
+    if method == "inversion_dpo":
+        trainer = InversionDPOTrainer(InversionDPOConfig(inversion_num_steps=4, inversion_train_steps=2, **common), pipe, data)
+    elif method == "spin":
+        trainer = SPINDiffusionTrainer(SPINDiffusionConfig(spin_num_iterations=1, spin_epochs_per_iteration=1, sample_num_steps=4, **common),
+                                       pipe, data)
+    else:
+        users = data.remove_columns("user_id") if "user_id" in data.column_names else data
+        trainer = PPDTrainer(PPDConfig(**common), pipe, users.add_column("user_id", [1] * 4 + [2] * 4))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    moved = sum(float(p.detach().abs().sum()) for n, p in pipe.unet.named_parameters() if "lora_B" in n)
+    assert moved > 0

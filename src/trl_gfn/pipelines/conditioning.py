@@ -116,3 +116,10 @@ class Conditioning:
             return cls.concatenate(list(args[0]))
         return NotImplemented
 
+
+def append_tokens(conditioning: torch.Tensor | Conditioning, tokens: torch.Tensor) -> torch.Tensor | Conditioning:
+    """``tokens`` (B, T, D) appended to the token states of ``conditioning`` (a tensor, or a :class:`Conditioning`'s ``embeds``;
+    its extra tensors are kept): how extra conditioning tokens (e.g. PPD's user tokens) travel with any family's prompt."""
+    if isinstance(conditioning, Conditioning):
+        return Conditioning(torch.cat([conditioning.embeds, tokens.to(conditioning.embeds.dtype)], dim=1), dict(conditioning.added))
+    return torch.cat([conditioning, tokens.to(conditioning.dtype)], dim=1)

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
 from ..diffusion import TransitionSchedule, make_scheduler, model_output_to_epsilon, step_mean, transition_schedule
-from .conditioning import Conditioning
+from .conditioning import Conditioning, append_tokens
 from .families import FAMILIES, ModelFamily, resolve_family
 from .trajectory import Trajectories
 
@@ -499,8 +499,8 @@ class DiffusionPipelineForRL:
             if extra_tokens.ndim != 3 or extra_tokens.shape[0] != batch or extra_tokens.shape[2] != prompt_embeds.shape[2]:
                 raise ValueError(f"extra_tokens: expected shape ({batch}, T, {prompt_embeds.shape[2]}), got {tuple(extra_tokens.shape)}")
             extra = extra_tokens.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype)
-            prompt_embeds = _append_tokens(prompt_embeds, extra)
-            negative = _append_tokens(negative, torch.zeros_like(extra))
+            prompt_embeds = append_tokens(prompt_embeds, extra)
+            negative = append_tokens(negative, torch.zeros_like(extra))
         latents = self.initial_latents(batch, generators, device)
         states = [latents]
         epsilons = []
@@ -540,13 +540,6 @@ class DiffusionPipelineForRL:
         if len(generators) != shape[0]:
             raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
         return torch.stack([torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generators])
-
-
-def _append_tokens(conditioning: torch.Tensor | Conditioning, tokens: torch.Tensor) -> torch.Tensor | Conditioning:
-    """``tokens`` (B, T, D) appended to the token states of ``conditioning`` (a tensor, or a :class:`Conditioning`'s ``embeds``)."""
-    if isinstance(conditioning, Conditioning):
-        return Conditioning(torch.cat([conditioning.embeds, tokens], dim=1), dict(conditioning.added))
-    return torch.cat([conditioning, tokens], dim=1)
 
 
 def _pipeline_class(pretrained_model_name_or_path: str | os.PathLike, revision: str | None) -> type:

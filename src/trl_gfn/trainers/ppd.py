@@ -28,6 +28,7 @@ from ..configs.ppd import PPDConfig
 from ..data.preference import PairBatch, PreferencePairs
 from ..models.user_attention import UserCrossAttention
 from ..models.user_encoder import load_user_embedding_provider
+from ..pipelines import append_tokens
 from .diffusion_dpo import Denoised, DiffusionDPOTrainer, PairInputs
 
 USER_EMBEDDINGS_FILE = "user_embeddings.safetensors"
@@ -151,7 +152,7 @@ class PPDTrainer(DiffusionDPOTrainer):
         return PersonalInputs(**{f.name: getattr(inputs, f.name) for f in dataclasses.fields(PairInputs)}, user_embeddings=e)
 
     def _with_user(self, inputs: PersonalInputs, tokens: torch.Tensor) -> PersonalInputs:
-        return dataclasses.replace(inputs, prompt_embeds=torch.cat([inputs.prompt_embeds, tokens.to(inputs.prompt_embeds.dtype)], dim=1))
+        return dataclasses.replace(inputs, prompt_embeds=append_tokens(inputs.prompt_embeds, tokens))
 
     def policy_errors(self, inputs: PersonalInputs) -> Denoised:  # type: ignore[override]
         """The policy with the pair's user tokens (projection and UNet through the prepared model, with gradient)."""
