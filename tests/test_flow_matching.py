@@ -10,6 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from trl_gfn.diffusion import log_prob, score_residual, step_mean
 from trl_gfn.diffusion import (
+    MEMORYLESS_NOISE_LEVEL,
     flow_ode_step,
     flow_sde_coefficients,
     flow_sde_noise_scale,
@@ -188,6 +189,21 @@ def test_sde_marginals_match_and_uncorrected_noise_does_not(noise_level):
     # the same noise without the drift's score correction: the same check must fail, on every statistic
     wrong_mean, wrong_var, wrong_w = _errors(_sample(schedule, N, g, wrong=True))
     assert wrong_mean > TOL_MEAN and wrong_var > 2 * TOL_VAR and wrong_w > TOL_WEIGHT, (wrong_mean, wrong_var, wrong_w)
+
+
+def test_noise_level_sets_how_much_the_sample_remembers_its_starting_noise():
+    """ODE: x_0 is a function of x_1 (corr ~0.9 here); Flow-GRPO's 0.7 keeps some memory; sqrt(2), the time reversal
+    of the forward noising SDE, forgets it (as DDPM does). Relevant to reward tilting, see docs/flow_matching.md."""
+    corr = {}
+    for a in (0.0, 0.7, MEMORYLESS_NOISE_LEVEL):
+        schedule = flow_transition_schedule(FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), K, a)
+        g = torch.Generator().manual_seed(12)
+        x = x1 = torch.randn(N, dtype=torch.float64, generator=g)
+        for i in range(K):
+            v = _exact_velocity(x, float(schedule.sigmas[i]))
+            x = schedule.coef_x[i] * x + schedule.coef_v[i] * v + schedule.std[i] * torch.randn(N, dtype=torch.float64, generator=g)
+        corr[a] = torch.corrcoef(torch.stack([x1, x]))[0, 1].item()
+    assert corr[0.0] > 0.8 and 0.1 < corr[0.7] < 0.4 and abs(corr[MEMORYLESS_NOISE_LEVEL]) < 0.03, corr
 
 
 # ---------------------------------------------------------------- bad input

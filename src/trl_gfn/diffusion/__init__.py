@@ -3,6 +3,7 @@
 from .gaussian import log_prob, model_output_to_epsilon, predict_x0, score_current, score_next, score_residual, step_mean
 from .schedule import SUPPORTED_SAMPLERS, TransitionSchedule, make_scheduler, transition_schedule
 from .flow_matching import (
+    MEMORYLESS_NOISE_LEVEL,
     FlowTransitionSchedule,
     flow_ode_step,
     flow_sde_coefficients,
@@ -17,6 +18,7 @@ from .inversion import InvertedTrajectory, ddim_generate, ddim_invert, ddim_sche
 __all__ = [
     "FlowTransitionSchedule",
     "InvertedTrajectory",
+    "MEMORYLESS_NOISE_LEVEL",
     "SUPPORTED_SAMPLERS",
     "TransitionSchedule",
     "ddim_generate",

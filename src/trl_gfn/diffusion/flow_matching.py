@@ -38,12 +38,14 @@ only changes how much noise the first step injects.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 __all__ = [
+    "MEMORYLESS_NOISE_LEVEL",
     "FlowTransitionSchedule",
     "flow_ode_step",
     "flow_sde_coefficients",
@@ -53,6 +55,12 @@ __all__ = [
     "velocity_to_epsilon",
     "velocity_to_x0",
 ]
+
+#: The noise level a = sqrt(2): g² = 2σ / (1 − σ) is the diffusion coefficient of the forward noising SDE
+#: dx = −x / (1 − σ) dσ + sqrt(2σ / (1 − σ)) dW, whose marginals are those of x = (1 − σ) x_0 + σ ε; the sampler at
+#: this level is its time reversal (DDPM's analogue), which forgets its starting noise ("memoryless"). Flow-GRPO's
+#: default 0.7 lies between the ODE (a = 0) and this.
+MEMORYLESS_NOISE_LEVEL = math.sqrt(2.0)
 
 
 def _check_sigma(name: str, sigma) -> None:
