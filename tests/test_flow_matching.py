@@ -11,6 +11,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from trl_gfn.diffusion import log_prob, score_residual, step_mean
 from trl_gfn.diffusion import (
     MEMORYLESS_NOISE_LEVEL,
+    score_current,
+    score_next,
     flow_ode_step,
     flow_sde_coefficients,
     flow_sde_noise_scale,
@@ -151,6 +153,35 @@ def test_log_density_and_score_residual():
     torch.testing.assert_close(score_residual(v, v_ref, cv, std).double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_scores_through_the_velocity_equal_autograd_and_the_analytic_jacobian():
+    """grad_{x_i} log P(x_{i+1} | x_i) = J^T (x_{i+1} - mean) / std^2 with J = coef_x I + coef_v dv/dx (a linear
+    "velocity model" v = x W, so J is known), as the pathwise reverse term of residual ∇-DB needs."""
+    torch.manual_seed(4)
+    schedule = flow_transition_schedule(FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), 8, 0.7)
+    idx = torch.tensor([0, 5, 7])
+    shape = (3, 2, 3, 3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(18, 18, dtype=torch.float64) * 0.3
+    v = (x.flatten(1) @ w).view(shape)
+    cx, cv, std = (schedule.gather(n, idx, like=x) for n in ("coef_x", "coef_v", "std"))
+    mean = step_mean(x, v, cx, cv)
+    x_next = (mean + std * torch.randn(shape, dtype=torch.float64)).detach().requires_grad_(True)
+    g_next, g_cur = torch.autograd.grad(log_prob(x_next, mean, std).sum(), [x_next, x], retain_graph=True)
+    torch.testing.assert_close(score_next(x_next, mean, std), g_next)
+    torch.testing.assert_close(score_current(x_next, mean, std, x), g_cur)
+    r = ((x_next - mean) / std**2).detach().flatten(1)
+    torch.testing.assert_close(g_cur.flatten(1), cx.flatten(1) * r + cv.flatten(1) * (r @ w.T))
+
+
+def test_one_step_schedule():
+    """K = 1 goes from sigma = 1 straight to 0: no second sigma, so g uses 1 - 0 at sigma = 1 (std = a)."""
+    schedule = flow_transition_schedule(FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), 1, 0.5)
+    torch.testing.assert_close(schedule.sigmas, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(schedule.std, torch.tensor([0.5], dtype=torch.float64))
+    torch.testing.assert_close(schedule.coef_v, torch.tensor([-1.0], dtype=torch.float64))
+    torch.testing.assert_close(schedule.coef_x, torch.tensor([1 - 0.5**2 / 2], dtype=torch.float64))
+
+
 # ---------------------------------------------------------------- marginals: SDE vs data and ODE on the toy
 def _sample(schedule, n, generator, wrong=False):
     x = torch.randn(n, dtype=torch.float64, generator=generator)
@@ -218,6 +249,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         flow_transition_schedule(scheduler, 0)
     with pytest.raises(ValueError, match="num_steps"):
         flow_transition_schedule(scheduler, 2.5)
+    assert flow_transition_schedule(scheduler, torch.tensor(3)).num_steps == 3  # integer-like is fine
     with pytest.raises(ValueError, match="sigma must lie in"):
         velocity_to_x0(x, x, 1.5)
     with pytest.raises(ValueError, match="sigma must lie in"):

@@ -39,6 +39,7 @@ only changes how much noise the first step injects.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -227,8 +228,13 @@ def flow_transition_schedule(
     ``FlowMatchEulerDiscreteScheduler``, or options that change the step (``stochastic_sampling``,
     ``invert_sigmas``).
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+    try:
+        steps = operator.index(num_steps)
+    except TypeError:
+        steps = None
+    if isinstance(num_steps, bool) or steps is None or steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    num_steps = steps
     noise_level = _check_noise_level(noise_level)
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         raise ValueError(f"scheduler must be a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
