@@ -130,7 +130,7 @@ def flow_sde_noise_scale(sigma: torch.Tensor, noise_level: float, sigma_max: flo
             raise ValueError("sigma = 1 makes the SDE's noise scale infinite: pass sigma_max < 1 (Flow-GRPO uses the schedule's second sigma)")
         if not 0 <= float(sigma_max) < 1:
             raise ValueError(f"sigma_max must lie in [0, 1), got {sigma_max!r}")
-    denominator_sigma = torch.where(at_one, torch.as_tensor(float(sigma_max or 0.0), dtype=torch.float64), sigma)
+    denominator_sigma = torch.where(at_one, sigma.new_tensor(float(sigma_max or 0.0)), sigma)
     return noise_level * (sigma / (1 - denominator_sigma)).sqrt()
 
 
@@ -157,7 +157,7 @@ def flow_sde_coefficients(sigma, sigma_next, noise_level: float, sigma_max: floa
     if noise_level == 0:
         half_g2_over_sigma = torch.zeros_like(sigma)
     else:
-        denominator_sigma = torch.where(sigma >= 1, torch.as_tensor(float(sigma_max or 0.0), dtype=torch.float64), sigma)
+        denominator_sigma = torch.where(sigma >= 1, sigma.new_tensor(float(sigma_max or 0.0)), sigma)
         half_g2_over_sigma = noise_level**2 / (2 * (1 - denominator_sigma))
     coef_x = 1 + dt * half_g2_over_sigma
     coef_v = dt * (1 + half_g2_over_sigma * (1 - sigma))
