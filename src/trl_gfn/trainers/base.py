@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 import warnings
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -346,6 +348,32 @@ class BaseDiffusionTrainer(PublishingMixin):
         crash_point("optimizer_step")
         self.optimizer.zero_grad(set_to_none=True)
         return info
+
+    def start_updates(self) -> None:
+        """Begin collecting the loss and per-micro-batch figures of the next optimizer update (see :meth:`train_micro_batch`)."""
+        self._update_info: dict[str, list[float]] = defaultdict(list)
+        self._update_loss = torch.zeros((), device=self.accelerator.device)
+
+    def train_micro_batch(self, compute: Callable[[], tuple[torch.Tensor, dict[str, Any]]], epoch: int, global_step: int,
+                          **log_context: Any) -> int:
+        """One micro-batch inside the accumulation context: ``compute()`` returns ``(loss, terms)``; the loss is
+        back-propagated (when it has a graph), its value and ``terms`` are collected, and at the end of an accumulation
+        cycle the optimizer steps and the update is logged (with ``log_context``). Returns the new global step. Every
+        training loop shares this, after :meth:`start_updates`."""
+        with self.accumulate():
+            loss, terms = compute()
+            if loss.requires_grad:
+                self.accelerator.backward(loss)
+            self._update_loss = self._update_loss + loss.detach()
+            for k, v in terms.items():
+                self._update_info[k].append(float(v))
+            stepped = self.optimizer_step(self._update_loss, epoch)
+        if stepped is not None:
+            global_step += 1
+            self.state.global_step = global_step
+            self.log_update(self._update_info, stepped, global_step, epoch=epoch, **log_context)
+            self.start_updates()
+        return global_step
 
     def log_update(self, info: dict[str, list[float]], stepped: dict[str, float], step: int, **extra: Any) -> None:
         """Log one optimizer update: each per-micro-batch figure in ``info`` averaged here and over processes, the step's

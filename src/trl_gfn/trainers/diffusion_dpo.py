@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -356,7 +355,7 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
 
     def step(self, epoch: int, global_step: int) -> int:
         """One pass over the pairs (this process's share), then evaluation and a checkpoint when due."""
-        c, acc = self.config, self.accelerator
+        c = self.config
         start = time.time()
         if not self._data_logged:
             self._data_logged = True
@@ -364,26 +363,13 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
             if self.eval_pairs is not None:
                 logs.update(self.eval_pairs.report.as_log("data/eval"))
             self.log(logs, step=global_step)
-        info: dict[str, list[float]] = defaultdict(list)
-        loss_sum = torch.zeros((), device=acc.device)
+        self.start_updates()
         for idx in tqdm(self.epoch_batches(epoch), desc=f"Epoch {epoch}: training", disable=self.hide_progress, leave=False):
             rows = [self.train_pairs.rows[i] for i in idx]
             generators = self.pair_generators(rows, epoch)
             batch = self.train_pairs.load(idx, generators)
             self.note_prompts(batch.captions)
-            with self.accumulate():
-                loss, terms = self.compute_loss(batch, generators)
-                acc.backward(loss)
-                loss_sum = loss_sum + loss.detach()
-                for k, v in terms.items():
-                    info[k].append(float(v))
-                stepped = self.optimizer_step(loss_sum, epoch)
-            if stepped is not None:
-                global_step += 1
-                self.state.global_step = global_step
-                self.log_update(info, stepped, global_step, epoch=epoch)
-                info = defaultdict(list)
-                loss_sum = torch.zeros((), device=acc.device)
+            global_step = self.train_micro_batch(lambda: self.compute_loss(batch, generators), epoch, global_step)
         self.state.epoch = epoch + 1
         self.state.global_step = global_step
         if self.eval_pairs is not None and c.eval_freq and (epoch + 1) % c.eval_freq == 0:

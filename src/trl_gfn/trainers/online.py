@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -295,25 +294,12 @@ class TransitionTrainer(DiffusionRLTrainer):
             order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(sample_seed(c.seed, epoch, inner, acc.process_index)))
             shuffled = samples.select(order)
             steps = self.select_transitions(shuffled, epoch, inner)
-            info: dict[str, list[float]] = defaultdict(list)
             batches = range(0, len(shuffled), c.train_batch_size)
             bar = tqdm(batches, desc=f"Epoch {epoch}.{inner}: training", disable=self.hide_progress, leave=False)
-            loss_sum = torch.zeros((), device=acc.device)
+            self.start_updates()
             for start in bar:
                 part = shuffled.select(list(range(start, start + c.train_batch_size)))
                 for j in range(steps.shape[1]):
                     batch = TransitionBatch.from_trajectories(part, steps[start:start + c.train_batch_size, j])
-                    with self.accumulate():
-                        loss, terms = self.compute_loss(batch)
-                        acc.backward(loss)
-                        loss_sum = loss_sum + loss.detach()
-                        for k, v in terms.items():
-                            info[k].append(float(v))
-                        stepped = self.optimizer_step(loss_sum, epoch)
-                    if stepped is not None:
-                        global_step += 1
-                        self.state.global_step = global_step
-                        self.log_update(info, stepped, global_step, epoch=epoch, inner_epoch=inner)
-                        info = defaultdict(list)
-                        loss_sum = torch.zeros((), device=acc.device)
+                    global_step = self.train_micro_batch(lambda: self.compute_loss(batch), epoch, global_step, inner_epoch=inner)
         return global_step

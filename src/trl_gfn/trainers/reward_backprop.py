@@ -9,7 +9,6 @@ samples per process in micro-batches of ``train_batch_size``; a method provides
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,37 +94,28 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
     def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
         c, acc = self.config, self.accelerator
         micro_batches = c.sample_batch_size * c.sample_num_batches_per_epoch // c.train_batch_size
-        info: dict[str, list[float]] = defaultdict(list)
         epoch_rewards = []
-        loss_sum = torch.zeros((), device=acc.device)
         last = None
+        self.start_updates()
         bar = tqdm(range(micro_batches), desc=f"Epoch {epoch}: training", disable=self.hide_progress, leave=False)
         for m in bar:
             ids = self.batch_sample_ids(m, c.train_batch_size)
             prompts, metadata = self.prompt_source(ids, epoch)
             self.note_prompts(prompts)
-            with self.accumulate():
+
+            def micro_batch():
+                nonlocal last
                 out = self.generate_with_grad(list(prompts), list(metadata), ids, epoch)
-                # a randomised truncation may draw t = K (TRL's default range reaches it): that micro-batch has no gradient
-                has_graph = out.images.requires_grad
-                rewards, _ = self.compute_rewards(out.images, out.prompts, out.prompt_metadata, need_grad=has_graph)
+                # a randomised truncation may draw t = K (TRL's default range reaches it): that micro-batch has no gradient,
+                # and its loss none either (train_micro_batch then does not back-propagate it)
+                rewards, _ = self.compute_rewards(out.images, out.prompts, out.prompt_metadata, need_grad=out.images.requires_grad)
                 loss = -rewards.mean()
-                if has_graph:
-                    acc.backward(loss)
-                loss_sum = loss_sum + loss.detach()
-                info["loss"].append(float(loss.detach()))
-                info["reward_batch_mean"].append(float(rewards.detach().mean()))
-                for k in self.log_keys:
-                    info[k].append(float(out.logs[k]))
+                terms = {"loss": loss.detach(), "reward_batch_mean": rewards.detach().mean(), **{k: out.logs[k] for k in self.log_keys}}
                 epoch_rewards.append(rewards.detach())
-                stepped = self.optimizer_step(loss_sum, epoch)
-            last = (out, rewards.detach())
-            if stepped is not None:
-                global_step += 1
-                self.state.global_step = global_step
-                self.log_update(info, stepped, global_step, epoch=epoch)
-                info = defaultdict(list)
-                loss_sum = torch.zeros((), device=acc.device)
+                last = (out, rewards.detach())
+                return loss, terms
+
+            global_step = self.train_micro_batch(micro_batch, epoch, global_step)
         rewards = acc.gather(torch.cat(epoch_rewards))
         self.log({"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(), "epoch": epoch}, step=global_step)
         if last is not None and c.log_image_freq and epoch % c.log_image_freq == 0:
