@@ -54,6 +54,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     memory_efficient_order: bool = field(default=True, metadata={"help": "Order a transition's work so that no two large graphs are alive at once: the UNet calls that only carry ∇r back to a state (the guess at x_{k-1}, the reference side of the reverse term) are checkpointed, so their activations are recomputed in their VJP instead of sitting beside the VAE and reward graphs; with flow_guess_model='policy' ∇r at the policy's x̂_0(x_k) is taken before the policy graph is built; the flow head runs checkpointed before the policy, so its activations are recomputed after the policy's backward. Same gradients; one more UNet forward per such pass and one more flow-head forward (docs/memory.md)."})
     train_on_previous_samples: bool = field(default=False, metadata={"help": "Train each epoch on the previous epoch's trajectories (as one published implementation does) instead of the ones just sampled. Off by default: it trains on stale, off-policy samples."})
 
+    trajectory_balance_scale: float = field(default=0.0, metadata={"help": "μ: weight of a trajectory-level correction whose only fixed point is also the target: the log-variance (relative trajectory balance) loss Var_τ[log P_θ(τ)/P_ref(τ) − β·r(x_0)] over the sampled batch, applied to the trained transitions as μ·A_τ·log P_θ(x_{k-1}|x_k) with A_τ the trajectory's deviation from the batch mean (held fixed). It vanishes exactly when every trajectory has the same log-ratio, i.e. at p_ref·exp(β r), and pushes mode weights directly, which the per-transition ∇-DB terms only see through the flow gradient. Costs one reference forward (no grad) per sampled step. 0 (default): off. docs/nabla_gfn.md, 'Trajectory-balance correction'."})
+
     use_flow_head: bool = field(default=True, metadata={"help": "Learn the residual flow-gradient correction g_φ; False = forward-only with the guessed gradient (less memory, less diversity)."})
     flow_block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256], metadata={"help": "Widths of the flow head UNet's blocks (its depth is their number)."})
     flow_layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per flow-head block."})
@@ -72,7 +74,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                     "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
-                    "guess_posterior_samples": ">= 1"}
+                    "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -111,6 +113,9 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                f"must be 0 when use_flow_head=False (the reverse term trains only the flow head), got {self.reverse_loss_scale}")
         _check(self.reward_scale >= 0, "reward_scale", f"must be >= 0, got {self.reward_scale}")
         _check(self.unet_reg_scale >= 0, "unet_reg_scale", f"must be >= 0, got {self.unet_reg_scale}")
+        _check(self.trajectory_balance_scale >= 0, "trajectory_balance_scale", f"must be >= 0, got {self.trajectory_balance_scale}")
+        _check(self.trajectory_balance_scale == 0 or self.reward_scale > 0, "trajectory_balance_scale",
+               "needs reward_scale > 0 (with β = 0 the target is the reference itself)")
         _check(self.pretrained_strength >= 0, "pretrained_strength", f"must be >= 0, got {self.pretrained_strength}")
         _check(self.reward_gradient_scaling in REWARD_GRADIENT_SCALINGS, "reward_gradient_scaling",
                f"must be one of {REWARD_GRADIENT_SCALINGS}, got {self.reward_gradient_scaling!r}")

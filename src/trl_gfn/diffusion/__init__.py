@@ -1,6 +1,6 @@
 """Transition maths of stochastic diffusion and flow-matching samplers (no I/O, unit-tested against diffusers)."""
 
-from .gaussian import log_prob, model_output_to_epsilon, predict_x0, score_current, score_next, score_residual, step_mean
+from .gaussian import log_prob, log_ratio, model_output_to_epsilon, predict_x0, score_current, score_next, score_residual, step_mean
 from .schedule import SUPPORTED_SAMPLERS, TransitionSchedule, make_scheduler, transition_schedule
 from .flow_matching import (
     MEMORYLESS_NOISE_LEVEL,
@@ -30,6 +30,7 @@ __all__ = [
     "flow_sde_step_mean",
     "flow_transition_schedule",
     "log_prob",
+    "log_ratio",
     "make_scheduler",
     "model_output_to_epsilon",
     "predict_x0",

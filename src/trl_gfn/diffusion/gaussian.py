@@ -65,3 +65,17 @@ def score_current(next_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     quad = -0.5 * ((next_sample.detach() - mean) ** 2 / std**2).sum()
     (grad,) = torch.autograd.grad(quad, sample, retain_graph=retain_graph)
     return grad
+
+
+def log_ratio(next_sample: torch.Tensor, mean: torch.Tensor, epsilon: torch.Tensor, reference_epsilon: torch.Tensor, coef_eps: torch.Tensor,
+              std: torch.Tensor) -> torch.Tensor:
+    """Per-sample log P(x' | x) − log P_ref(x' | x) of two Gaussian steps from the same state with the same σ, the first with
+    mean ``mean`` (from the noise prediction ``epsilon``), the second from ``reference_epsilon``.
+
+    With d = x' − μ and Δ = μ − μ_ref = coef_eps·(ε̂ − ε̂_ref): (‖d + Δ‖² − ‖d‖²)/(2σ²) = (2⟨d, Δ⟩ + ‖Δ‖²)/(2σ²), summed over
+    the non-batch dimensions, in float32 — not the difference of two log-densities, which are ~dim·log σ large and cancel.
+    """
+    with torch.autocast(device_type=epsilon.device.type, enabled=False):
+        d = next_sample.float() - mean.float()
+        delta = coef_eps.float() * (epsilon.float() - reference_epsilon.float())
+        return ((2 * d + delta) * delta / (2 * std.float() ** 2)).flatten(1).sum(1)

@@ -84,6 +84,9 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
                               "as nabla_gfn_mc, the critic without the guess as baseline (log F̃ = β·u_ψ)"),
     "nabla_gfn_posterior_guess": (dict(guess_posterior_samples=8),
                                   "the guess averages ∇r over 8 Gaussian-posterior samples of x_0 (weights exp(β r))"),
+    "nabla_gfn_tb": (dict(trajectory_balance_scale=0.1),
+                     "+ trajectory-balance correction μ = 0.1 (log-variance of log P_θ/P_ref − β r over the batch)"),
+    "nabla_gfn_tb_weak": (dict(trajectory_balance_scale=0.02), "+ trajectory-balance correction μ = 0.02"),
     "nabla_gfn_slow_flow": (dict(flow_learning_rate=1e-3), "flow head learning rate 1e-3 (the paper's) instead of 1e-2"),
 }
 for _name, (_over, _note) in ABLATIONS.items():

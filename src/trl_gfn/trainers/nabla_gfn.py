@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..configs.nabla_gfn import NablaGFlowNetConfig
-from ..diffusion import predict_x0, score_residual, step_mean
+from ..diffusion import log_ratio, predict_x0, score_residual, step_mean
 from ..models import FlowHead
 from ..pipelines import Trajectories, TransitionBatch
 from .base import sample_seed
@@ -38,7 +38,9 @@ CITATION = """@inproceedings{liu2025nablagfn,
 }"""
 
 LOSS_KEYS = ("loss", "loss_forward", "loss_reverse", "loss_terminal", "loss_reg", "loss_critic", "norm_policy_residual",
-             "norm_reward_guess", "norm_flow", "norm_forward_target")
+             "norm_reward_guess", "norm_flow", "norm_forward_target", "loss_trajectory_balance")
+#: extras key of each trajectory's advantage A_τ for the trajectory-balance correction
+TB_ADVANTAGE = "trajectory_balance_advantage"
 
 
 class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
@@ -111,10 +113,47 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
 
     # ------------------------------------------------------------------ which transitions
     def prepare_training_samples(self, samples: Trajectories) -> Trajectories:
+        if self.config.trajectory_balance_scale > 0:
+            samples.extras[TB_ADVANTAGE] = self.trajectory_balance_advantages(samples)
         if not self.config.train_on_previous_samples:
             return samples
         previous, self._previous_samples = self._previous_samples, samples
         return previous if previous is not None else samples
+
+    @torch.no_grad()
+    def trajectory_balance_advantages(self, samples: Trajectories) -> torch.Tensor:
+        """A_τ = δ_τ − mean δ over the sampled batch (all processes), δ_τ = log P_old(τ)/P_ref(τ) − β r(x_0), for
+        ``trajectory_balance_scale``: the sampling policy's log-ratio from the recorded ε̂_old and one reference forward per
+        step (adapter off). Zero for every τ exactly when the sampler is p_ref·exp(β r) up to its normaliser."""
+        c, sched = self.config, self.schedule
+        if samples.rewards is None:
+            raise RuntimeError("trajectory_balance_scale > 0 needs the sampled trajectories' rewards")
+        delta = torch.zeros(len(samples), device=samples.latents.device)
+        for start in range(0, len(samples), c.train_batch_size):
+            part = samples.select(torch.arange(start, min(start + c.train_batch_size, len(samples))))
+            for i in range(sched.num_steps):
+                batch = TransitionBatch.from_trajectories(part, torch.full((len(part),), i, dtype=torch.long, device=part.latents.device))
+                x, x_next, idx, last, inter, t, a, cx, ce, std = self._transition(batch)
+                with self.pipeline.reference_mode():
+                    eps_ref = self._guided(self.local("unet"), x, t, batch, None, a)
+                eps_old = batch.epsilons.float()
+                delta[start:start + len(part)] += log_ratio(x_next, step_mean(x, eps_old, cx, ce), eps_old, eps_ref, ce, std).to(delta.device)
+        delta = delta - c.reward_scale * samples.rewards.float().to(delta.device)
+        everyone = self.accelerator.gather(delta)
+        self.log({"trajectory_balance_delta_std": everyone.std(unbiased=False).item()}, step=self.state.global_step)
+        return delta - everyone.mean()
+
+    def _trajectory_balance_loss(self, batch: TransitionBatch, x, x_next, eps, cx, ce, std, weight) -> torch.Tensor:
+        """μ·mean_b A_b·log P_θ(x_{k-1}|x_k) (per element, times the transition weight; A held fixed): the trained transitions'
+        share of ∇ Var_τ[log P_θ(τ)/P_ref(τ) − β r] (``trajectory_balance_scale``). x' − μ_θ is formed from the recorded
+        sample noise and the noise difference, not as a difference of two nearby states."""
+        c = self.config
+        if c.trajectory_balance_scale == 0:
+            return x.new_zeros(())
+        advantage = batch.extras[TB_ADVANTAGE].float().to(x.device)
+        d = (x_next - step_mean(x, batch.epsilons.float(), cx, ce)) - ce * (eps - batch.epsilons.float())
+        log_p = -0.5 * (weight * d**2 / std**2).flatten(1).mean(1)
+        return c.trajectory_balance_scale * (advantage * log_p).mean()
 
     def select_transitions(self, samples: Trajectories, epoch: int, inner_epoch: int) -> torch.Tensor:
         """int(K·f)+1 steps per trajectory: every interior pick first (stratified or uniform), the last step last."""
@@ -159,9 +198,10 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
     @property
     def rewards_from_training(self) -> bool:
         """The last transition of every trajectory is trained and its guess is β γ_0 ∇r(x_0), which computes r(x_0): the
-        samples need no decoding and scoring for the logged rewards (unless β = 0, or training runs on the previous
-        epoch's samples)."""
-        return self.config.reward_scale > 0 and not self.config.train_on_previous_samples
+        samples need no decoding and scoring for the logged rewards (unless β = 0, training runs on the previous epoch's
+        samples, or the trajectory-balance correction needs every reward before training)."""
+        c = self.config
+        return c.reward_scale > 0 and not c.train_on_previous_samples and c.trajectory_balance_scale == 0
 
     def reward_guess(self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
                      prompts: list, prompt_metadata: list, recorded_epsilon: torch.Tensor | None = None,
@@ -312,13 +352,14 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         weight = std**2 if c.transition_loss_weighting == "variance" else torch.ones_like(std)
         loss_forward = (weight * (residual - target) ** 2).mean()
         loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
-        loss = loss_forward + loss_value + c.unet_reg_scale * loss_reg
+        loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
+        loss = loss_forward + loss_value + c.unet_reg_scale * loss_reg + loss_tb
 
         def norm(v: torch.Tensor) -> torch.Tensor:
             return v.detach().flatten(1).norm(dim=1).mean()
 
         terms = dict(zip(LOSS_KEYS, (loss.detach(), loss_forward.detach(), zero, zero, loss_reg.detach(), loss_value.detach(), norm(residual),
-                                     guess_norm, norm(learned), norm(target))))
+                                     guess_norm, norm(learned), norm(target), loss_tb.detach())))
         return loss, terms
 
     def compute_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -424,13 +465,17 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         # 7. output regulariser: trust region around the sampling policy's guided prediction
         loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
 
-        loss = loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.unet_reg_scale * loss_reg
+        # 8. trajectory-balance correction (trajectory_balance_scale): the global mode weights, from the sampled batch
+        loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
+
+        loss = loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.unet_reg_scale * loss_reg + loss_tb
 
         def norm(v: torch.Tensor | None) -> torch.Tensor:
             return zero if v is None else v.detach().flatten(1).norm(dim=1).mean()
 
         terms = dict(zip(LOSS_KEYS, (loss.detach(), loss_forward.detach(), loss_reverse.detach(), loss_terminal.detach(),
-                                     loss_reg.detach(), zero, norm(residual), norm(guess_next), norm(g_next), norm(flow_next))))
+                                     loss_reg.detach(), zero, norm(residual), norm(guess_next), norm(g_next), norm(flow_next),
+                                     loss_tb.detach())))
         return loss, terms
 
     def reward_guess_at_x0(self, x0: torch.Tensor, rows: torch.Tensor, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor]:
