@@ -426,3 +426,50 @@ def test_posterior_averaged_guess_is_the_gradient_of_the_log_mean_exp(tmp_path, 
                                one.guess_reward_gradient(x0, torch.ones(2), prompts, [{}] * 2), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="guess_posterior_samples"):
         NablaGFlowNetConfig(guess_posterior_samples=0)
+
+
+def test_guess_clip_quantile_clips_interior_guesses_at_the_previous_epochs_quantile(tmp_path, tiny_pipeline):
+    """VGG-Flow's quantile clipping of ∇r(x̂_0): nothing clipped in the first epoch; afterwards per-sample norms above the
+    previous epoch's q-quantile are scaled down to it, direction kept; the last transition's exact β∇r(x_0) is never
+    clipped; the threshold survives a checkpoint."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=40.0, guess_clip_quantile=0.5, num_epochs=1)
+    samples = trainer.sample_epoch(0)
+    x0 = samples.latents[:, 3].clone()
+    prompts = list(samples.prompts)
+    raw = trainer.guess_reward_gradient(x0, torch.tensor([0.5, 0.5]), prompts, [{}] * 2)
+    raw_norms = raw.flatten(1).norm(dim=1)
+    assert raw_norms[0] != raw_norms[1]
+    trainer._guess_clip_threshold = float(raw_norms.mean())
+    clipped = trainer.guess_reward_gradient(x0, torch.tensor([0.5, 0.5]), prompts, [{}] * 2)
+    big, small = (0, 1) if raw_norms[0] > raw_norms[1] else (1, 0)
+    torch.testing.assert_close(clipped[small], raw[small])
+    torch.testing.assert_close(clipped[big].norm(), raw_norms.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(clipped[big] / clipped[big].norm(), raw[big] / raw[big].norm(), rtol=1e-5, atol=1e-8)
+    # the final state's guess is the exact β∇r(x_0), whatever the threshold
+    trainer._guess_clip_threshold = 1e-12
+    final = samples.latents[:, K]
+    got = trainer.reward_guess(final, torch.full((2,), K), samples.prompt_embeds, samples.negative_prompt_embeds, prompts, [{}] * 2)
+    exact, _ = trainer.reward_gradient(final, prompts, [{}] * 2)
+    torch.testing.assert_close(got, 40.0 * exact)
+    # training: the first epoch clips nothing and sets the threshold to the q-quantile of the norms it saw
+    fresh = make_trainer(tmp_path / "fresh", tiny_pipeline, reward_scale=40.0, guess_clip_quantile=0.5, num_epochs=1)
+    seen = []
+    original = fresh.clip_guess_gradient
+
+    def spy(grad):
+        out = original(grad)
+        seen.append((grad.flatten(1).norm(dim=1), out.flatten(1).norm(dim=1)))
+        return out
+
+    fresh.clip_guess_gradient = spy
+    fresh.train()
+    assert seen and all(torch.equal(a, b) for a, b in seen)
+    norms = torch.cat([a for a, _ in seen]).double()
+    assert fresh._guess_clip_threshold == pytest.approx(float(torch.quantile(norms, 0.5)), rel=1e-6)
+    assert fresh.checkpoint_state()["guess_clip_threshold"] == fresh._guess_clip_threshold
+    other = make_trainer(tmp_path / "other", tiny_pipeline, reward_scale=40.0, guess_clip_quantile=0.5)
+    other.load_checkpoint_state(fresh.checkpoint_state())
+    assert other._guess_clip_threshold == fresh._guess_clip_threshold
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="guess_clip_quantile"):
+            NablaGFlowNetConfig(guess_clip_quantile=bad)

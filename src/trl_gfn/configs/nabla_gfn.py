@@ -54,6 +54,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     memory_efficient_order: bool = field(default=True, metadata={"help": "Order a transition's work so that no two large graphs are alive at once: the UNet calls that only carry ∇r back to a state (the guess at x_{k-1}, the reference side of the reverse term) are checkpointed, so their activations are recomputed in their VJP instead of sitting beside the VAE and reward graphs; with flow_guess_model='policy' ∇r at the policy's x̂_0(x_k) is taken before the policy graph is built; the flow head runs checkpointed before the policy, so its activations are recomputed after the policy's backward. Same gradients; one more UNet forward per such pass and one more flow-head forward (docs/memory.md)."})
     train_on_previous_samples: bool = field(default=False, metadata={"help": "Train each epoch on the previous epoch's trajectories (as one published implementation does) instead of the ones just sampled. Off by default: it trains on stale, off-policy samples."})
 
+    guess_clip_quantile: float = field(default=1.0, metadata={"help": "q: with q < 1, the reward gradient ∇r(x̂_0) of the guess at interior states is clipped per sample to the norm at the q-quantile of the previous epoch's interior guesses (the quantile clipping of VGG-Flow, Liu et al. 2025: outlying reward gradients, e.g. of images near a class boundary, no longer dominate the flow gradient). The exact β∇r(x_0) of the last transition is never clipped, and nothing is clipped in the first epoch. The threshold is logged as `guess_clip_threshold` and kept in checkpoints. 1 (default): no clipping."})
     trajectory_balance_scale: float = field(default=0.0, metadata={"help": "μ: weight of a trajectory-level correction whose only fixed point is also the target: the log-variance (relative trajectory balance) loss Var_τ[log P_θ(τ)/P_ref(τ) − β·r(x_0)] over the sampled batch, applied to the trained transitions as μ·A_τ·log P_θ(x_{k-1}|x_k) with A_τ the trajectory's deviation from the batch mean (held fixed). It vanishes exactly when every trajectory has the same log-ratio, i.e. at p_ref·exp(β r), and pushes mode weights directly, which the per-transition ∇-DB terms only see through the flow gradient. Costs one reference forward (no grad) per sampled step. 0 (default): off. docs/nabla_gfn.md, 'Trajectory-balance correction'."})
 
     use_flow_head: bool = field(default=True, metadata={"help": "Learn the residual flow-gradient correction g_φ; False = forward-only with the guessed gradient (less memory, less diversity)."})
@@ -74,7 +75,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                     "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
-                    "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0"}
+                    "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0",
+                    "guess_clip_quantile": "(0, 1]"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -113,6 +115,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                f"must be 0 when use_flow_head=False (the reverse term trains only the flow head), got {self.reverse_loss_scale}")
         _check(self.reward_scale >= 0, "reward_scale", f"must be >= 0, got {self.reward_scale}")
         _check(self.unet_reg_scale >= 0, "unet_reg_scale", f"must be >= 0, got {self.unet_reg_scale}")
+        _check(0 < self.guess_clip_quantile <= 1, "guess_clip_quantile", f"must be in (0, 1] (1: no clipping), got {self.guess_clip_quantile}")
         _check(self.trajectory_balance_scale >= 0, "trajectory_balance_scale", f"must be >= 0, got {self.trajectory_balance_scale}")
         _check(self.trajectory_balance_scale == 0 or self.reward_scale > 0, "trajectory_balance_scale",
                "needs reward_scale > 0 (with β = 0 the target is the reference itself)")

@@ -87,6 +87,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_tb": (dict(trajectory_balance_scale=0.1),
                      "+ trajectory-balance correction μ = 0.1 (log-variance of log P_θ/P_ref − β r over the batch)"),
     "nabla_gfn_tb_weak": (dict(trajectory_balance_scale=0.02), "+ trajectory-balance correction μ = 0.02"),
+    "nabla_gfn_all_steps": (dict(train_timestep_fraction=1.0), "train all 10 transitions of every trajectory (f = 1) instead of 3"),
+    "nabla_gfn_clip": (dict(guess_clip_quantile=0.8), "interior guesses' ∇r clipped at the previous epoch's 0.8-quantile norm (VGG-Flow)"),
     "nabla_gfn_slow_flow": (dict(flow_learning_rate=1e-3), "flow head learning rate 1e-3 (the paper's) instead of 1e-2"),
 }
 for _name, (_over, _note) in ABLATIONS.items():

@@ -66,6 +66,9 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
 
     def __init__(self, config: NablaGFlowNetConfig, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
         self._previous_samples: Trajectories | None = None
+        #: guess_clip_quantile: the current epoch's clipping norm (None: not clipping yet) and the interior ∇r norms seen
+        self._guess_clip_threshold: float | None = None
+        self._guess_norms: list[torch.Tensor] = []
         super().__init__(config, reward_function, pipeline, prompt_function=prompt_function, image_samples_hook=image_samples_hook)
         if config.mixed_precision in ("bf16", "fp16"):
             # measured (docs/memory.md, benchmarks/mixed_precision.py): interior transitions agree with float32 (LoRA-gradient
@@ -296,8 +299,37 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             eps_ref = guided(self.pipeline.unet, x)
         return score_residual(eps, eps_ref, sched.gather("coef_eps", idx, like=x), sched.gather("std", idx, like=x))
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        state = super().checkpoint_state()
+        if self.config.guess_clip_quantile < 1:
+            state["guess_clip_threshold"] = self._guess_clip_threshold
+        return state
+
+    def train_on_samples(self, samples: Trajectories | None, epoch: int, global_step: int) -> int:
+        self._guess_norms = []
+        global_step = super().train_on_samples(samples, epoch, global_step)
+        if self.config.guess_clip_quantile < 1 and self._guess_norms:
+            norms = self.accelerator.gather(torch.cat(self._guess_norms).to(self.accelerator.device))
+            self._guess_clip_threshold = float(torch.quantile(norms.double(), self.config.guess_clip_quantile))
+            self.log({"guess_clip_threshold": self._guess_clip_threshold}, step=global_step)
+        return global_step
+
+    def clip_guess_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """``guess_clip_quantile``: record the per-sample norms of an interior guess's ∇r(x̂_0) and scale those above the
+        previous epoch's q-quantile down to it (direction kept)."""
+        if self.config.guess_clip_quantile == 1:
+            return grad
+        norms = grad.detach().flatten(1).norm(dim=1)
+        self._guess_norms.append(norms.float().cpu())
+        if self._guess_clip_threshold is None:
+            return grad
+        scale = (self._guess_clip_threshold / norms.clamp(min=1e-30)).clamp(max=1.0)
+        return grad * scale.view(-1, *([1] * (grad.ndim - 1)))
+
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         super().load_checkpoint_state(state)
+        if "guess_clip_threshold" in state:
+            self._guess_clip_threshold = state["guess_clip_threshold"]
         if self.config.train_on_previous_samples:
             warnings.warn("train_on_previous_samples: checkpoints do not hold the previous epoch's samples; the first resumed "
                           "epoch trains on the samples it has just drawn", UserWarning, stacklevel=2)
@@ -498,6 +530,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         M = c.guess_posterior_samples
         if M == 1:
             grad, rewards = self.reward_gradient(x0, prompts, prompt_metadata)
+            grad = self.clip_guess_gradient(grad)
             return (grad, rewards) if return_rewards else grad
         n = x0.shape[0]
         std = (1 - alpha_bar).clamp(min=0).sqrt().reshape(n, *([1] * (x0.ndim - 1)))
@@ -505,5 +538,5 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         grads, rewards = self.reward_gradient(samples.flatten(0, 1), list(prompts) * M, list(prompt_metadata) * M)
         grads, rewards = grads.view(M, *x0.shape), rewards.view(M, n)
         weights = torch.softmax(c.reward_scale * rewards, dim=0)
-        grad = (weights.view(M, n, *([1] * (x0.ndim - 1))) * grads).sum(0)
+        grad = self.clip_guess_gradient((weights.view(M, n, *([1] * (x0.ndim - 1))) * grads).sum(0))
         return (grad, (weights * rewards).sum(0)) if return_rewards else grad
