@@ -356,3 +356,32 @@ def test_sampler_settings_that_do_not_fit_the_family_are_refused(tmp_path):
     sd3 = DDPOTrainer(DDPOConfig(**common), BrightnessReward(), wrap(), prompt_function=PROMPTS)
     assert (sd.sampler, sd3.sampler) == ("ddpm", "flow_sde") and sd.schedule.prediction_type == "epsilon"
     assert bool((sd3.schedule.std > 0).all()) and sd3.schedule.noise_level == 0.7
+
+
+def test_the_sd3_example_config_and_the_cli_load_an_sd3_model_with_its_size(tmp_path):
+    """examples/configs/nabla_gfn_sd3_aesthetic.yaml parses with the SD3 Hub id and the flow sampler's settings; the CLI loads a
+    local tiny SD3 through model_index.json, with the config's LoRA and the requested size."""
+    import yaml
+
+    from trl_gfn.cli import load_pipeline, parse
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs", "nabla_gfn_sd3_aesthetic.yaml")
+    args, config, _ = parse(NablaGFlowNetConfig, ["--config", path])
+    with open(path, encoding="utf-8") as f:
+        expected = yaml.safe_load(f)
+    assert args.pretrained_model == expected["pretrained_model"] == "stabilityai/stable-diffusion-3-medium-diffusers"
+    assert (args.height, args.width) == (1024, 1024) and config.sampler == "auto" and config.sample_noise_level == 0.7
+    assert config.sample_num_steps == 28 and config.mixed_precision == "bf16"
+
+    tiny_stable_diffusion_3().save_pretrained(tmp_path / "sd3")
+    args, config, _ = parse(NablaGFlowNetConfig, ["--pretrained_model", str(tmp_path / "sd3"), "--height", "16", "--width", "32",
+                                                  "--lora_rank", "4"])
+    pipeline = load_pipeline(args, config)
+    assert isinstance(pipeline.pipeline, StableDiffusion3Pipeline) and pipeline.image_size == (16, 32) and pipeline.has_lora
+    assert config.resolve_sampler(pipeline.family.default_sampler) == "flow_sde"
+
+
+def test_the_model_card_loads_the_lora_with_the_sd3_pipeline_class(tmp_path):
+    trainer = make(tmp_path, "refl", save_freq=0)
+    card = trainer.create_model_card(repo_id="me/sd3-lora")
+    assert "StableDiffusion3Pipeline.from_pretrained(" in card and "StableDiffusionPipeline.from_pretrained(" not in card
