@@ -198,7 +198,7 @@ class DiffusionRLConfig(BaseDiffusionConfig):
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the K transitions of each trajectory to train on."})
 
     field_ranges = {
-        "sample_num_steps": ">= 1", "sample_eta": "[0, 1]", "sample_noise_level": "[0, 10]", "sample_guidance_scale": ">= 0", "sample_batch_size": ">= 1",
+        "sample_num_steps": ">= 1", "sample_eta": "[0, 1]", "sample_noise_level": ">= 0", "sample_guidance_scale": ">= 0", "sample_batch_size": ">= 1",
         "sample_num_batches_per_epoch": ">= 1", "log_image_freq": ">= 0", "log_num_images": ">= 1", "train_num_inner_epochs": ">= 1",
         "train_timestep_fraction": "(0, 1]",
     }

@@ -30,7 +30,7 @@ class SPINDiffusionConfig(DiffusionDPOConfig):
     sample_batch_size: int = field(default=64, metadata={"help": "Fake images sampled per batch (per process) when the fakes are regenerated."})
 
     field_ranges = {**DiffusionDPOConfig.field_ranges, "spin_num_iterations": ">= 1", "spin_epochs_per_iteration": ">= 1",
-                    "spin_samples_per_prompt": ">= 1", "sample_num_steps": ">= 1", "sample_eta": "(0, 1]", "sample_noise_level": "[0, 10]", "sample_guidance_scale": ">= 0",
+                    "spin_samples_per_prompt": ">= 1", "sample_num_steps": ">= 1", "sample_eta": "(0, 1]", "sample_noise_level": ">= 0", "sample_guidance_scale": ">= 0",
                     "sample_batch_size": ">= 1"}
 
     def resolve_sampler(self, family_sampler: str) -> str:

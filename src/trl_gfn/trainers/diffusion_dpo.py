@@ -199,6 +199,9 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
         self.forward_process = ForwardProcess.from_scheduler(self.pipeline.scheduler, device=acc.device)
         self.prediction_type = self.forward_process.prediction_type
         self.num_train_timesteps = self.forward_process.num_train_timesteps
+        #: ᾱ of every training timestep of a variance-preserving scheduler (None for a flow-matching model: see forward_process)
+        alphas = getattr(self.pipeline.scheduler, "alphas_cumprod", None)
+        self.alphas_cumprod = alphas.to(device=acc.device, dtype=torch.float32) if self.prediction_type != "flow" and alphas is not None else None
         self.beta = c.effective_beta
 
     def finish_setup(self) -> None:

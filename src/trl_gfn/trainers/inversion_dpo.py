@@ -112,7 +112,6 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
                              "DDIM and weighs step k by 1/(2ᾱ_k), which is infinite at the flow sampler's first state (σ = 1, ᾱ = 0); "
                              "an Euler-ODE inversion with its own weighting is not implemented. Use DiffusionDPOTrainer (flow-matching "
                              "forward process and velocity target) on SD3")
-        self.alphas_cumprod = self.pipeline.scheduler.alphas_cumprod.to(device=self.accelerator.device, dtype=torch.float32)
         self.inversion_schedule = ddim_schedule(self.pipeline.scheduler, c.inversion_num_steps, device=self.accelerator.device)
         self.step_weights = trajectory_weights(self.inversion_schedule).float()
         self.train_steps = c.inversion_train_steps or c.inversion_num_steps
