@@ -178,7 +178,9 @@ class DiffusionRLConfig(BaseDiffusionConfig):
     """Configuration shared by the online trainers, which sample from the policy and score the samples with a reward.
 
     Adds the sampling fields of TRL's former ``DDPOConfig`` (sampler, steps, guidance, batches per epoch, prompts,
-    image logging) and the per-epoch training passes over the samples.
+    image logging) and the per-epoch training passes over the samples. ``sampler="auto"`` (default) resolves to the model
+    family's stochastic sampler when the trainer is built (:meth:`resolve_sampler`): DDIM with ``sample_eta`` on SD 1.x/2.x
+    and SDXL, the flow SDE with ``sample_noise_level`` on SD3, so one config runs on every family.
     """
 
     # --- sampling ------------------------------------------------------------------------------------
