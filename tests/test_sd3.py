@@ -385,3 +385,17 @@ def test_the_model_card_loads_the_lora_with_the_sd3_pipeline_class(tmp_path):
     trainer = make(tmp_path, "refl", save_freq=0)
     card = trainer.create_model_card(repo_id="me/sd3-lora")
     assert "StableDiffusion3Pipeline.from_pretrained(" in card and "StableDiffusionPipeline.from_pretrained(" not in card
+
+
+def test_sd3_trains_under_bf16_with_gradient_checkpointing(tmp_path):
+    """The memory options on SD3: transformer, VAE and the three text encoders in bfloat16 (pooled projections cast with them),
+    LoRA and flow head in float32, the transformer call checkpointed; one finite update."""
+    trainer = make(tmp_path, "nabla_gfn", save_freq=0, mixed_precision="bf16", gradient_checkpointing=True, sample_batch_size=4)
+    pipe = trainer.pipeline.pipeline
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.text_encoder_3.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    assert trainer.modules.checkpointed == frozenset({"unet"}) and trainer.modules.unet is pipe.transformer
+    before = [p.detach().clone() for p in trainer.pipeline.lora_parameters()]
+    trainer.train(epochs=1)
+    assert all(p.dtype == torch.float32 for p in trainer.pipeline.lora_parameters())
+    assert any((p - q).abs().max() > 0 for p, q in zip(trainer.pipeline.lora_parameters(), before))
+    assert all(torch.isfinite(p).all() for p in trainer.pipeline.lora_parameters())
