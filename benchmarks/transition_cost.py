@@ -4,12 +4,17 @@ all on one model and batch, in one interleaved run; ratios to DDPO.
     python benchmarks/transition_cost.py                 # SD1.5-shaped UNet at quarter width, 32x32x4 latents, batch 1
     python benchmarks/transition_cost.py --batch 2 --only nabla,ddpo
     python benchmarks/transition_cost.py --quick         # tiny models, a smoke run
+    python benchmarks/transition_cost.py --model sd3     # SD3-shaped transformer at quarter width (also: --model sdxl)
     python benchmarks/transition_cost.py --scaling       # activation memory at 24x24 and 32x32 latents, SD1.5 estimate
 
 Model: the UNet has SD1.5's layout at quarter width (34 M parameters), the VAE SD's decoder at quarter width, the text
 encoder one CLIP layer; the reward is the aesthetic scorer's architecture (CLIP ViT-L/14 vision tower + MLP) at quarter
 width (``--reward brightness`` for a free reward). fp32, LoRA r8, CFG 5, 10 DDPM steps, random weights (costs do not
-depend on them).
+depend on them). ``--model sdxl``: SDXL's UNet layout (3 levels, 1/2/10 transformer layers, size conditioning) at quarter
+width, two one-layer CLIP encoders; ``--model sd3``: SD3 medium's transformer (24 joint blocks, patch 2, 16 latent
+channels) at quarter width (384 = 6 heads x 64), CLIP-L/G and T5 at quarter width with one layer each, 256 T5 tokens,
+its flow sampler at noise level 0.7 (``sampler="auto"``). The SDXL and SD3 rows have not been measured (only smoke-run
+with ``--quick``).
 
 Each row runs, on the same sampled trajectories: for Nabla-GFlowNet and DDPO ``compute_loss`` + backward of one
 transition batch (interior = step 2 of 10, last = x_1 -> x_0); for DRaFT-K / ReFL one micro-batch of
@@ -40,13 +45,15 @@ from peak_memory import fix_malloc, peak_growth_mib
 fix_malloc()
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,  # noqa: E402
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
 
 import trl_gfn  # noqa: E402
 from trl_gfn import DiffusionPipelineForRL, TransitionBatch  # noqa: E402
 from trl_gfn.rewards import AestheticScorer  # noqa: E402
-from trl_gfn.testing import BrightnessReward, tiny_stable_diffusion, tiny_tokenizer  # noqa: E402
+from trl_gfn.testing import (BrightnessReward, tiny_stable_diffusion, tiny_stable_diffusion_3, tiny_stable_diffusion_xl, tiny_t5_tokenizer,  # noqa: E402
+                             tiny_tokenizer)
 
 K = 10
 SCALING_LATENTS = (24, 32)
@@ -100,6 +107,59 @@ def sd15_quarter_width(latent: int) -> StableDiffusionPipeline:
                           clip_sample=False)
     return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+
+
+def _quarter_width_vae(latent_channels: int = 4, **kwargs) -> AutoencoderKL:
+    return AutoencoderKL(block_out_channels=(32, 64, 128, 128), latent_channels=latent_channels, layers_per_block=2, norm_num_groups=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **kwargs)
+
+
+def _clip(hidden: int, projection: int | None = None, max_length: int = 77):
+    tok = tiny_tokenizer(model_max_length=max_length)
+    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=1, num_attention_heads=hidden // 64,
+                            max_position_embeddings=max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                            projection_dim=projection or hidden)
+    return tok, (CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config))
+
+
+def sdxl_quarter_width(latent: int) -> StableDiffusionXLPipeline:
+    """SDXL base's UNet layout at quarter width: (80, 160, 320) channels, 1/2/10 transformer layers, head dim 16, cross-attention
+    512 (= 192 + 320, the two encoders' quarter widths), size conditioning (6 x 64 + 320 pooled); SDXL's VAE layout at quarter width."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=latent, block_out_channels=(80, 160, 320), layers_per_block=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+                                attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=64, projection_class_embeddings_input_dim=6 * 64 + 320, cross_attention_dim=512,
+                                norm_num_groups=16)
+    tok, text = _clip(192)
+    tok2, text2 = _clip(320, projection=320)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=_quarter_width_vae(scaling_factor=0.13025), text_encoder=text, text_encoder_2=text2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=sched, add_watermarker=False)
+
+
+def sd3_quarter_width(latent: int) -> StableDiffusion3Pipeline:
+    """SD3 medium's transformer at quarter width: 24 joint blocks of 6 heads x 64 (384), patch 2, 16 latent channels, joint
+    attention 1024 (T5's quarter width), pooled projections 512 (= 192 + 320); CLIP-L/G and T5 one layer each; SD3's VAE
+    (16 channels, scaling and shift factors) at quarter width; its FlowMatchEulerDiscreteScheduler (shift 3)."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                                        num_attention_heads=6, joint_attention_dim=1024, caption_projection_dim=384, pooled_projection_dim=512,
+                                        pos_embed_max_size=96)
+    tok, text = _clip(192, projection=192)
+    tok2, text2 = _clip(320, projection=320)
+    tok3 = tiny_t5_tokenizer(model_max_length=256)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=1024, d_kv=64, d_ff=2560, num_layers=1, num_heads=16, decoder_start_token_id=0))
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_quarter_width_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                                                           use_post_quant_conv=False),
+                                    text_encoder=text, tokenizer=tok, text_encoder_2=text2, tokenizer_2=tok2, text_encoder_3=t5, tokenizer_3=tok3)
+
+
+MODELS = {"sd15": (sd15_quarter_width, lambda: tiny_stable_diffusion(latent_size=16, width=32), "SD1.5-shaped UNet", 4),
+          "sdxl": (sdxl_quarter_width, lambda: tiny_stable_diffusion_xl(latent_size=16, width=32), "SDXL-shaped UNet", 4),
+          "sd3": (sd3_quarter_width, lambda: tiny_stable_diffusion_3(latent_size=16), "SD3-shaped transformer", 16)}
 
 
 def quarter_width_aesthetic() -> AestheticScorer:
@@ -184,11 +244,11 @@ def measure(args, pipe, row, tmp, samples_cache):
     emb = p.encode_prompts(["a cat"] * args.batch)
     neg = p.encode_prompts([""]).expand(args.batch, -1, -1)
     t = trainer.schedule.timesteps[:1].repeat(args.batch)
-    a = trainer.schedule.alphas_cumprod[:1].float().view(1, 1, 1, 1)
+    a = trainer.schedule.level(torch.zeros(args.batch, dtype=torch.long), like=x)
 
-    def unit():  # one guided UNet forward without grad, as in sampling
+    def unit():  # one guided denoiser forward without grad, as in sampling
         with torch.no_grad():
-            p.guided_epsilon(p.unet, x, t, emb, neg, 5.0, a, "epsilon")
+            p.guided_epsilon(p.denoiser, x, t, emb, neg, 5.0, a, trainer.schedule.prediction_type)
 
     unit()
     block()  # warm-up (first-call allocations, lazy initialisations)
@@ -332,6 +392,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--model", choices=sorted(MODELS), default="sd15", help="model shape at quarter width (sd15, sdxl, sd3)")
     parser.add_argument("--reward", choices=["aesthetic", "brightness"], default="aesthetic")
     parser.add_argument("--only", default="ddpo,nabla,draft,refl", help="comma-separated groups: ddpo, nabla, draft, refl")
     parser.add_argument("--scaling", action="store_true", help="measure the dominant graphs at two latent sizes instead")
@@ -342,7 +403,8 @@ def main() -> None:
         return
     groups = set(args.only.split(","))
     groups.add("ddpo")  # the reference of the ratios
-    pipe = tiny_stable_diffusion(latent_size=16, width=32) if args.quick else sd15_quarter_width(args.latent)
+    full, tiny, label, channels = MODELS[args.model]
+    pipe = tiny() if args.quick else full(args.latent)
     if args.quick:
         args.reward = "brightness"
     results = []
@@ -354,7 +416,7 @@ def main() -> None:
             print(f"  measured {row[0]} [{row[5]}]: {r['mib']:.0f} MiB, {r['units']:.2f} units ({time.strftime('%H:%M:%S')})",
                   file=sys.stderr, flush=True)
     ddpo = {row[5]: r for row, r in results if row[1] == "ddpo"}
-    print(f"\nbatch {args.batch}, {'tiny models' if args.quick else f'SD1.5-shaped UNet at quarter width, {args.latent}x{args.latent}x4 latents'}, "
+    print(f"\nbatch {args.batch}, {f'tiny {args.model} models' if args.quick else f'{label} at quarter width, {args.latent}x{args.latent}x{channels} latents'}, "
           f"reward {args.reward}, fp32, LoRA r8, CFG 5, K = {K} steps, 1 thread. Memory: growth of peak RSS over the loaded models and samples; "
           "units: time / one guided UNet forward without grad (timed alternately). Ratios to DDPO without checkpointing.\n")
     print("| row | checkpointing | peak memory (MiB) | memory / DDPO | units | units / DDPO | UNet | VAE dec | reward | flow head |")

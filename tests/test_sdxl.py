@@ -239,7 +239,7 @@ def test_unsupported_pipelines_name_the_supported_families():
     unconditional = DDPMPipeline(unet=UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8,
                                                   down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
                                  scheduler=DDPMScheduler())
-    with pytest.raises(ValueError, match=r"has no `vae`.*Supported families: Stable Diffusion XL.*Stable Diffusion 1.x/2.x"):
+    with pytest.raises(ValueError, match=r"has no `vae`.*Supported families: Stable Diffusion 3.*Stable Diffusion XL.*Stable Diffusion 1.x/2.x"):
         DiffusionPipelineForRL(unconditional)
     sdxl = tiny_stable_diffusion_xl()
     sdxl.unet.register_to_config(addition_embed_type=None)
@@ -298,7 +298,7 @@ def test_a_video_pipeline_is_refused_naming_the_supported_families():
                                 down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
                                 cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
     video = TextToVideoSDPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet, scheduler=sd.scheduler)
-    with pytest.raises(ValueError, match=r"UNet3DConditionModel.*Supported families: Stable Diffusion XL \(StableDiffusionXLPipeline\); "
+    with pytest.raises(ValueError, match=r"UNet3DConditionModel.*Supported families: Stable Diffusion 3 \(StableDiffusion3Pipeline\); Stable Diffusion XL \(StableDiffusionXLPipeline\); "
                                          r"Stable Diffusion 1.x/2.x \(StableDiffusionPipeline\)"):
         DiffusionPipelineForRL(video)
     with pytest.raises(TypeError, match="supported family .*StableDiffusionXLPipeline"):

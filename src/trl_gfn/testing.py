@@ -8,8 +8,9 @@ UNet call, but they are not a model of anything. For a small *pretrained* model 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from .rewards.base import RewardModel
 
@@ -94,6 +95,48 @@ def tiny_stable_diffusion_xl(seed: int = 0, latent_size: int = 8, width: int = 1
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                                      tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 12) -> T5TokenizerFast:
+    """A T5 tokenizer (Unigram, SentencePiece-style "▁" word starts) over single printable ASCII characters, built in code:
+    100 tokens (<pad>, </s>, <unk>, ▁, 96 characters), no extra ids; saves and reloads unchanged."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(chr(i), -3.0) for i in range(33, 127)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_stable_diffusion_3(seed: int = 0, latent_size: int = 8, shift: float = 3.0, with_t5: bool = True) -> StableDiffusion3Pipeline:
+    """A random tiny Stable Diffusion 3 pipeline, shaped as diffusers' own SD3 pipeline tests build it: an
+    ``SD3Transformer2DModel`` (patch size 1, 2 joint blocks, width 16 = 2 heads x 8), two CLIP text encoders with projections (pooled
+    projections 16 + 16 = 32 wide), a T5 encoder (width 32 = ``joint_attention_dim``; ``with_t5=False`` leaves it out, as
+    diffusers allows), a 4-channel VAE with SD3's ``scaling_factor`` and ``shift_factor``, and SD3's
+    ``FlowMatchEulerDiscreteScheduler`` (``shift``, SD3 medium's default 3). Images are 2 x ``latent_size``; 12 CLIP and
+    12 T5 tokens."""
+    torch.manual_seed(seed)
+    hidden = 16
+    transformer = SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=2 * hidden, caption_projection_dim=hidden, pooled_projection_dim=2 * hidden, pos_embed_max_size=4 * latent_size,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=2 * latent_size, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    tokenizer = tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=hidden,
+    )
+    text_encoder = CLIPTextModelWithProjection(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    tokenizer_3 = tiny_t5_tokenizer()
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=2 * hidden, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                             relative_attention_num_buckets=8, decoder_start_token_id=0)) if with_t5 else None
+    # the scheduler config of stabilityai/stable-diffusion-3-medium-diffusers
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(), text_encoder_3=text_encoder_3,
+                                    tokenizer_3=tokenizer_3 if with_t5 else None)
 
 
 def randomise_parameters(params, seed: int = 0, scale: float = 0.05) -> None:

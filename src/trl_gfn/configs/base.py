@@ -178,13 +178,16 @@ class DiffusionRLConfig(BaseDiffusionConfig):
     """Configuration shared by the online trainers, which sample from the policy and score the samples with a reward.
 
     Adds the sampling fields of TRL's former ``DDPOConfig`` (sampler, steps, guidance, batches per epoch, prompts,
-    image logging) and the per-epoch training passes over the samples.
+    image logging) and the per-epoch training passes over the samples. ``sampler="auto"`` (default) resolves to the model
+    family's stochastic sampler when the trainer is built (:meth:`resolve_sampler`): DDIM with ``sample_eta`` on SD 1.x/2.x
+    and SDXL, the flow SDE with ``sample_noise_level`` on SD3, so one config runs on every family.
     """
 
     # --- sampling ------------------------------------------------------------------------------------
-    sampler: Literal["ddpm", "dpm_solver_sde"] = field(default="ddpm", metadata={"help": "Stochastic sampler: `ddpm` (DDIM with eta=sample_eta) or `dpm_solver_sde` (first-order SDE-DPM-Solver++)."})
+    sampler: Literal["auto", "ddpm", "dpm_solver_sde", "flow_sde"] = field(default="auto", metadata={"help": "Stochastic sampler. `auto` (default): the model family's — `ddpm` for SD 1.x/2.x and SDXL, `flow_sde` for SD3 — so one config runs on every family. `ddpm`: DDIM with eta=sample_eta (UNet families); `dpm_solver_sde`: first-order SDE-DPM-Solver++ (UNet families); `flow_sde`: Flow-GRPO's marginal-preserving SDE on the flow-matching sigmas (SD3) with noise level sample_noise_level (0: the deterministic Euler ODE, gradient methods only). docs/flow_matching.md."})
     sample_num_steps: int = field(default=50, metadata={"help": "Number of sampler steps K."})
-    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta (1 = DDPM posterior); must be > 0 for the `ddpm` sampler, ignored by `dpm_solver_sde` (which must keep 1.0)."})
+    sample_eta: float = field(default=1.0, metadata={"help": "DDIM eta of the UNet families' `ddpm` sampler (1 = DDPM posterior; must be > 0). The other samplers do not use it and it must stay 1.0 there (`dpm_solver_sde`; `flow_sde`, whose noise is sample_noise_level)."})
+    sample_noise_level: float = field(default=0.7, metadata={"help": "Noise level a of the flow sampler (`flow_sde`, SD3): diffusion coefficient g(σ) = a·sqrt(σ/(1−σ)); 0.7 is Flow-GRPO's default, sqrt(2) the memoryless (DDPM-like) level, 0 the deterministic Euler ODE — which has no transition density, so only gradient-through-sampler trainers (DRaFT, AlignProp, ReFL) accept 0. The UNet samplers do not use it and it must stay 0.7 there."})
     sample_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale w used to sample (and to train: the policy is the guided step)."})
     sample_batch_size: int = field(default=1, metadata={"help": "Samples per process per sampling batch."})
     sample_num_batches_per_epoch: int = field(default=2, metadata={"help": "Sampling batches per process per epoch."})
@@ -197,7 +200,7 @@ class DiffusionRLConfig(BaseDiffusionConfig):
     train_timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the K transitions of each trajectory to train on."})
 
     field_ranges = {
-        "sample_num_steps": ">= 1", "sample_eta": "[0, 1]", "sample_guidance_scale": ">= 0", "sample_batch_size": ">= 1",
+        "sample_num_steps": ">= 1", "sample_eta": "[0, 1]", "sample_noise_level": ">= 0", "sample_guidance_scale": ">= 0", "sample_batch_size": ">= 1",
         "sample_num_batches_per_epoch": ">= 1", "log_image_freq": ">= 0", "log_num_images": ">= 1", "train_num_inner_epochs": ">= 1",
         "train_timestep_fraction": "(0, 1]",
     }
@@ -207,13 +210,23 @@ class DiffusionRLConfig(BaseDiffusionConfig):
         from ..prompts import available_prompt_sets
 
         _check(self.prompt_set in available_prompt_sets(), "prompt_set", f"must be one of {available_prompt_sets()}, got {self.prompt_set!r}")
-        from ..diffusion import SUPPORTED_SAMPLERS
+        from ..diffusion import SAMPLER_CHOICES
 
-        _check(self.sampler in SUPPORTED_SAMPLERS, "sampler", f"must be one of {SUPPORTED_SAMPLERS}, got {self.sampler!r}")
-        if self.sampler == "ddpm":
+        _check(self.sampler in SAMPLER_CHOICES, "sampler", f"must be one of {SAMPLER_CHOICES}, got {self.sampler!r}")
+        if self.sampler in ("ddpm", "auto"):
             _check(0.0 < self.sample_eta <= 1.0, "sample_eta", f"must be in (0, 1] for the stochastic `ddpm` sampler, got {self.sample_eta}")
         else:
-            _check(self.sample_eta == 1.0, "sample_eta", f"is not used by the `dpm_solver_sde` sampler and must stay 1.0, got {self.sample_eta}")
+            _check(self.sample_eta == 1.0, "sample_eta", f"is not used by the `{self.sampler}` sampler and must stay 1.0, got {self.sample_eta}")
+        default_level = _field_default(type(self), "sample_noise_level")
+        if self.sampler in ("ddpm", "dpm_solver_sde"):
+            _check(self.sample_noise_level == default_level, "sample_noise_level",
+                   f"is the flow sampler's noise level and has no effect with sampler={self.sampler!r}; leave it at {default_level}, "
+                   f"got {self.sample_noise_level}")
+        elif self.requires_transition_density:
+            _check(self.sample_noise_level > 0, "sample_noise_level",
+                   f"0 makes the flow sampler the deterministic Euler ODE, whose transitions have no density; {type(self).__name__}'s "
+                   "trainer needs one (log-probabilities or ∇-DB scores). Use a noise level > 0 (Flow-GRPO: 0.7), or a gradient-through-"
+                   "sampler trainer (DRaFT, AlignProp, ReFL) for the ODE")
         batches = self.sample_batch_size * self.sample_num_batches_per_epoch
         _check(batches % self.train_batch_size == 0, "train_batch_size",
                f"must divide the samples per process per epoch (sample_batch_size * sample_num_batches_per_epoch = {batches}), got {self.train_batch_size}")
@@ -222,10 +235,41 @@ class DiffusionRLConfig(BaseDiffusionConfig):
                f"must divide the training micro-batches per epoch ({micro} = {batches} samples / train_batch_size {self.train_batch_size}), "
                f"got {self.train_gradient_accumulation_steps}")
 
+    #: whether the trainer scores the sampler's transition densities (DDPO's log-probabilities, ∇-DB's scores): then the
+    #: deterministic flow ODE (sample_noise_level=0) is refused; gradient-through-sampler configs set it False
+    requires_transition_density = True
+
+    def resolve_sampler(self, family_sampler: str) -> str:
+        """The sampler to build for a model family whose stochastic sampler is ``family_sampler`` (``ddpm`` or ``flow_sde``):
+        ``sampler`` itself, or ``family_sampler`` for ``auto`` (:func:`resolve_sampler`)."""
+        return resolve_sampler(self, family_sampler, self.sampler)
+
     @property
     def num_train_timesteps(self) -> int:
         """Transitions trained per trajectory: int(K * f), at least 1 (subclasses may add the last one)."""
         return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
+
+
+def resolve_sampler(config: Any, family_sampler: str, sampler: str = "auto") -> str:
+    """``sampler``, or ``family_sampler`` (the model family's stochastic sampler, ``ddpm`` or ``flow_sde``) for ``auto``, for a
+    config with ``sample_eta`` and ``sample_noise_level`` fields. Raises ``ValueError`` naming the field when the sampler does
+    not fit the family, or a setting has no effect on it (``sample_eta`` on SD3, ``sample_noise_level`` on the UNet families)."""
+    from ..diffusion import FLOW_SAMPLERS
+
+    resolved = family_sampler if sampler == "auto" else sampler
+    family_is_flow = family_sampler in FLOW_SAMPLERS
+    if (resolved in FLOW_SAMPLERS) != family_is_flow:
+        kind = "flow-matching (SD3)" if family_is_flow else "variance-preserving UNet (SD 1.x/2.x, SDXL)"
+        raise ValueError(f"sampler: {resolved!r} does not fit this {kind} model; use 'auto' or {family_sampler!r}")
+    if family_is_flow:
+        _check(config.sample_eta == 1.0, "sample_eta", "is the DDIM eta of the UNet families and has no effect on a flow-matching model "
+               f"(SD3), whose sampler noise is sample_noise_level; leave it at 1.0, got {config.sample_eta}")
+    else:
+        default_level = _field_default(type(config), "sample_noise_level")
+        _check(config.sample_noise_level == default_level, "sample_noise_level",
+               f"is the flow sampler's noise level and has no effect on a UNet model (sampler {resolved!r}); leave it at "
+               f"{default_level}, got {config.sample_noise_level}")
+    return resolved
 
 
 def _field_default(cls: type, name: str) -> Any:

@@ -22,6 +22,10 @@ class DRaFTConfig(DiffusionRLConfig):
       n times to the level of x_1 and the last step is differentiated on each copy.
     - AlignProp's randomised truncation: ``truncated_backprop_rand=True`` draws, per micro-batch, the first
       differentiated step t uniformly from ``truncated_rand_backprop_minmax`` (steps t..K-1 get gradient).
+
+    On a flow-matching model (SD3) the sampler is the flow SDE at ``sample_noise_level`` (reparameterised: the noise is
+    held fixed, the path differentiated); ``sample_noise_level=0`` differentiates through the deterministic Euler ODE,
+    as DRaFT and AlignProp are usually run on flow models. Both are accepted: the method needs no transition density.
     """
 
     train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA parameters."})
@@ -33,6 +37,7 @@ class DRaFTConfig(DiffusionRLConfig):
     truncated_rand_backprop_minmax: list[int] | None = field(default=None, metadata={"help": "AlignProp: inclusive range [lo, hi] of the first differentiated step index t (sampling order, 0 = noisiest), drawn once per micro-batch; steps t..K-1 get gradient, t = K (allowed, as TRL's default (0, 50) for 50 steps) none. Default [0, sample_num_steps - 1]."})
 
     field_ranges = {"draft_k": ">= 0", "draft_lv_copies": ">= 0", "truncated_rand_backprop_minmax": ">= 0"}
+    requires_transition_density = False  # gradient through the sampler: the deterministic flow ODE is allowed
 
     def validate(self) -> None:
         super().validate()

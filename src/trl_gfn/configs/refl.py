@@ -15,6 +15,10 @@ class ReFLConfig(DiffusionRLConfig):
     step whose UNet timestep τ lies in ``refl_timestep_range``; one guided UNet call with gradient there gives
     the one-step prediction x̂_0 = (x_τ − sqrt(1 − ᾱ_τ) ε̂_θ) / sqrt(ᾱ_τ), and the loss is −mean r(decode(x̂_0)).
     An epoch has ``sample_batch_size * sample_num_batches_per_epoch`` samples per process.
+
+    On a flow-matching model (SD3) x̂_0 = x_σ − σ·v̂_θ, the timesteps of ``refl_timestep_range`` are the transformer's
+    1000·σ, and ``sample_noise_level=0`` runs the steps before the stop on the deterministic Euler ODE (allowed: ReFL needs
+    no transition density).
     """
 
     train_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA parameters."})
@@ -22,6 +26,7 @@ class ReFLConfig(DiffusionRLConfig):
     refl_timestep_range: list[int] = field(default_factory=lambda: [0, 250], metadata={"help": "Inclusive range [lo, hi] of UNet timesteps τ at which sampling stops; the stopping step is drawn uniformly among the sampler's steps with τ in range. The default matches ImageReward's ReFL (the last 10 of 40 steps, τ <= ~226)."})
 
     field_ranges = {"refl_timestep_range": ">= 0"}
+    requires_transition_density = False  # one-step prediction with gradient: the deterministic flow ODE is allowed
 
     def validate(self) -> None:
         super().validate()

@@ -1,7 +1,10 @@
 """Transition maths of stochastic diffusion and flow-matching samplers (no I/O, unit-tested against diffusers)."""
 
 from .gaussian import log_prob, log_ratio, model_output_to_epsilon, predict_x0, score_current, score_next, score_residual, step_mean
-from .schedule import SUPPORTED_SAMPLERS, TransitionSchedule, make_scheduler, transition_schedule
+from .noise_level import NoiseLevel, as_noise_level
+from .forward_process import ForwardProcess
+from .schedule import (DEFAULT_FLOW_NOISE_LEVEL, FLOW_SAMPLERS, SAMPLER_CHOICES, SUPPORTED_SAMPLERS, VP_SAMPLERS, TransitionSchedule,
+                       flow_schedule, make_scheduler, transition_schedule)
 from .flow_matching import (
     MEMORYLESS_NOISE_LEVEL,
     FlowTransitionSchedule,
@@ -16,6 +19,14 @@ from .flow_matching import (
 from .inversion import InvertedTrajectory, ddim_generate, ddim_invert, ddim_schedule, trajectory_weights
 
 __all__ = [
+    "DEFAULT_FLOW_NOISE_LEVEL",
+    "FLOW_SAMPLERS",
+    "ForwardProcess",
+    "NoiseLevel",
+    "SAMPLER_CHOICES",
+    "VP_SAMPLERS",
+    "as_noise_level",
+    "flow_schedule",
     "FlowTransitionSchedule",
     "InvertedTrajectory",
     "MEMORYLESS_NOISE_LEVEL",

@@ -10,21 +10,31 @@ import math
 
 import torch
 
+from .noise_level import NoiseLevel, as_noise_level
 
-def model_output_to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Convert a UNet output to a noise prediction (linear in the output, so CFG commutes with it)."""
-    if prediction_type == "epsilon":
+
+def model_output_to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor | NoiseLevel, prediction_type: str) -> torch.Tensor:
+    """Convert a denoiser output to the sampler's prediction (linear in the output, so CFG commutes with it).
+
+    ``alpha_bar`` is the state's ᾱ (a tensor) or its :class:`~trl_gfn.diffusion.NoiseLevel`. UNet outputs
+    (``epsilon``, ``v_prediction``, ``sample``) become the noise prediction ε̂; a flow model's velocity
+    (``prediction_type="flow"``) is the flow samplers' prediction itself and is returned unchanged
+    (see :mod:`trl_gfn.diffusion.noise_level` for why it is not turned into ε̂).
+    """
+    if prediction_type in ("epsilon", "flow"):
         return model_output
+    level = as_noise_level(alpha_bar)
     if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample
+        return level.signal * model_output + level.noise * sample
     if prediction_type == "sample":
-        return (sample - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()
+        return (sample - level.signal * model_output) / level.noise
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def predict_x0(sample: torch.Tensor, epsilon: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """One-step clean prediction x̂_0 = (x - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)."""
-    return (sample - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+def predict_x0(sample: torch.Tensor, epsilon: torch.Tensor, alpha_bar: torch.Tensor | NoiseLevel) -> torch.Tensor:
+    """One-step clean prediction x̂_0 from the sampler's prediction: (x − sqrt(1 − ᾱ) ε̂) / sqrt(ᾱ) for a tensor ᾱ;
+    for a :class:`~trl_gfn.diffusion.NoiseLevel`, :meth:`~trl_gfn.diffusion.NoiseLevel.predict_x0` (x − σ v̂ on a flow)."""
+    return as_noise_level(alpha_bar).predict_x0(sample, epsilon)
 
 
 def step_mean(sample: torch.Tensor, epsilon: torch.Tensor, coef_x: torch.Tensor, coef_eps: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,20 @@ where ``i = K - k`` is the position in sampling order (``i = 0`` is the first, n
 trainers use these coefficients both to sample and to score transitions, so that what is trained is
 exactly what was sampled; `tests/test_diffusion_schedule.py` checks them against ``scheduler.step``.
 
+Here ``eps_hat`` is the sampler's *prediction*: the noise prediction for the UNet samplers, the velocity for the
+flow sampler (:mod:`trl_gfn.diffusion.noise_level`). Every state also has a noise level x = signal·x_0 + noise·ε
+(:meth:`TransitionSchedule.level`), from which the trainers take x̂_0, the flow-guess weight γ, etc.
+
 Supported samplers:
 - ``ddpm``: :class:`~diffusers.DDIMScheduler` with ``eta > 0`` (``eta = 1`` is DDPM's posterior);
 - ``dpm_solver_sde``: :class:`~diffusers.DPMSolverMultistepScheduler` with
   ``algorithm_type="sde-dpmsolver++"``, first order (``solver_order=1``), ``final_sigmas_type="sigma_min"``
-  so that the last step stays stochastic (a deterministic step has no log-density to train on).
+  so that the last step stays stochastic (a deterministic step has no log-density to train on);
+- ``flow_sde``: a flow-matching model's :class:`~diffusers.FlowMatchEulerDiscreteScheduler` sigmas with Flow-GRPO's
+  marginal-preserving SDE step at ``noise_level`` a (:mod:`trl_gfn.diffusion.flow_matching`); ``noise_level = 0`` is
+  the deterministic Euler ODE (``FlowMatchEulerDiscreteScheduler.step``), for gradient-through-sampler methods only.
+
+The UNet samplers are variance-preserving; ``flow_sde`` needs a flow-matching model (``prediction_type="flow"``).
 """
 
 from __future__ import annotations
@@ -21,9 +30,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-SUPPORTED_SAMPLERS = ("ddpm", "dpm_solver_sde")
+from .noise_level import NoiseLevel
+
+#: samplers of variance-preserving (UNet) models
+VP_SAMPLERS = ("ddpm", "dpm_solver_sde")
+#: samplers of flow-matching models
+FLOW_SAMPLERS = ("flow_sde",)
+SUPPORTED_SAMPLERS = (*VP_SAMPLERS, *FLOW_SAMPLERS)
+#: what a config's ``sampler`` may say: a sampler, or ``auto`` (the model family's stochastic sampler)
+SAMPLER_CHOICES = ("auto", *SUPPORTED_SAMPLERS)
+#: Flow-GRPO's default SDE noise level a
+DEFAULT_FLOW_NOISE_LEVEL = 0.7
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -32,11 +51,18 @@ class TransitionSchedule:
     """Coefficients of the K sampling steps, indexed in sampling order ``i = 0 .. K-1``.
 
     Attributes:
-        timesteps: (K,) int64 UNet timesteps ``tau`` of the state each step starts from.
+        timesteps: (K,) denoiser timesteps ``tau`` of the state each step starts from (int64 for the UNet samplers,
+            float32 σ·1000 for the flow sampler, as diffusers passes them).
         alphas_cumprod: (K + 1,) float64 ``alpha_bar`` of every state in sampling order; the last entry
-            belongs to the final sample ``x_0`` (the scheduler's final alpha).
-        coef_x, coef_eps, std: (K,) float64 mean/std coefficients of each step (see module docstring).
-        prediction_type: the UNet's prediction type, used to turn its output into a noise prediction.
+            belongs to the final sample ``x_0`` (the scheduler's final alpha). For a flow schedule, the
+            variance-preserving equivalent (1 − σ)² / ((1 − σ)² + σ²) (:attr:`NoiseLevel.alpha_bar`).
+        coef_x, coef_eps, std: (K,) float64 mean/std coefficients of each step (see module docstring); ``coef_eps``
+            multiplies the sampler's prediction (ε̂, or the velocity for a flow schedule).
+        prediction_type: the denoiser's prediction type (``epsilon``, ``v_prediction``, ``sample``, or ``flow`` for a
+            flow-matching model's velocity), used to turn its output into the sampler's prediction.
+        signal, noise: (K + 1,) float64 scales of every state x = signal·x_0 + noise·ε in sampling order (default: from
+            ``alphas_cumprod``, sqrt(ᾱ) and sqrt(1 − ᾱ)); 1 − σ and σ for a flow schedule.
+        noise_level: the flow SDE's noise level a (None for the UNet samplers); 0 is the deterministic ODE.
     """
 
     timesteps: torch.Tensor
@@ -45,6 +71,30 @@ class TransitionSchedule:
     coef_eps: torch.Tensor
     std: torch.Tensor
     prediction_type: str = "epsilon"
+    signal: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    noise_level: float | None = None
+
+    def __post_init__(self):
+        if self.signal is None:
+            self.signal = self.alphas_cumprod.sqrt()
+        if self.noise is None:
+            self.noise = (1 - self.alphas_cumprod).clamp(min=0).sqrt()
+
+    @property
+    def parameterisation(self) -> str:
+        """``"velocity"`` for a flow schedule (its prediction is the velocity), else ``"epsilon"``."""
+        return "velocity" if self.prediction_type == "flow" else "epsilon"
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether every step has std 0 (the flow ODE): such a sampler has no transition density."""
+        return bool((self.std == 0).all())
+
+    def level(self, step_index: torch.Tensor, *, like: torch.Tensor) -> NoiseLevel:
+        """The :class:`NoiseLevel` of the states at sampling positions ``step_index`` (0 = initial noise, K = the sample),
+        broadcast like ``like``."""
+        return NoiseLevel(self.gather("signal", step_index, like=like), self.gather("noise", step_index, like=like), self.parameterisation)
 
     @property
     def num_steps(self) -> int:
@@ -65,11 +115,22 @@ class TransitionSchedule:
 def make_scheduler(base_scheduler, sampler: str, eta: float = 1.0):
     """A scheduler of the requested sampler built from ``base_scheduler``'s config (betas, offsets…).
 
-    Raises ``ValueError`` for an unknown ``sampler`` or for scheduler options that change the step
-    in ways the transition maths does not model (thresholding, sample clipping, Karras sigmas…).
+    Raises ``ValueError`` for an unknown ``sampler``, a flow sampler on a variance-preserving scheduler or the
+    reverse, or for scheduler options that change the step in ways the transition maths does not model
+    (thresholding, sample clipping, Karras sigmas…).
     """
     if sampler not in SUPPORTED_SAMPLERS:
         raise ValueError(f"sampler must be one of {SUPPORTED_SAMPLERS}, got {sampler!r}")
+    is_flow = isinstance(base_scheduler, FlowMatchEulerDiscreteScheduler)
+    if is_flow != (sampler in FLOW_SAMPLERS):
+        kind = "a flow-matching model's FlowMatchEulerDiscreteScheduler" if is_flow else f"a {type(base_scheduler).__name__}"
+        fits = FLOW_SAMPLERS if is_flow else VP_SAMPLERS
+        raise ValueError(f"sampler {sampler!r} does not fit {kind}; use one of {fits} (or 'auto')")
+    if is_flow:
+        for option in ("stochastic_sampling", "invert_sigmas", "use_dynamic_shifting"):
+            if base_scheduler.config.get(option, False):
+                raise ValueError(f"FlowMatchEulerDiscreteScheduler option {option}=True is not supported by the flow_sde sampler")
+        return FlowMatchEulerDiscreteScheduler.from_config(base_scheduler.config)
     config = dict(base_scheduler.config)
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
@@ -95,12 +156,16 @@ def make_scheduler(base_scheduler, sampler: str, eta: float = 1.0):
     return scheduler
 
 
-def transition_schedule(scheduler, num_steps: int, eta: float = 1.0, device: torch.device | str = "cpu") -> TransitionSchedule:
+def transition_schedule(scheduler, num_steps: int, eta: float = 1.0, device: torch.device | str = "cpu",
+                        noise_level: float = DEFAULT_FLOW_NOISE_LEVEL) -> TransitionSchedule:
     """Compute the :class:`TransitionSchedule` of ``scheduler`` for ``num_steps`` inference steps.
 
-    ``scheduler`` must come from :func:`make_scheduler` (a stochastic DDIM or first-order SDE-DPM-Solver++).
-    Calls ``scheduler.set_timesteps(num_steps)``.
+    ``scheduler`` must come from :func:`make_scheduler` (a stochastic DDIM, a first-order SDE-DPM-Solver++, or a
+    ``FlowMatchEulerDiscreteScheduler``). ``eta`` applies to DDIM only, ``noise_level`` (the SDE's a; 0: the Euler
+    ODE) to the flow scheduler only. Calls ``scheduler.set_timesteps(num_steps)``.
     """
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return flow_schedule(scheduler, num_steps, noise_level, device)
     scheduler.set_timesteps(num_steps, device="cpu")
     timesteps = scheduler.timesteps.to(torch.int64).clone()
     prediction_type = scheduler.config.prediction_type
@@ -152,4 +217,26 @@ def transition_schedule(scheduler, num_steps: int, eta: float = 1.0, device: tor
         coef_eps=coef_eps.to(device),
         std=std.to(device),
         prediction_type=prediction_type,
+    )
+
+
+def flow_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, noise_level: float = DEFAULT_FLOW_NOISE_LEVEL,
+                  device: torch.device | str = "cpu") -> TransitionSchedule:
+    """The flow sampler (:func:`~trl_gfn.diffusion.flow_transition_schedule`) as a :class:`TransitionSchedule` whose
+    prediction is the velocity (``prediction_type="flow"``): coef_eps = coef_v, signal = 1 − σ, noise = σ."""
+    from .flow_matching import flow_transition_schedule
+
+    flow = flow_transition_schedule(scheduler, num_steps, noise_level, device="cpu")
+    signal, noise = 1 - flow.sigmas, flow.sigmas
+    device = torch.device(device)
+    return TransitionSchedule(
+        timesteps=flow.timesteps.float().to(device),
+        alphas_cumprod=(signal**2 / (signal**2 + noise**2)).to(device),
+        coef_x=flow.coef_x.to(device),
+        coef_eps=flow.coef_v.to(device),
+        std=flow.std.to(device),
+        prediction_type="flow",
+        signal=signal.to(device),
+        noise=noise.to(device),
+        noise_level=flow.noise_level,
     )

@@ -59,8 +59,8 @@ def _rollout_reference(pipeline, schedule: TransitionSchedule, latents: torch.Te
     n = x.shape[0]
     for i in range(position, schedule.num_steps):
         idx = torch.full((n,), i, device=x.device, dtype=torch.long)
-        a = schedule.gather("alphas_cumprod", idx, like=x)
-        eps = pipeline.guided_epsilon(pipeline.unet, x, schedule.timesteps[idx], prompt_embeds, negative_embeds, guidance_scale, a,
+        a = schedule.level(idx, like=x)
+        eps = pipeline.guided_epsilon(pipeline.denoiser, x, schedule.timesteps[idx], prompt_embeds, negative_embeds, guidance_scale, a,
                                       schedule.prediction_type)
         mean = step_mean(x, eps, schedule.gather("coef_x", idx, like=x), schedule.gather("coef_eps", idx, like=x))
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
@@ -139,8 +139,8 @@ def soft_value_gradient(
             xg = x.clone().requires_grad_(True)
             idx = torch.full((1,), position, device=x.device, dtype=torch.long)
             with torch.enable_grad():
-                a = schedule.gather("alphas_cumprod", idx, like=xg)
-                eps = pipeline.guided_epsilon(pipeline.unet, xg, schedule.timesteps[idx], emb[:1], neg[:1], guidance_scale, a,
+                a = schedule.level(idx, like=xg)
+                eps = pipeline.guided_epsilon(pipeline.denoiser, xg, schedule.timesteps[idx], emb[:1], neg[:1], guidance_scale, a,
                                               schedule.prediction_type)
                 mean_ref = step_mean(xg, eps, schedule.gather("coef_x", idx, like=xg), schedule.gather("coef_eps", idx, like=xg))
             log_w, parts_grad, parts_shift = [], [], []

@@ -1,10 +1,10 @@
-"""Model families: what differs between SD 1.x/2.x, SDXL (and later flow-matching models) behind one interface.
+"""Model families: what differs between SD 1.x/2.x, SDXL and SD3 (flow matching) behind one interface.
 
 :class:`DiffusionPipelineForRL` holds one :class:`ModelFamily` and asks it for everything family-specific: checking
-the pipeline's components, prompt encoding (token states, pooled embeddings, extra conditioning), the keyword
-arguments of the denoiser call, the frozen modules and their dtypes, the default LoRA targets and the diffusers class
-whose ``save_lora_weights`` / ``load_lora_weights`` define the LoRA file format. Trainers only see the wrapper, so they
-never branch on the family.
+the pipeline's components, which component is the denoiser (a UNet, or SD3's transformer), prompt encoding (token
+states, pooled embeddings, extra conditioning), the denoiser call, the frozen modules and their dtypes, the default
+sampler, the default LoRA targets and the diffusers class whose ``save_lora_weights`` / ``load_lora_weights`` define
+the LoRA file format. Trainers only see the wrapper, so they never branch on the family.
 
 Adding a family: subclass :class:`ModelFamily`, implement :meth:`~ModelFamily.matches`, :meth:`~ModelFamily.encode_prompts`,
 :meth:`~ModelFamily.encode_negative_prompt` and :meth:`~ModelFamily.denoiser_inputs`, and register it in :data:`FAMILIES`
@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any, ClassVar, Sequence
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 
 from .conditioning import Conditioning
 
@@ -34,6 +35,11 @@ class ModelFamily:
         text_encoder_names: the pipeline attributes holding text encoders (frozen, never LoRA-trained).
         required_components: pipeline attributes that must be present (checked by :meth:`check`).
         default_lora_target_modules: LoRA targets used when none are given.
+        denoiser_name: the pipeline attribute holding the denoiser (``unet``, or ``transformer`` for SD3).
+        default_sampler: the stochastic sampler a config's ``sampler="auto"`` resolves to (``ddpm`` for the UNet
+            families, ``flow_sde`` for flow matching).
+        lora_component: the key of the denoiser's LoRA layers in the pipeline class's ``save_lora_weights`` and in the
+            file (``unet`` or ``transformer``).
 
     Args:
         pipeline: the diffusers pipeline; :meth:`check` runs on it at construction.
@@ -44,6 +50,9 @@ class ModelFamily:
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     required_components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     default_lora_target_modules: ClassVar[tuple[str, ...]] = UNET_ATTENTION_TARGETS
+    denoiser_name: ClassVar[str] = "unet"
+    default_sampler: ClassVar[str] = "ddpm"
+    lora_component: ClassVar[str] = "unet"
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
@@ -67,12 +76,40 @@ class ModelFamily:
             raise ValueError(f"unsupported pipeline: its vae is a {type(pipeline.vae).__name__}, expected AutoencoderKL")
 
     # ------------------------------------------------------------------ components
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The denoising network (the UNet, or SD3's transformer): the module the LoRA adapter is trained on."""
+        return getattr(self.pipeline, self.denoiser_name)
+
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [getattr(self.pipeline, n) for n in self.text_encoder_names]
+        return [getattr(self.pipeline, n) for n in self.text_encoder_names if getattr(self.pipeline, n, None) is not None]
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        """VAE, text encoders and UNet: frozen when wrapping and cast by ``set_precision``."""
-        return [self.pipeline.vae, *self.text_encoders(), self.pipeline.unet]
+        """VAE, text encoders and denoiser: frozen when wrapping and cast by ``set_precision``."""
+        return [self.pipeline.vae, *self.text_encoders(), self.denoiser]
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the denoiser takes."""
+        return int(self.denoiser.config.in_channels)
+
+    @property
+    def default_latent_size(self) -> tuple[int, int]:
+        """(h, w) of the latents when no image size is given: the denoiser's ``sample_size``."""
+        size = self.denoiser.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of this (the UNet's down-sampling; the transformer's patch size)."""
+        return 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+
+    def save_lora_weights(self, save_directory, state: dict[str, torch.Tensor], metadata: dict | None, weight_name: str,
+                          is_main_process: bool = True) -> None:
+        """Write the denoiser's LoRA ``state`` (diffusers key format) with the family pipeline class's ``save_lora_weights``."""
+        self.pipeline_class.save_lora_weights(save_directory, is_main_process=is_main_process, weight_name=weight_name,
+                                              **{f"{self.lora_component}_lora_layers": state,
+                                                 f"{self.lora_component}_lora_adapter_metadata": metadata})
 
     def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the VAE runs in when the frozen weights are cast to ``dtype``."""
@@ -167,11 +204,11 @@ class StableDiffusionXLFamily(ModelFamily):
         pipeline = self.pipeline
         ids = pipeline._get_add_time_ids(tuple(image_size), (0, 0), tuple(image_size), dtype=torch.float32,
                                          text_encoder_projection_dim=int(pipeline.text_encoder_2.config.projection_dim))
-        return ids.to(pipeline.unet.device).expand(rows, -1)
+        return ids.to(self.denoiser.device).expand(rows, -1)
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.pipeline.unet.device, num_images_per_prompt=1,
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.denoiser.device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=False)
         return embeds.float(), pooled.float()
 
@@ -191,8 +228,84 @@ class StableDiffusionXLFamily(ModelFamily):
                 "added_cond_kwargs": {k: v.to(dtype) for k, v in conditioning.added.items()}}
 
 
+class StableDiffusion3Family(ModelFamily):
+    """Stable Diffusion 3 (rectified flow): an ``SD3Transformer2DModel`` predicting the velocity, a
+    ``FlowMatchEulerDiscreteScheduler``, three text encoders (CLIP-L, CLIP-G, T5; T5 may be absent, as diffusers allows).
+
+    Prompts are encoded by the pipeline's own ``encode_prompt``: token states (B, 77 + T, D) of the CLIP encoders (their
+    penultimate states concatenated, zero-padded to T5's width) followed by T5's, and the pooled projections of both CLIP
+    encoders (B, 2048 at full size), passed to the transformer as ``pooled_projections``. T's length is
+    ``min(256, tokenizer_3.model_max_length)`` (256: the pipeline's default ``max_sequence_length``). The negative prompt
+    is encoded like any prompt (SD3 does not zero an empty one). The VAE decodes ``latents / scaling_factor +
+    shift_factor``. The default sampler is the flow SDE (``flow_sde``, :mod:`trl_gfn.diffusion.flow_matching`); the
+    denoiser's output is the velocity (``prediction_type="flow"``). LoRA files are written and read with
+    ``StableDiffusion3Pipeline.save_lora_weights(transformer_lora_layers=...)`` / ``load_lora_weights``.
+    """
+
+    name = "Stable Diffusion 3 (StableDiffusion3Pipeline)"
+    pipeline_class = StableDiffusion3Pipeline
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    required_components = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    denoiser_name = "transformer"
+    default_sampler = "flow_sde"
+    lora_component = "transformer"
+    #: SD3's context length of T5 tokens (the pipeline's default ``max_sequence_length``)
+    max_sequence_length = 256
+
+    @classmethod
+    def matches(cls, pipeline: Any) -> bool:
+        return isinstance(pipeline, StableDiffusion3Pipeline) or getattr(pipeline, "transformer", None) is not None
+
+    def check(self) -> None:
+        pipeline = self.pipeline
+        for name in self.required_components:
+            if getattr(pipeline, name, None) is None:
+                raise ValueError(f"pipeline of type {type(pipeline).__name__} has no `{name}`; a {self.name} pipeline needs "
+                                 f"{', '.join(self.required_components)}")
+        if not isinstance(pipeline, StableDiffusion3Pipeline):
+            raise ValueError(f"unsupported pipeline {type(pipeline).__name__}: a transformer denoiser is supported through "
+                             "StableDiffusion3Pipeline only")
+        if not isinstance(pipeline.transformer, SD3Transformer2DModel):
+            raise ValueError(f"unsupported pipeline: its transformer is a {type(pipeline.transformer).__name__}, expected SD3Transformer2DModel")
+        if not isinstance(pipeline.vae, AutoencoderKL):
+            raise ValueError(f"unsupported pipeline: its vae is a {type(pipeline.vae).__name__}, expected AutoencoderKL")
+        if not isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"an SD3 pipeline needs a FlowMatchEulerDiscreteScheduler, got {type(pipeline.scheduler).__name__}")
+
+    @property
+    def prompt_embed_dim(self) -> int:
+        """Width of the joint token states: the transformer's ``joint_attention_dim`` (T5's width)."""
+        return int(self.denoiser.config.joint_attention_dim)
+
+    @property
+    def latent_multiple(self) -> int:
+        return int(self.denoiser.config.patch_size)
+
+    @property
+    def sequence_length(self) -> int:
+        """Number T of T5 tokens: ``min(256, tokenizer_3.model_max_length)`` (256 without a T5 tokenizer)."""
+        tokenizer = getattr(self.pipeline, "tokenizer_3", None)
+        return min(self.max_sequence_length, int(tokenizer.model_max_length)) if tokenizer is not None else self.max_sequence_length
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], image_size: tuple[int, int]) -> Conditioning:
+        pipeline = self.pipeline
+        embeds, _, pooled, _ = pipeline.encode_prompt(list(prompts), None, None, device=pipeline.transformer.device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False, max_sequence_length=self.sequence_length)
+        return Conditioning(embeds.float(), {"pooled_projections": pooled.float()})
+
+    def denoiser_inputs(self, conditioning: Conditioning, dtype: torch.dtype) -> dict[str, Any]:
+        return {"encoder_hidden_states": conditioning.embeds.to(dtype), "pooled_projections": conditioning.added["pooled_projections"].to(dtype)}
+
+    def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                dtype: torch.dtype) -> torch.Tensor:
+        """The transformer's velocity (float32) at ``latents`` and timesteps σ·1000."""
+        return denoiser(hidden_states=latents.to(dtype), timestep=timesteps, return_dict=False,
+                        **self.denoiser_inputs(conditioning, dtype))[0].float()
+
+
 #: the supported families, most specific first (the first whose ``matches`` accepts a pipeline handles it)
-FAMILIES: list[type[ModelFamily]] = [StableDiffusionXLFamily, StableDiffusionFamily]
+FAMILIES: list[type[ModelFamily]] = [StableDiffusion3Family, StableDiffusionXLFamily, StableDiffusionFamily]
 
 
 def supported_families() -> str:

@@ -1,8 +1,8 @@
 """The RL view of a diffusers text-to-image pipeline: prompts in, recorded stochastic trajectories out.
 
-One UNet serves as policy and reference: the policy is the UNet with its trainable LoRA adapter, the
-reference is the same UNet with the adapter disabled (no second copy in memory). VAE and text encoder
-are frozen. Sampling uses :mod:`trl_gfn.diffusion`'s transition maths, so what the trainers score is
+One denoiser (a UNet, or SD3's transformer) serves as policy and reference: the policy is the denoiser with its
+trainable LoRA adapter, the reference is the same denoiser with the adapter disabled (no second copy in memory). VAE
+and text encoders are frozen. Sampling uses :mod:`trl_gfn.diffusion`'s transition maths, so what the trainers score is
 exactly what was sampled.
 """
 
@@ -13,9 +13,9 @@ import os
 from typing import Any, Sequence
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from ..diffusion import TransitionSchedule, make_scheduler, model_output_to_epsilon, step_mean, transition_schedule
+from ..diffusion import DEFAULT_FLOW_NOISE_LEVEL, NoiseLevel, TransitionSchedule, make_scheduler, model_output_to_epsilon, step_mean, transition_schedule
 from .conditioning import Conditioning, append_tokens
 from .families import FAMILIES, ModelFamily, resolve_family
 from .trajectory import Trajectories
@@ -27,14 +27,16 @@ ADAPTER_NAME = "default"
 
 
 class DiffusionPipelineForRL:
-    """Wrap a diffusers text-to-image pipeline of a supported model family (SD 1.x/2.x, SDXL) for RL fine-tuning.
+    """Wrap a diffusers text-to-image pipeline of a supported model family (SD 1.x/2.x, SDXL, SD3) for RL fine-tuning.
 
     Build it with :meth:`from_pretrained` (a Hub id or a local directory) or from an existing pipeline
-    object (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``). The wrapper owns the LoRA adapter
+    object (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``StableDiffusion3Pipeline``). The wrapper owns the LoRA adapter
     (:meth:`add_lora`), the reference switch (:meth:`reference_mode`), prompt encoding, guided noise prediction,
     trajectory sampling, decoding and LoRA save/load in the family's diffusers format. What differs between
     families lives in :attr:`family` (:mod:`trl_gfn.pipelines.families`); prompt conditioning is a tensor (SD 1.x/2.x)
-    or a :class:`~trl_gfn.pipelines.Conditioning` (SDXL: pooled embeddings and ``add_time_ids`` too).
+    or a :class:`~trl_gfn.pipelines.Conditioning` (SDXL: pooled embeddings and ``add_time_ids`` too; SD3: pooled
+    projections). The network the LoRA is trained on is :attr:`denoiser` (the UNet, or SD3's transformer); :attr:`unet`
+    is the same module under its older name.
 
     Args:
         pipeline: the diffusers pipeline.
@@ -52,7 +54,7 @@ class DiffusionPipelineForRL:
         self.family: ModelFamily = resolve_family(pipeline)
         self.pipeline = pipeline
         self._size = self._check_size(height, width)
-        self.weight_dtype = pipeline.unet.dtype
+        self.weight_dtype = self.family.denoiser.dtype
         self._lora_config = None
         self.adapter_name = ADAPTER_NAME
         #: an adapter found in the UNet when wrapping (e.g. loaded by diffusers' ``load_lora_weights``), not yet checked
@@ -60,11 +62,11 @@ class DiffusionPipelineForRL:
         text_adapters = sorted(a for e in self.family.text_encoders() for a in (getattr(e, "peft_config", None) or {}))
         if text_adapters:
             raise ValueError(f"the text encoder has LoRA adapter(s) {text_adapters} (e.g. from load_lora_weights): trl-gfn trains and "
-                             "switches off UNet LoRAs only. Fuse them first (pipeline.fuse_lora(components=['text_encoder']); "
+                             "switches off denoiser (UNet / transformer) LoRAs only. Fuse them first (pipeline.fuse_lora(components=['text_encoder']); "
                              "pipeline.unload_lora_weights()) or load a UNet-only LoRA")
-        unet_adapters = sorted(getattr(pipeline.unet, "peft_config", None) or {})
+        unet_adapters = sorted(getattr(self.family.denoiser, "peft_config", None) or {})
         if len(unet_adapters) > 1:
-            raise ValueError(f"the UNet has {len(unet_adapters)} LoRA adapters {unet_adapters}; trl-gfn trains one. Fuse the others into "
+            raise ValueError(f"the {self.family.denoiser_name} has {len(unet_adapters)} LoRA adapters {unet_adapters}; trl-gfn trains one. Fuse the others into "
                              "the weights (pipeline.fuse_lora(adapter_names=[...]); pipeline.unload_lora_weights()) or load one LoRA")
         if unet_adapters:
             self.loaded_adapter = self.adapter_name = unet_adapters[0]
@@ -95,8 +97,8 @@ class DiffusionPipelineForRL:
     ) -> DiffusionPipelineForRL:
         """Load a pipeline of a supported family from a Hub id or a local directory and (``use_lora``) add a LoRA adapter.
 
-        The family comes from the model's ``model_index.json`` (``_class_name``): ``StableDiffusionXLPipeline`` loads
-        through that class, anything else through ``StableDiffusionPipeline.from_pretrained``. A missing model raises
+        The family comes from the model's ``model_index.json`` (``_class_name``): ``StableDiffusionXLPipeline`` and
+        ``StableDiffusion3Pipeline`` load through that class, anything else through ``StableDiffusionPipeline.from_pretrained``. A missing model raises
         (there is no fallback to random weights). Extra ``kwargs`` are passed to ``from_pretrained`` (e.g.
         ``vae=AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix")`` for SDXL in float16).
         ``lora_target_modules`` defaults to the family's (:attr:`ModelFamily.default_lora_target_modules`);
@@ -114,8 +116,14 @@ class DiffusionPipelineForRL:
 
     # ------------------------------------------------------------------ components
     @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.pipeline.unet
+    def denoiser(self) -> torch.nn.Module:
+        """The denoising network the LoRA adapter is trained on: the UNet (SD 1.x/2.x, SDXL) or the transformer (SD3)."""
+        return self.family.denoiser
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under its older name (kept for compatibility): the UNet, or SD3's transformer. Prefer :attr:`denoiser`."""
+        return self.family.denoiser
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -141,7 +149,7 @@ class DiffusionPipelineForRL:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.denoiser.device
 
     @property
     def name_or_path(self) -> str:
@@ -149,23 +157,23 @@ class DiffusionPipelineForRL:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of the latents sampled: ``height`` / ``width`` over the VAE scale factor, else the UNet's sample size."""
+        """(C, h, w) of the latents sampled: ``height`` / ``width`` over the VAE scale factor, else the denoiser's sample size."""
         if self._size is not None:
             size = (self._size[0] // self.vae_scale_factor, self._size[1] // self.vae_scale_factor)
         else:
-            size = self.unet.config.sample_size
-            size = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, *size)
+            size = self.family.default_latent_size
+        return (self.family.latent_channels, *size)
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int] | None:
         if height is None and width is None:
             return None
         if height is None or width is None:
             raise ValueError(f"give both height and width, or neither (got height={height}, width={width})")
-        step = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        step = self.vae_scale_factor * self.family.latent_multiple
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % step:
-                raise ValueError(f"{name}={value} must be a positive multiple of {step} (VAE scale factor x UNet down-sampling)")
+                raise ValueError(f"{name}={value} must be a positive multiple of {step} (VAE scale factor x the denoiser's down-sampling "
+                                 "or patch size)")
         return int(height), int(width)
 
     @property
@@ -184,7 +192,7 @@ class DiffusionPipelineForRL:
         return self
 
     def set_precision(self, mixed_precision: str) -> None:
-        """Cast the frozen weights (UNet base, VAE, text encoders) to the precision of ``mixed_precision``; LoRA stays float32.
+        """Cast the frozen weights (denoiser base, VAE, text encoders) to the precision of ``mixed_precision``; LoRA stays float32.
 
         The family may keep the VAE in float32 (SDXL's original VAE under float16, see :meth:`ModelFamily.vae_dtype`)."""
         if mixed_precision not in DTYPES:
@@ -197,9 +205,9 @@ class DiffusionPipelineForRL:
             p.data = p.data.float()
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute UNet activations in backward (the UNet is put in train mode, which is when diffusers checkpoints)."""
-        self.unet.enable_gradient_checkpointing()
-        self.unet.train()
+        """Recompute denoiser activations in backward (it is put in train mode, which is when diffusers checkpoints)."""
+        self.denoiser.enable_gradient_checkpointing()
+        self.denoiser.train()
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(self, rank: int = 8, alpha: int | None = None, target_modules: Sequence[str] | None = None) -> None:
@@ -212,7 +220,7 @@ class DiffusionPipelineForRL:
             raise ValueError("the pipeline already has a LoRA adapter")
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian", target_modules=list(target_modules))
         self.adapter_name = ADAPTER_NAME
-        self.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+        self.denoiser.add_adapter(config, adapter_name=ADAPTER_NAME)
         self._lora_config = config
         for p in self.lora_parameters():
             p.data = p.data.float()
@@ -248,7 +256,7 @@ class DiffusionPipelineForRL:
         from peft.tuners.lora import LoraLayer
 
         name = self.loaded_adapter
-        layers = {n: m for n, m in self.unet.named_modules() if isinstance(m, LoraLayer) and name in getattr(m, "r", {})}
+        layers = {n: m for n, m in self.denoiser.named_modules() if isinstance(m, LoraLayer) and name in getattr(m, "r", {})}
         where = f"the LoRA adapter {name!r} loaded into the UNet before wrapping"
         ranks = sorted({int(m.r[name]) for m in layers.values()})
         if ranks != [rank]:
@@ -263,7 +271,7 @@ class DiffusionPipelineForRL:
             raise ValueError(f"lora_target_modules: {where} wraps modules the config does not name ({unmatched[:3]}) or misses targets "
                              f"the config names ({unused}); config: {sorted(target_modules)}")
         self._lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
-        self.unet.set_adapter(name)
+        self.denoiser.set_adapter(name)
         self.loaded_adapter = None
         for p in self.lora_parameters():
             p.requires_grad_(True)
@@ -271,30 +279,31 @@ class DiffusionPipelineForRL:
 
     @property
     def has_lora(self) -> bool:
-        return bool(getattr(self.unet, "_hf_peft_config_loaded", False)) and any("lora_" in n for n, _ in self.unet.named_parameters())
+        return bool(getattr(self.denoiser, "_hf_peft_config_loaded", False)) and any("lora_" in n for n, _ in self.denoiser.named_parameters())
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters of the trained adapter (:attr:`adapter_name`)."""
-        return [p for n, p in self.unet.named_parameters() if _is_lora_param(n, self.adapter_name)]
+        return [p for n, p in self.denoiser.named_parameters() if _is_lora_param(n, self.adapter_name)]
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in diffusers' LoRA key format (as ``load_lora_weights`` expects)."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=self.adapter_name))
+        state = get_peft_model_state_dict(self.denoiser, adapter_name=self.adapter_name)
+        # UNet LoRAs are written in diffusers' converted key format; transformer LoRAs keep peft's keys (as diffusers' SD3 scripts do)
+        return convert_state_dict_to_diffusers(state) if self.family.lora_component == "unet" else state
 
     def save_lora(self, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
         """Write ``pytorch_lora_weights.safetensors`` loadable with the family's ``load_lora_weights`` (e.g.
-        ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.load_lora_weights``)."""
+        ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline.load_lora_weights``)."""
         if not self.has_lora:
             raise ValueError("the pipeline has no LoRA adapter to save")
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.lora_state_dict().items()}
         metadata = self._lora_config.to_dict() if self._lora_config is not None else None
         if metadata is not None:
             metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-        self.family.pipeline_class.save_lora_weights(save_directory, unet_lora_layers=state, is_main_process=is_main_process,
-                                                  weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata)
+        self.family.save_lora_weights(save_directory, state, metadata, LORA_WEIGHT_NAME, is_main_process=is_main_process)
 
     def load_lora(self, load_directory: str | os.PathLike) -> None:
         """Load LoRA weights saved by :meth:`save_lora` into the existing adapter (strict: every key and shape must match).
@@ -308,11 +317,11 @@ class DiffusionPipelineForRL:
 
         path = os.path.join(load_directory, LORA_WEIGHT_NAME)
         state = read_safetensors(path, what="LoRA weights")  # errors name the file; NaN/inf refused
-        prefix = "unet."
+        prefix = f"{self.family.lora_component}."
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         state = convert_unet_state_dict_to_peft(state)
         try:
-            result = set_peft_model_state_dict(self.unet, state, adapter_name=self.adapter_name)
+            result = set_peft_model_state_dict(self.denoiser, state, adapter_name=self.adapter_name)
         except RuntimeError as err:  # e.g. size mismatches: the file has another LoRA rank
             problems = [line.strip() for line in str(err).splitlines() if "mismatch" in line] or [str(err)]
             rank = self._lora_config.r if self._lora_config is not None else "?"
@@ -335,11 +344,11 @@ class DiffusionPipelineForRL:
         if not self.has_lora:
             yield
             return
-        self.unet.disable_adapters()
+        self.denoiser.disable_adapters()
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
     # ------------------------------------------------------------------ further adapters (self-play references)
     def add_frozen_adapter(self, name: str) -> None:
@@ -352,25 +361,25 @@ class DiffusionPipelineForRL:
 
         if not self.has_lora or self._lora_config is None:
             raise ValueError("add_frozen_adapter: the pipeline needs its trained LoRA adapter first (add_lora / ensure_lora)")
-        if name == self.adapter_name or name in (getattr(self.unet, "peft_config", None) or {}):
+        if name == self.adapter_name or name in (getattr(self.denoiser, "peft_config", None) or {}):
             raise ValueError(f"add_frozen_adapter: the UNet already has an adapter named {name!r}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            self.unet.add_adapter(self._lora_config, adapter_name=name)
-        self.unet.set_adapter(self.adapter_name)  # add_adapter activates the new adapter; the trained one stays active
+            self.denoiser.add_adapter(self._lora_config, adapter_name=name)
+        self.denoiser.set_adapter(self.adapter_name)  # add_adapter activates the new adapter; the trained one stays active
         for p in self.adapter_parameters(name):
             p.requires_grad_(False)
             p.data = p.data.float()
 
     def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
         """The parameters of adapter ``name``, in module order."""
-        return [p for n, p in self.unet.named_parameters() if _is_lora_param(n, name)]
+        return [p for n, p in self.denoiser.named_parameters() if _is_lora_param(n, name)]
 
     @torch.no_grad()
     def copy_adapter(self, source: str, target: str) -> None:
         """Copy the weights of adapter ``source`` into adapter ``target`` (same config), in place."""
-        src = {n.replace(f".{source}.", ".#."): p for n, p in self.unet.named_parameters() if _is_lora_param(n, source)}
-        dst = {n.replace(f".{target}.", ".#."): p for n, p in self.unet.named_parameters() if _is_lora_param(n, target)}
+        src = {n.replace(f".{source}.", ".#."): p for n, p in self.denoiser.named_parameters() if _is_lora_param(n, source)}
+        dst = {n.replace(f".{target}.", ".#."): p for n, p in self.denoiser.named_parameters() if _is_lora_param(n, target)}
         if not src or src.keys() != dst.keys():
             raise ValueError(f"copy_adapter: adapters {source!r} and {target!r} do not have the same layers")
         for key, p in dst.items():
@@ -382,17 +391,22 @@ class DiffusionPipelineForRL:
 
         Switching back re-activates the trained adapter (``requires_grad`` on) and leaves the others frozen.
         """
-        self.unet.set_adapter(name)
+        self.denoiser.set_adapter(name)
         try:
             yield
         finally:
-            self.unet.set_adapter(self.adapter_name)
+            self.denoiser.set_adapter(self.adapter_name)
 
     # ------------------------------------------------------------------ maths helpers
-    def make_schedule(self, sampler: str, num_steps: int, eta: float = 1.0) -> TransitionSchedule:
-        """The :class:`TransitionSchedule` of ``sampler`` over ``num_steps`` steps, on this pipeline's device."""
-        scheduler = make_scheduler(self.scheduler, sampler, eta)
-        return transition_schedule(scheduler, num_steps, eta, device=self.device)
+    def resolve_sampler(self, sampler: str) -> str:
+        """``sampler`` itself, or for ``"auto"`` the family's stochastic sampler (``ddpm`` for the UNet families, ``flow_sde`` for SD3)."""
+        return self.family.default_sampler if sampler == "auto" else sampler
+
+    def make_schedule(self, sampler: str, num_steps: int, eta: float = 1.0, noise_level: float = DEFAULT_FLOW_NOISE_LEVEL) -> TransitionSchedule:
+        """The :class:`TransitionSchedule` of ``sampler`` (``"auto"``: :meth:`resolve_sampler`) over ``num_steps`` steps, on this
+        pipeline's device. ``eta`` is DDIM's (``ddpm``), ``noise_level`` the flow SDE's a (``flow_sde``; 0: the Euler ODE)."""
+        scheduler = make_scheduler(self.scheduler, self.resolve_sampler(sampler), eta)
+        return transition_schedule(scheduler, num_steps, eta, device=self.device, noise_level=noise_level)
 
     def encode_prompts(self, prompts: Sequence[str], image_size: tuple[int, int] | None = None) -> torch.Tensor | Conditioning:
         """Prompt conditioning, one row per prompt (float32, no grad): for SD 1.x/2.x the text encoder's hidden states
@@ -415,10 +429,14 @@ class DiffusionPipelineForRL:
         prompt_embeds: torch.Tensor | Conditioning,
         negative_prompt_embeds: torch.Tensor | Conditioning,
         guidance_scale: float,
-        alpha_bar: torch.Tensor,
+        alpha_bar: torch.Tensor | NoiseLevel,
         prediction_type: str,
     ) -> torch.Tensor:
-        """Guided noise prediction ε̂ = ε_u + w (ε_c − ε_u) (float32), one batched UNet call for both branches.
+        """Guided prediction ε̂ = ε_u + w (ε_c − ε_u) (float32), one batched denoiser call for both branches.
+
+        The prediction is the sampler's (:func:`~trl_gfn.diffusion.model_output_to_epsilon`): the noise prediction for the
+        UNet families, the velocity for SD3 (``prediction_type="flow"``). ``alpha_bar`` is the states' ᾱ or
+        :class:`~trl_gfn.diffusion.NoiseLevel` (``TransitionSchedule.level``).
 
         ``unet`` is passed in so that trainers can use the accelerate-prepared (wrapped) module where
         parameter gradients must be synchronised. ``guidance_scale == 1`` skips the unconditional branch. The
@@ -438,7 +456,7 @@ class DiffusionPipelineForRL:
 
     def model_output(self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                      prompt_embeds: torch.Tensor | Conditioning) -> torch.Tensor:
-        """The UNet's conditional output (its own parameterisation: epsilon, v or sample) as float32, under autocast
+        """The denoiser's conditional output (its own parameterisation: epsilon, v, sample, or SD3's velocity) as float32, under autocast
         when the frozen weights are in half precision. ``unet`` may be the accelerate-prepared module."""
         dtype = self.weight_dtype
         with torch.autocast(device_type=latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -482,7 +500,8 @@ class DiffusionPipelineForRL:
         progress: bool = False,
         extra_tokens: torch.Tensor | None = None,
     ) -> Trajectories:
-        """Sample one trajectory per prompt with the current policy, recording every state and ε̂.
+        """Sample one trajectory per prompt with the current policy, recording every state and the guided prediction (ε̂, or
+        the velocity on SD3).
 
         ``generators`` (one per sample) make each trajectory's noise depend on its own seed only, so the
         same sample is drawn whatever the batch size or number of processes. ``extra_tokens`` (B, T, D) are appended to the
@@ -491,7 +510,7 @@ class DiffusionPipelineForRL:
         from tqdm.auto import tqdm
 
         batch = len(prompts)
-        unet = unet if unet is not None else self.unet
+        unet = unet if unet is not None else self.denoiser
         device = self.device
         prompt_embeds = self.encode_prompts(list(prompts))
         negative = self.encode_negative_prompt(negative_prompt, batch)
@@ -508,7 +527,7 @@ class DiffusionPipelineForRL:
             index = torch.full((batch,), i, device=device, dtype=torch.long)
             like = latents
             eps = self.guided_epsilon(unet, latents, schedule.timesteps[index], prompt_embeds, negative, guidance_scale,
-                                      schedule.gather("alphas_cumprod", index, like=like), schedule.prediction_type)
+                                      schedule.level(index, like=like), schedule.prediction_type)
             mean = step_mean(latents, eps, schedule.gather("coef_x", index, like=like), schedule.gather("coef_eps", index, like=like))
             latents = mean + schedule.gather("std", index, like=like) * self._randn(latents.shape, generators, device)
             states.append(latents)
@@ -528,8 +547,8 @@ class DiffusionPipelineForRL:
     def initial_latents(self, batch: int, generators: Sequence[torch.Generator] | None = None, device: torch.device | None = None) -> torch.Tensor:
         """x_K ~ N(0, I), shape (batch, *latent_shape), one generator per sample when given.
 
-        The samplers (:func:`trl_gfn.diffusion.make_scheduler`: DDIM/DDPM, SDE-DPM-Solver++) are variance-preserving, so
-        x_K has unit variance whatever the pipeline's own scheduler is: an ``EulerDiscreteScheduler`` (SDXL's default)
+        The samplers (:func:`trl_gfn.diffusion.make_scheduler`: DDIM/DDPM, SDE-DPM-Solver++; the flow sampler at σ = 1)
+        start from unit variance whatever the pipeline's own scheduler is: an ``EulerDiscreteScheduler`` (SDXL's default)
         reports ``init_noise_sigma`` = sigma_max for its own parameterisation, which does not apply here."""
         return self._randn((batch, *self.latent_shape), generators, device if device is not None else self.device)
 

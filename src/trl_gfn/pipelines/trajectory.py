@@ -16,7 +16,8 @@ class Trajectories:
 
     Attributes:
         latents: (B, K + 1, C, h, w) states x_K, …, x_0 (float32).
-        epsilons: (B, K, C, h, w) guided noise predictions ε̂_old recorded while sampling (float32).
+        epsilons: (B, K, C, h, w) guided predictions ε̂_old recorded while sampling (float32): the sampler's prediction, i.e. the noise
+            prediction for the UNet samplers and the velocity for the flow sampler (SD3; see ``trl_gfn.diffusion.noise_level``).
         prompt_embeds: conditioning of each sample's own prompt: (B, L, D) text-encoder states (SD 1.x/2.x) or a
             :class:`~trl_gfn.pipelines.Conditioning` with B rows (SDXL: token states, pooled embedding, time ids).
         negative_prompt_embeds: the same for the negative (unconditional) prompt.

@@ -59,7 +59,8 @@ def sample_seed(*parts: int) -> int:
 
 class TrainableModules(torch.nn.Module):
     """Every module the optimizer updates, behind one ``forward`` so that a single accelerate wrapper
-    (DDP, DeepSpeed) synchronises all of their gradients. ``model("unet", *args)`` calls the UNet,
+    (DDP, DeepSpeed) synchronises all of their gradients. ``model("unet", *args)`` calls the denoiser (the UNet, or SD3's
+    transformer: the name is kept so that checkpoints stay readable),
     ``model("flow_head", *args)`` another module by name.
 
     Modules named in :attr:`checkpointed` are called through non-reentrant ``torch.utils.checkpoint`` whenever
@@ -125,7 +126,7 @@ class BaseDiffusionTrainer(PublishingMixin):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         config.validate()
         if not isinstance(pipeline, DiffusionPipelineForRL):
-            if hasattr(pipeline, "unet") and hasattr(pipeline, "vae"):
+            if _is_diffusers_pipeline(pipeline):
                 pipeline = DiffusionPipelineForRL(pipeline)
             else:
                 raise TypeError(f"pipeline must be a DiffusionPipelineForRL or a diffusers pipeline of a supported family "
@@ -186,7 +187,7 @@ class BaseDiffusionTrainer(PublishingMixin):
             pipeline.vae.disable_gradient_checkpointing()
         self.setup_components()
 
-        self.modules = TrainableModules(pipeline.unet, **self.build_modules())
+        self.modules = TrainableModules(pipeline.denoiser, **self.build_modules())
         if config.gradient_checkpointing:
             self.modules.checkpointed = frozenset({"unet"})
         self.modules.to(device)
@@ -570,8 +571,13 @@ class BaseDiffusionTrainer(PublishingMixin):
         self.load_checkpoint_state(manifest["state"])
 
 
+def _is_diffusers_pipeline(obj: Any) -> bool:
+    """Whether ``obj`` looks like a diffusers text-to-image pipeline (a denoiser, UNet or transformer, and a VAE)."""
+    return (hasattr(obj, "unet") or hasattr(obj, "transformer")) and hasattr(obj, "vae")
+
+
 def _is_pipeline(obj: Any) -> bool:
-    return isinstance(obj, DiffusionPipelineForRL) or (hasattr(obj, "unet") and hasattr(obj, "vae"))
+    return isinstance(obj, DiffusionPipelineForRL) or _is_diffusers_pipeline(obj)
 
 
 def _pipeline_and_prompts(pipeline: Any, prompt_function: Any, sd_pipeline: Any) -> tuple[Any, Any]:

@@ -181,7 +181,7 @@ class DDPOTrainer(TransitionTrainer):
         idx = batch.step_index
         scale = c.sample_guidance_scale if c.train_cfg else 1.0
         return self.pipeline.guided_epsilon(self.wrapped("unet"), x, sched.timesteps[idx], batch.prompt_embeds, batch.negative_prompt_embeds,
-                                            scale, sched.gather("alphas_cumprod", idx, like=x), sched.prediction_type)
+                                            scale, sched.level(idx, like=x), sched.prediction_type)
 
     def compute_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """PPO-clip loss of a batch of transitions; ``batch.extras["advantages"]`` holds the advantages.

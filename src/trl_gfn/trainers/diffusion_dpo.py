@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..configs.dpo import LOSS_FIELDS, DiffusionDPOConfig
 from ..data.preference import PairBatch, PreferencePairs
 from ..losses import preference as L
+from ..diffusion import ForwardProcess
 from .base import BaseDiffusionTrainer, sample_seed
 from .ema import LoraEMA
 
@@ -193,19 +194,21 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
                              f"{self.train_pairs.report.invalid_skipped} invalid rows skipped) are fewer than one optimizer step takes: "
                              f"train_batch_size {c.train_batch_size} x {acc.num_processes} process(es) x train_gradient_accumulation_steps "
                              f"{c.train_gradient_accumulation_steps} = {per_step}")
-        scheduler = self.pipeline.scheduler
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"pipeline: the scheduler's prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction, sample)")
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=acc.device, dtype=torch.float32)
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        #: the model's training forward process (VP noising with its prediction_type's target, or flow matching's), see
+        #: :class:`~trl_gfn.diffusion.ForwardProcess`
+        self.forward_process = ForwardProcess.from_scheduler(self.pipeline.scheduler, device=acc.device)
+        self.prediction_type = self.forward_process.prediction_type
+        self.num_train_timesteps = self.forward_process.num_train_timesteps
+        #: ᾱ of every training timestep of a variance-preserving scheduler (None for a flow-matching model: see forward_process)
+        alphas = getattr(self.pipeline.scheduler, "alphas_cumprod", None)
+        self.alphas_cumprod = alphas.to(device=acc.device, dtype=torch.float32) if self.prediction_type != "flow" and alphas is not None else None
         self.beta = c.effective_beta
 
     def finish_setup(self) -> None:
         """EMA copies of the LoRA for Adaptive-DPO (from the LoRA as initialised or loaded by ``init_from``), the peak learning rates."""
         c = self.config
         if c.loss_type == "adaptive":
-            named = [(n, p) for n, p in self.pipeline.unet.named_parameters() if any(p is q for q in self.pipeline.lora_parameters())]
+            named = [(n, p) for n, p in self.pipeline.denoiser.named_parameters() if any(p is q for q in self.pipeline.lora_parameters())]
             self.ema = LoraEMA(named, c.adaptive_ema_decays)
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         micro = len(self.train_pairs) // (c.train_batch_size * self.accelerator.num_processes)
@@ -223,22 +226,18 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
         """Encode both images, draw a timestep and a noise per pair (shared by winner and loser), noise the latents.
 
         Draws per pair, from its generator and after the flips: VAE sample of the winner, then of the loser, the
-        timestep, the noise. Targets follow the scheduler's ``prediction_type`` (ε, v = √ᾱ ε − √(1−ᾱ) x₀, or x₀).
+        timestep, the noise. Noising and targets are the model's forward process (:class:`~trl_gfn.diffusion.ForwardProcess`):
+        for UNets the scheduler's ``prediction_type`` (ε, v = √ᾱ ε − √(1−ᾱ) x₀, or x₀); for flow models (SD3)
+        x_σ = (1 − σ) x₀ + σ ε with target ε − x₀. ``timesteps`` holds the denoiser's timestep.
         """
         device = self.accelerator.device
         latents_w, latents_l = self.encode_pair_latents(batch, generators)
         t = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators]).to(device)
         noise = torch.stack([torch.randn(latents_w.shape[1:], generator=g) for g in generators]).to(device)
-        ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy_w = ab.sqrt() * latents_w + (1 - ab).sqrt() * noise
-        noisy_l = ab.sqrt() * latents_l + (1 - ab).sqrt() * noise
-        if self.prediction_type == "epsilon":
-            target_w = target_l = noise
-        elif self.prediction_type == "v_prediction":
-            target_w = ab.sqrt() * noise - (1 - ab).sqrt() * latents_w
-            target_l = ab.sqrt() * noise - (1 - ab).sqrt() * latents_l
-        else:
-            target_w, target_l = latents_w, latents_l
+        fp = self.forward_process
+        noisy_w, noisy_l = fp.add_noise(latents_w, noise, t), fp.add_noise(latents_l, noise, t)
+        target_w, target_l = fp.target(latents_w, noise, t), fp.target(latents_l, noise, t)
+        t = fp.model_timesteps[t]  # the denoiser's timestep (t itself for UNets, 1000·σ_t for flows)
         embeds = self.pipeline.encode_prompts(batch.captions, image_size=tuple(batch.winners.shape[-2:])).to(device)  # SDXL: size ids
         return PairInputs(latents_w, latents_l, noise, t, noisy_w, noisy_l, target_w, target_l, embeds)
 
@@ -265,7 +264,7 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
     def reference_errors(self, inputs: PairInputs) -> Denoised:
         """The reference: the same UNet with the adapter disabled, without gradient."""
         with self.pipeline.reference_mode():
-            return self.denoise(self.pipeline.unet, inputs)
+            return self.denoise(self.pipeline.denoiser, inputs)
 
     # ------------------------------------------------------------------ the loss
     @torch.no_grad()
@@ -277,7 +276,7 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
         out = []
         for k in range(len(self.ema.decays) if self.ema is not None else 0):
             with self.ema.swapped(k):
-                out.append(self.denoise(self.pipeline.unet, inputs))
+                out.append(self.denoise(self.pipeline.denoiser, inputs))
         return out
 
     def preference_loss(self, errors: L.PairErrors, others: Sequence[Denoised], batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -303,7 +302,7 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
     @torch.no_grad()
     def denoise_without_grad(self, inputs: PairInputs) -> Denoised:
         """The UNet as its parameters currently are (e.g. an EMA copy swapped in), without gradient."""
-        return self.denoise(self.pipeline.unet, inputs)
+        return self.denoise(self.pipeline.denoiser, inputs)
 
     def compute_loss(self, batch: PairBatch, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The mean loss of a batch of pairs and its diagnostics (detached scalars)."""

@@ -89,9 +89,12 @@ class DRaFTTrainer(RewardBackpropTrainer):
             n = c.draft_lv_copies
             x1 = self.denoise(latents, 0, K - 1, embeds, negative, generators, grad_from=K)
             x0 = self.denoise(x1, K - 1, K, embeds, negative, generators, grad_from=K)
-            ratio = (sched.alphas_cumprod[K - 1] / sched.alphas_cumprod[K]).to(x0.dtype)
+            # q(x_1 | x_0) of the forward process between the two states (x = signal·x_0 + noise·ε): mean (signal_1/signal_0)·x_0,
+            # variance noise_1² − (signal_1/signal_0)²·noise_0² (VP: sqrt(ᾱ_1/ᾱ_0), 1 − ᾱ_1/ᾱ_0; flow, x_0 clean: 1 − σ_1, σ_1²)
+            scale = (sched.signal[K - 1] / sched.signal[K]).to(x0.dtype)
+            spread = (sched.noise[K - 1] ** 2 - scale.double() ** 2 * sched.noise[K] ** 2).clamp(min=0).sqrt().to(x0.dtype)
             noise = torch.cat([self.pipeline._randn(x0.shape, generators, x0.device) for _ in range(n)])
-            copies = ratio.sqrt() * x0.repeat(n, 1, 1, 1) + (1 - ratio).sqrt() * noise
+            copies = scale * x0.repeat(n, 1, 1, 1) + spread * noise
             final = self.denoise(copies, K - 1, K, embeds.repeat(n, 1, 1), negative.repeat(n, 1, 1), list(generators) * n, grad_from=K - 1)
             prompts, metadata = list(prompts) * n, list(metadata) * n
             steps = 1

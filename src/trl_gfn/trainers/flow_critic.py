@@ -58,11 +58,11 @@ class MonteCarloFlowCritic:
         c, sched = self.config, self.schedule
         if c.value_baseline == "none":
             return torch.zeros(latents.shape[0], device=latents.device)
-        a = sched.gather("alphas_cumprod", position, like=latents)
+        a = sched.level(position, like=latents)
         x0 = predict_x0(latents.float(), epsilon.float(), a)
         rewards = torch.cat([self.score_no_grad(self.pipeline.decode(x0[i:i + chunk]), prompts[i:i + chunk], prompt_metadata[i:i + chunk])[0]
                              for i in range(0, len(x0), chunk)])
-        return c.reward_scale * self._gamma(a.flatten()) * rewards.float()
+        return c.reward_scale * self._gamma(a).flatten() * rewards.float()
 
     def critic_loss(self, log_flow: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
         """Proper scoring loss of the log-flow critic, mean over states of (e^{y − V} + V)/β with y = β(r(x_0) − m): for
@@ -94,8 +94,8 @@ class MonteCarloFlowCritic:
                 active = position <= i
                 idx = torch.full((int(active.sum()),), i, dtype=torch.long, device=x.device)
                 xa = x[active]
-                a = sched.gather("alphas_cumprod", idx, like=xa)
-                eps = self.pipeline.guided_epsilon(self.pipeline.unet, xa, sched.timesteps[idx], prompt_embeds[active], negative_prompt_embeds[active],
+                a = sched.level(idx, like=xa)
+                eps = self.pipeline.guided_epsilon(self.pipeline.denoiser, xa, sched.timesteps[idx], prompt_embeds[active], negative_prompt_embeds[active],
                                                    c.sample_guidance_scale, a, sched.prediction_type).float()
                 states.append(xa.clone()), positions.append(idx), rows.append(arange[active]), epsilons.append(eps)
                 mean = step_mean(xa, eps, sched.gather("coef_x", idx, like=xa), sched.gather("coef_eps", idx, like=xa))

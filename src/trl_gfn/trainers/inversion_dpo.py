@@ -107,6 +107,11 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         """The DPO trainer's checks, then the DDIM schedule of the inversion and the per-step weights."""
         super().setup_components()
         c = self.config
+        if self.prediction_type == "flow":
+            raise ValueError("InversionDPOTrainer does not support flow-matching models (SD3): its trajectory error inverts the image with "
+                             "DDIM and weighs step k by 1/(2ᾱ_k), which is infinite at the flow sampler's first state (σ = 1, ᾱ = 0); "
+                             "an Euler-ODE inversion with its own weighting is not implemented. Use DiffusionDPOTrainer (flow-matching "
+                             "forward process and velocity target) on SD3")
         self.inversion_schedule = ddim_schedule(self.pipeline.scheduler, c.inversion_num_steps, device=self.accelerator.device)
         self.step_weights = trajectory_weights(self.inversion_schedule).float()
         self.train_steps = c.inversion_train_steps or c.inversion_num_steps
@@ -128,10 +133,10 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         (B, N, C, h, w) at its states (2N guided reference forwards per latent)."""
         B, N = latents.shape[0], self.config.inversion_num_steps
         with self.pipeline.reference_mode():
-            traj = ddim_invert(lambda x, t: self.guided_eps(self.pipeline.unet, x, t, embeds), latents, self.inversion_schedule)
+            traj = ddim_invert(lambda x, t: self.guided_eps(self.pipeline.denoiser, x, t, embeds), latents, self.inversion_schedule)
             states = traj.states.flatten(0, 1)
             t = self.inversion_schedule.timesteps.repeat(B)
-            ref = self.guided_eps(self.pipeline.unet, states, t, embeds.repeat_interleave(N, dim=0)).view_as(traj.states)
+            ref = self.guided_eps(self.pipeline.denoiser, states, t, embeds.repeat_interleave(N, dim=0)).view_as(traj.states)
         return traj, ref
 
     @staticmethod

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..configs.nabla_gfn import NablaGFlowNetConfig
-from ..diffusion import log_ratio, predict_x0, score_residual, step_mean
+from ..diffusion import NoiseLevel, as_noise_level, log_ratio, predict_x0, score_residual, step_mean
 from ..models import FlowHead
 from ..pipelines import Trajectories, TransitionBatch
 from .base import sample_seed
@@ -83,7 +83,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         c = self.config
         if not c.use_flow_head:
             return {}
-        unet = self.pipeline.unet
+        unet = self.pipeline.denoiser
         head = FlowHead(
             in_channels=unet.config.in_channels,
             block_out_channels=tuple(int(w) for w in c.flow_block_out_channels),
@@ -178,15 +178,17 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         return torch.stack(rows).to(self.accelerator.device)
 
     # ------------------------------------------------------------------ the loss
-    def _guided(self, unet, latents, timesteps, batch: TransitionBatch, rows: torch.Tensor | None, alpha_bar) -> torch.Tensor:
+    def _guided(self, unet, latents, timesteps, batch: TransitionBatch, rows: torch.Tensor | None, alpha_bar: NoiseLevel) -> torch.Tensor:
         pos, neg = batch.prompt_embeds, batch.negative_prompt_embeds
         if rows is not None:
             pos, neg = pos[rows], neg[rows]
         return self.pipeline.guided_epsilon(unet, latents, timesteps, pos, neg, self.config.sample_guidance_scale, alpha_bar,
                                             self.schedule.prediction_type)
 
-    def _gamma(self, alpha_bar: torch.Tensor) -> torch.Tensor:
-        return alpha_bar if self.config.reward_gradient_scaling == "squared" else alpha_bar.sqrt()
+    def _gamma(self, level: NoiseLevel | torch.Tensor) -> torch.Tensor:
+        """γ_k of states at noise level ``level`` (a :class:`NoiseLevel`, or a tensor ᾱ): signal² or signal
+        (``reward_gradient_scaling``), i.e. ᾱ or sqrt(ᾱ) on the UNet samplers and (1 − σ)² or 1 − σ on the flow sampler."""
+        return as_noise_level(level).gamma(self.config.reward_gradient_scaling)
 
     def _input_gradient_unet(self):
         """The UNet call of a pass that only yields an input gradient pulled back from ∇r (the guess): checkpointed with
@@ -222,7 +224,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         if c.reward_scale == 0:
             return torch.zeros_like(x)
         K = sched.num_steps
-        a = sched.gather("alphas_cumprod", step_index, like=x)
+        a = sched.level(step_index, like=x)
         grad = torch.zeros_like(x)
         final = step_index == K
         if final.any():
@@ -241,9 +243,9 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                     eps = recorded_epsilon[inner].float()
                 else:
                     with self._guess_model(), torch.no_grad():
-                        eps = guided(self.pipeline.unet, xi, ti, emb, neg)
+                        eps = guided(self.pipeline.denoiser, xi, ti, emb, neg)
                 g0 = self.guess_reward_gradient(predict_x0(xi, eps, ai), ai, sub_prompts, sub_meta)
-                grad[inner] = g0 / ai.sqrt()
+                grad[inner] = g0 * ai.x0_jacobian()  # ∂x̂_0/∂x with the prediction held fixed
             else:
                 xi = xi.requires_grad_(True)
                 with torch.enable_grad(), self._guess_model():
@@ -289,14 +291,14 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         n = latents.shape[0]
         x = latents.detach().float().to(self.accelerator.device)
         idx = torch.full((n,), position, dtype=torch.long, device=x.device)
-        a = sched.gather("alphas_cumprod", idx, like=x)
+        a = sched.level(idx, like=x)
         emb = self.pipeline.encode_prompts(list(prompts))
         neg = self.pipeline.encode_negative_prompt(c.negative_prompts, n)
         guided = partial(self.pipeline.guided_epsilon, timesteps=sched.timesteps[idx], prompt_embeds=emb, negative_prompt_embeds=neg,
                          guidance_scale=c.sample_guidance_scale, alpha_bar=a, prediction_type=sched.prediction_type)
-        eps = guided(self.pipeline.unet, x)
+        eps = guided(self.pipeline.denoiser, x)
         with self.pipeline.reference_mode():
-            eps_ref = guided(self.pipeline.unet, x)
+            eps_ref = guided(self.pipeline.denoiser, x)
         return score_residual(eps, eps_ref, sched.gather("coef_eps", idx, like=x), sched.gather("std", idx, like=x))
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -335,13 +337,13 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                           "epoch trains on the samples it has just drawn", UserWarning, stacklevel=2)
 
     def _transition(self, batch: TransitionBatch) -> tuple[torch.Tensor, ...]:
-        """``(x_k, x_{k-1}, step index, last-transition mask, interior mask, τ_k, ᾱ_k, coef_x, coef_eps, std)`` of a batch,
-        float32, the per-step coefficients broadcast like x_k."""
+        """``(x_k, x_{k-1}, step index, last-transition mask, interior mask, τ_k, noise level of x_k, coef_x, coef_eps, std)`` of
+        a batch, float32, the per-step coefficients broadcast like x_k."""
         sched = self.schedule
         x, x_next, idx = batch.latents.float(), batch.next_latents.float(), batch.step_index
         last = idx == sched.num_steps - 1
-        coefs = (sched.gather(name, idx, like=x) for name in ("alphas_cumprod", "coef_x", "coef_eps", "std"))
-        return (x, x_next, idx, last, ~last, sched.timesteps[idx], *coefs)
+        coefs = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
+        return (x, x_next, idx, last, ~last, sched.timesteps[idx], sched.level(idx, like=x), *coefs)
 
     def _compute_loss_monte_carlo(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward ∇-DB with the flow gradient of a Monte-Carlo log-flow critic (``flow_estimator="monte_carlo"``,
@@ -458,7 +460,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         g0_policy = None
         if guess_at_x == "policy" and c.memory_efficient_order and not c.gradient_checkpointing:
             with torch.no_grad():
-                x0_policy = predict_x0(x, self._guided(self.pipeline.unet, x, t, batch, None, a), a)
+                x0_policy = predict_x0(x, self._guided(self.pipeline.denoiser, x, t, batch, None, a), a)
             g0_policy, _ = self.reward_guess_at_x0(x0_policy, rev, batch)
         xp = x.detach().requires_grad_(use_reverse)
         eps = self._guided(self.wrapped("unet"), xp, t, batch, None, a)
@@ -514,15 +516,16 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         """β γ_k ∇r at the clean predictions ``x0`` of the states x_k of ``rows`` (zero elsewhere), detached: the vector of
         the VJP that turns it into the guess at x_k."""
         vec = torch.zeros_like(x0)
-        a = self.schedule.gather("alphas_cumprod", batch.step_index, like=x0)
+        a = self.schedule.level(batch.step_index, like=x0)
         g0, rewards = self.guess_reward_gradient(x0[rows].detach(), a[rows], rows_where(batch.prompts, rows), rows_where(batch.prompt_metadata, rows),
                                                  return_rewards=True)
         vec[rows] = self.config.reward_scale * self._gamma(a[rows]) * g0
         return vec, rewards
 
-    def guess_reward_gradient(self, x0: torch.Tensor, alpha_bar: torch.Tensor, prompts: list, prompt_metadata: list, *,
+    def guess_reward_gradient(self, x0: torch.Tensor, alpha_bar: torch.Tensor | NoiseLevel, prompts: list, prompt_metadata: list, *,
                               return_rewards: bool = False):
-        """∇r at the one-step predictions ``x0`` of states with ᾱ = ``alpha_bar`` — with ``guess_posterior_samples`` M > 1,
+        """∇r at the one-step predictions ``x0`` of states with ᾱ = ``alpha_bar`` (a tensor, or a :class:`NoiseLevel`, whose
+        variance-preserving equivalent ᾱ is used) — with ``guess_posterior_samples`` M > 1,
         (1/β)∇ log mean_i exp(β r(x0 + sqrt(1 − ᾱ) ε_i)) = Σ_i w_i ∇r(x0 + sqrt(1 − ᾱ) ε_i), w = softmax_i(β r_i): the
         soft value under a Gaussian posterior around x0 rather than the reward at the blurry x0 itself. Detached input
         gradient; with ``return_rewards`` also r(x0) (M = 1) or the weighted mean of the r_i."""
@@ -533,7 +536,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             grad = self.clip_guess_gradient(grad)
             return (grad, rewards) if return_rewards else grad
         n = x0.shape[0]
-        std = (1 - alpha_bar).clamp(min=0).sqrt().reshape(n, *([1] * (x0.ndim - 1)))
+        std = (1 - as_noise_level(alpha_bar).alpha_bar).clamp(min=0).sqrt().reshape(n, *([1] * (x0.ndim - 1)))
         samples = x0.detach().unsqueeze(0) + std.unsqueeze(0) * torch.randn((M, *x0.shape), device=x0.device, dtype=x0.dtype)
         grads, rewards = self.reward_gradient(samples.flatten(0, 1), list(prompts) * M, list(prompt_metadata) * M)
         grads, rewards = grads.view(M, *x0.shape), rewards.view(M, n)

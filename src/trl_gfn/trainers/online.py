@@ -71,9 +71,13 @@ class DiffusionRLTrainer(BaseDiffusionTrainer):
         super().__init__(config, pipeline)
 
     def setup_components(self) -> None:
-        """The sampler's transition schedule, and the reward module on the device (frozen, float32)."""
+        """The sampler's transition schedule (``sampler="auto"``: the model family's stochastic sampler; settings that do not
+        apply to the family are refused, :meth:`DiffusionRLConfig.resolve_sampler`), and the reward module on the device
+        (frozen, float32)."""
         c, device = self.config, self.accelerator.device
-        self.schedule = self.pipeline.make_schedule(c.sampler, c.sample_num_steps, c.sample_eta)
+        #: the sampler actually used (``config.sampler``, or the family's for ``auto``)
+        self.sampler = c.resolve_sampler(self.pipeline.family.default_sampler)
+        self.schedule = self.pipeline.make_schedule(self.sampler, c.sample_num_steps, c.sample_eta, c.sample_noise_level)
         if isinstance(self.reward_fn, torch.nn.Module):
             self.reward_fn.to(device=device, dtype=torch.float32)
             self.reward_fn.requires_grad_(False)

@@ -81,14 +81,18 @@ class PPDTrainer(DiffusionDPOTrainer):
         """The preference trainer's checks; the provider; every user's embedding (checked before training); the added layers."""
         super().setup_components()
         c = self.config
+        if self.pipeline.family.denoiser_name != "unet":
+            raise ValueError(f"PPDTrainer needs a UNet denoiser (SD 1.x/2.x, SDXL): its decoupled user cross-attention is added to the "
+                             f"UNet's cross-attention layers (attn2), which {self.pipeline.family.name}'s transformer does not have (it attends "
+                             "jointly to image and text tokens). Use DiffusionDPOTrainer on SD3")
         self.provider = load_user_embedding_provider(c.provider_path).to(self.accelerator.device)
         self.user_table: dict[Any, torch.Tensor] = {}
         self.train_users = self.register_users(self.train_pairs)
         if self.eval_pairs is not None:
             self.register_users(self.eval_pairs)
         text_length = int(self.pipeline.tokenizer.model_max_length)
-        self.user_layers = UserCrossAttention.for_unet(self.pipeline.unet, self.provider.embed_dim, c.ppd_num_tokens, text_length)
-        self.user_layers.install(self.pipeline.unet)
+        self.user_layers = UserCrossAttention.for_unet(self.pipeline.denoiser, self.provider.embed_dim, c.ppd_num_tokens, text_length)
+        self.user_layers.install(self.pipeline.denoiser)
 
     def build_modules(self) -> dict[str, torch.nn.Module]:
         return {"user_attention": self.user_layers}
@@ -161,7 +165,7 @@ class PPDTrainer(DiffusionDPOTrainer):
 
     @torch.no_grad()
     def denoise_without_grad(self, inputs: PersonalInputs) -> Denoised:  # type: ignore[override]
-        return self.denoise(self.pipeline.unet, self._with_user(inputs, self.user_layers(inputs.user_embeddings)))
+        return self.denoise(self.pipeline.denoiser, self._with_user(inputs, self.user_layers(inputs.user_embeddings)))
 
     # ------------------------------------------------------------------ what is saved
     def output_files(self) -> list[str]:

@@ -66,7 +66,7 @@ class ReFLTrainer(RewardBackpropTrainer):
         i = self.stop_step(ids, epoch)
         x = self.denoise(latents, 0, i, embeds, negative, generators, grad_from=sched.num_steps)  # no gradient
         index = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        alpha_bar = sched.gather("alphas_cumprod", index, like=x)
+        alpha_bar = sched.level(index, like=x)
         eps = self.pipeline.guided_epsilon(self.wrapped("unet"), x, sched.timesteps[index], embeds, negative, c.sample_guidance_scale, alpha_bar,
                                            sched.prediction_type)
         x0 = predict_x0(x, eps, alpha_bar)

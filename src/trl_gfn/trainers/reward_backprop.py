@@ -72,10 +72,10 @@ class RewardBackpropTrainer(DiffusionRLTrainer):
         for i in range(start, stop):
             index = torch.full((batch,), i, device=latents.device, dtype=torch.long)
             with_grad = i >= grad_from
-            unet = self.wrapped("unet") if with_grad else self.pipeline.unet
+            unet = self.wrapped("unet") if with_grad else self.pipeline.denoiser
             with torch.set_grad_enabled(with_grad):
                 eps = self.pipeline.guided_epsilon(unet, latents, sched.timesteps[index], prompt_embeds, negative_embeds, c.sample_guidance_scale,
-                                                   sched.gather("alphas_cumprod", index, like=latents), sched.prediction_type)
+                                                   sched.level(index, like=latents), sched.prediction_type)
                 mean = step_mean(latents, eps, sched.gather("coef_x", index, like=latents), sched.gather("coef_eps", index, like=latents))
                 noise = self.pipeline._randn(latents.shape, generators, latents.device)
                 latents = mean + sched.gather("std", index, like=latents) * noise

@@ -93,7 +93,8 @@ class SPINDiffusionTrainer(DiffusionDPOTrainer):
         c, acc = self.config, self.accelerator
         pairs = self.train_pairs
         captions = [cap for cap in pairs.real_captions() for _ in range(pairs.m)]
-        schedule = self.pipeline.make_schedule("ddpm", c.sample_num_steps, c.sample_eta)
+        schedule = self.pipeline.make_schedule(c.resolve_sampler(self.pipeline.family.default_sampler), c.sample_num_steps, c.sample_eta,
+                                               c.sample_noise_level)
         mine = list(range(acc.process_index, len(captions), acc.num_processes))
         out: dict[int, torch.Tensor] = {}
         with self.pipeline.adapter_mode(REFERENCE_ADAPTER):
@@ -140,7 +141,7 @@ class SPINDiffusionTrainer(DiffusionDPOTrainer):
     def reference_errors(self, inputs: PairInputs) -> Denoised:
         """The previous iterate θ_k: the UNet with the frozen reference adapter, without gradient."""
         with self.pipeline.adapter_mode(REFERENCE_ADAPTER):
-            return self.denoise(self.pipeline.unet, inputs)
+            return self.denoise(self.pipeline.denoiser, inputs)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -151,7 +152,7 @@ class SPINDiffusionTrainer(DiffusionDPOTrainer):
         from safetensors.torch import save_file
 
         super().save_checkpoint_extras(directory)
-        tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.pipeline.unet.named_parameters() if f".{REFERENCE_ADAPTER}." in n}
+        tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.pipeline.denoiser.named_parameters() if f".{REFERENCE_ADAPTER}." in n}
         save_file(tensors, os.path.join(directory, REFERENCE_FILE))
 
     def load_checkpoint_extras(self, directory: str) -> None:
@@ -160,7 +161,7 @@ class SPINDiffusionTrainer(DiffusionDPOTrainer):
         super().load_checkpoint_extras(directory)
         path = os.path.join(directory, REFERENCE_FILE)
         state = read_safetensors(path, what="SPIN reference LoRA")
-        params = {n: p for n, p in self.pipeline.unet.named_parameters() if f".{REFERENCE_ADAPTER}." in n}
+        params = {n: p for n, p in self.pipeline.denoiser.named_parameters() if f".{REFERENCE_ADAPTER}." in n}
         if sorted(state) != sorted(params) or any(state[n].shape != params[n].shape for n in params):
             raise ValueError(f"{path}: its tensors do not match this run's reference adapter (other lora_rank or lora_target_modules?)")
         with torch.no_grad():
