@@ -55,6 +55,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     train_on_previous_samples: bool = field(default=False, metadata={"help": "Train each epoch on the previous epoch's trajectories (as one published implementation does) instead of the ones just sampled. Off by default: it trains on stale, off-policy samples."})
 
     guess_clip_quantile: float = field(default=1.0, metadata={"help": "q: with q < 1, the reward gradient ∇r(x̂_0) of the guess at interior states is clipped per sample to the norm at the q-quantile of the previous epoch's interior guesses (the quantile clipping of VGG-Flow, Liu et al. 2025: outlying reward gradients, e.g. of images near a class boundary, no longer dominate the flow gradient). The exact β∇r(x_0) of the last transition is never clipped, and nothing is clipped in the first epoch. The threshold is logged as `guess_clip_threshold` and kept in checkpoints. 1 (default): no clipping."})
+    flow_target_rollouts: int = field(default=0, metadata={"help": "M: with M > 0 the forward target of every interior transition x_k → x_{k-1} is a Monte-Carlo estimate instead of the guess: M reference steps x'_j from x_k, each continued to x_0^j by the reference sampler, weighted w_j ∝ exp(β r(x_0^j)), give (μ* − μ_ref(x_k))/σ_k² = Σ_j w_j z_j/σ_k (z_j the first steps' noise), the mean shift of the ideal transition P*(x'|x_k) ∝ P_ref(x'|x_k)·F̃(x') (equal to E_P*[∇ log F̃(x')], the forward term's optimum). Unbiased up to self-normalisation, noisy, with no reward gradient and no learned critic. Needs use_flow_head=False. Cost per interior transition: M × (remaining steps) reference forwards without grad and M decodes and rewards. 0 (default): the guess. docs/nabla_gfn.md, 'Monte-Carlo forward target'."})
     trajectory_balance_scale: float = field(default=0.0, metadata={"help": "μ: weight of a trajectory-level correction whose only fixed point is also the target: the log-variance (relative trajectory balance) loss Var_τ[log P_θ(τ)/P_ref(τ) − β·r(x_0)] over the sampled batch, applied to the trained transitions as μ·A_τ·log P_θ(x_{k-1}|x_k) with A_τ the trajectory's deviation from the batch mean (held fixed). It vanishes exactly when every trajectory has the same log-ratio, i.e. at p_ref·exp(β r), and pushes mode weights directly, which the per-transition ∇-DB terms only see through the flow gradient. Costs one reference forward (no grad) per sampled step. 0 (default): off. docs/nabla_gfn.md, 'Trajectory-balance correction'."})
 
     use_flow_head: bool = field(default=True, metadata={"help": "Learn the residual flow-gradient correction g_φ; False = forward-only with the guessed gradient (less memory, less diversity)."})
@@ -76,7 +77,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
                     "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0",
-                    "guess_clip_quantile": "(0, 1]"}
+                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -115,6 +116,11 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                f"must be 0 when use_flow_head=False (the reverse term trains only the flow head), got {self.reverse_loss_scale}")
         _check(self.reward_scale >= 0, "reward_scale", f"must be >= 0, got {self.reward_scale}")
         _check(self.unet_reg_scale >= 0, "unet_reg_scale", f"must be >= 0, got {self.unet_reg_scale}")
+        _check(self.flow_target_rollouts >= 0, "flow_target_rollouts", f"must be >= 0, got {self.flow_target_rollouts}")
+        _check(self.flow_target_rollouts == 0 or not self.use_flow_head, "flow_target_rollouts",
+               "the Monte-Carlo forward target replaces the flow gradient at interior states; set use_flow_head=False")
+        _check(self.flow_target_rollouts == 0 or self.flow_estimator == "nabla_db", "flow_target_rollouts",
+               "cannot be combined with flow_estimator='monte_carlo'")
         _check(0 < self.guess_clip_quantile <= 1, "guess_clip_quantile", f"must be in (0, 1] (1: no clipping), got {self.guess_clip_quantile}")
         _check(self.trajectory_balance_scale >= 0, "trajectory_balance_scale", f"must be >= 0, got {self.trajectory_balance_scale}")
         _check(self.trajectory_balance_scale == 0 or self.reward_scale > 0, "trajectory_balance_scale",

@@ -89,6 +89,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_tb_weak": (dict(trajectory_balance_scale=0.02), "+ trajectory-balance correction μ = 0.02"),
     "nabla_gfn_all_steps": (dict(train_timestep_fraction=1.0), "train all 10 transitions of every trajectory (f = 1) instead of 3"),
     "nabla_gfn_clip": (dict(guess_clip_quantile=0.8), "interior guesses' ∇r clipped at the previous epoch's 0.8-quantile norm (VGG-Flow)"),
+    "nabla_gfn_rollouts": (dict(use_flow_head=False, flow_target_rollouts=16),
+                           "interior forward targets from 16 reference rollouts per state (importance-weighted first-step noise), no flow head"),
     "nabla_gfn_slow_flow": (dict(flow_learning_rate=1e-3), "flow head learning rate 1e-3 (the paper's) instead of 1e-2"),
 }
 for _name, (_over, _note) in ABLATIONS.items():

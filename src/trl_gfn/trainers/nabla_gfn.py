@@ -421,8 +421,17 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
 
         # 1. guessed flow gradient at x_{k-1} first: input gradient only, its graph freed before any other graph exists
         final_rewards: list[torch.Tensor] = []
-        guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons,
-                                       final_rewards=final_rewards)
+        if c.flow_target_rollouts > 0:  # Monte-Carlo target on interior transitions, the exact β∇r(x_0) on the last ones
+            guess_next = torch.zeros_like(x)
+            if bool(last.any()):
+                guess_next[last] = self.reward_guess(x_next[last], idx[last] + 1, emb[last], neg[last], rows_where(batch.prompts, last),
+                                                     rows_where(batch.prompt_metadata, last), final_rewards=final_rewards)
+            if bool(inter.any()):
+                guess_next[inter] = self.rollout_flow_target(x[inter], idx[inter], emb[inter], neg[inter], rows_where(batch.prompts, inter),
+                                                             rows_where(batch.prompt_metadata, inter))
+        else:
+            guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata, recorded_epsilon=batch.next_epsilons,
+                                           final_rewards=final_rewards)
         for rewards in final_rewards:
             self.record_training_rewards(rewards)
 
@@ -511,6 +520,40 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                                      loss_reg.detach(), zero, norm(residual), norm(guess_next), norm(g_next), norm(flow_next),
                                      loss_tb.detach())))
         return loss, terms
+
+    @torch.no_grad()
+    def rollout_flow_target(self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds, negative_prompt_embeds, prompts: list,
+                            prompt_metadata: list) -> torch.Tensor:
+        """``flow_target_rollouts`` = M: at states x_k (sampling positions ``step_index`` < K − 1) the Monte-Carlo estimate
+        Σ_j w_j z_j / σ_k = (μ* − μ_ref(x_k))/σ_k² of the ideal transition's mean shift: M reference steps x'_j = μ_ref + σ_k z_j,
+        each continued to x_0^j by the reference sampler (adapter off, the sampling CFG), w = softmax_j(β r(x_0^j))."""
+        c, sched = self.config, self.schedule
+        M, K = c.flow_target_rollouts, sched.num_steps
+        n = latents.shape[0]
+        rows = torch.arange(n, device=latents.device).repeat_interleave(M)
+        x = latents.detach().float()[rows]
+        position = step_index[rows]
+        emb, neg = prompt_embeds[rows], negative_prompt_embeds[rows]
+        noise = None
+        with self.pipeline.reference_mode():
+            for i in range(int(position.min()), K):
+                active = position <= i
+                idx = torch.full((int(active.sum()),), i, dtype=torch.long, device=x.device)
+                xa = x[active]
+                eps = self.pipeline.guided_epsilon(self.pipeline.denoiser, xa, sched.timesteps[idx], emb[active], neg[active], c.sample_guidance_scale,
+                                                   sched.level(idx, like=xa), sched.prediction_type).float()
+                z = torch.randn_like(xa)
+                if noise is None:  # every rollout's first step (all start at the same position within a call, or later)
+                    noise = torch.zeros_like(x)
+                first = (position == i)[active]
+                noise[(position == i)] = z[first]
+                x[active] = step_mean(xa, eps, sched.gather("coef_x", idx, like=xa), sched.gather("coef_eps", idx, like=xa)) + \
+                    sched.gather("std", idx, like=xa) * z
+            rewards, _ = self.score_no_grad(self.pipeline.decode(x), [p for p in prompts for _ in range(M)],
+                                            [m for m in prompt_metadata for _ in range(M)])
+        weights = torch.softmax(c.reward_scale * rewards.float().view(n, M), dim=1).to(noise.device)
+        std = sched.gather("std", step_index, like=latents).float()
+        return (weights.view(n, M, *([1] * (latents.ndim - 1))) * noise.view(n, M, *latents.shape[1:])).sum(1) / std
 
     def reward_guess_at_x0(self, x0: torch.Tensor, rows: torch.Tensor, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """β γ_k ∇r at the clean predictions ``x0`` of the states x_k of ``rows`` (zero elsewhere), detached: the vector of

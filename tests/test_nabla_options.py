@@ -1,6 +1,6 @@
-"""The trajectory-balance correction of Nabla-GFlowNet (``trajectory_balance_scale``): the path log-ratio against an
-independent float64 computation, advantages that vanish where the theory says, the loss gradient against autograd of
-log-densities, and the direction it moves the policy."""
+"""Options of Nabla-GFlowNet measured on the digits benchmark: the trajectory-balance correction (``trajectory_balance_scale``)
+and the Monte-Carlo forward target (``flow_target_rollouts``), each against an independent computation, with the
+terms vanishing where the theory says and the direction they move the policy."""
 
 import pytest
 import torch
@@ -151,3 +151,73 @@ def test_training_with_the_correction_runs_and_logs_it(tmp_path, tiny_pipeline):
     trainer = tb_trainer(tmp_path, tiny_pipeline, num_epochs=1, unet_reg_scale=1.0)
     trainer.train()
     assert trainer.state.global_step >= 1
+
+
+# ----------------------------------------------------------------------- Monte-Carlo forward target (flow_target_rollouts)
+def test_rollout_target_is_the_weighted_first_step_noise_of_reference_rollouts(tmp_path, tiny_pipeline):
+    """Σ_j softmax(β r(x_0^j)) z_j / σ_k, recomputed here with the same random draws: the rollouts are the reference's
+    (the same target with the LoRA moved), and their weights come from the rewards of their own x_0."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=BETA, use_flow_head=False, flow_target_rollouts=3)
+    samples = trainer.sample_epoch(0)
+    x, step = samples.latents[:, 1], torch.full((2,), 1)
+    torch.manual_seed(11)
+    got = trainer.rollout_flow_target(x, step, samples.prompt_embeds, samples.negative_prompt_embeds, list(samples.prompts), [{}] * 2)
+    randomise(trainer, flow=False, lora_std=0.05)
+    torch.manual_seed(11)
+    moved = trainer.rollout_flow_target(x, step, samples.prompt_embeds, samples.negative_prompt_embeds, list(samples.prompts), [{}] * 2)
+    torch.testing.assert_close(got, moved)  # the policy's LoRA plays no part
+    # independent recomputation: the same draws, plain loop over the reference chain
+    sched, pipe = trainer.schedule, trainer.pipeline
+    torch.manual_seed(11)
+    rows = torch.arange(2).repeat_interleave(3)
+    state, first_noise = x[rows].clone(), None
+    with torch.no_grad(), pipe.reference_mode():
+        for i in range(1, K):
+            eps = pipe.guided_epsilon(pipe.unet, state, sched.timesteps[i].repeat(6), samples.prompt_embeds[rows],
+                                      samples.negative_prompt_embeds[rows], 3.0, sched.level(torch.full((6,), i), like=state), sched.prediction_type)
+            z = torch.randn_like(state)
+            first_noise = z if first_noise is None else first_noise
+            state = sched.coef_x[i].float() * state + sched.coef_eps[i].float() * eps + sched.std[i].float() * z
+        rewards = trainer.reward_fn(pipe.decode(state), list(samples.prompts) * 3, [{}] * 6)[0].view(2, 3)
+    w = torch.softmax(BETA * rewards.double(), dim=1)
+    expected = (w.view(2, 3, 1, 1, 1) * first_noise.double().view(2, 3, *x.shape[1:])).sum(1) / sched.std[1]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rollout_target_without_reward_is_zero_mean_and_shrinks_with_more_rollouts(tmp_path, tiny_pipeline):
+    """β = 0: uniform weights, so the target is the mean of M standard normal draws over σ: norm ≈ sqrt(D / M) / σ."""
+    samples = make_trainer(tmp_path, tiny_pipeline).sample_epoch(0)
+    x, step = samples.latents[:, 2], torch.full((2,), 2)
+    dim = x[0].numel()
+    norms = {}
+    for M in (4, 64):
+        trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=1e-9, use_flow_head=False, flow_target_rollouts=M)
+        torch.manual_seed(0)
+        target = trainer.rollout_flow_target(x, step, samples.prompt_embeds, samples.negative_prompt_embeds, list(samples.prompts), [{}] * 2)
+        norms[M] = float(target.flatten(1).norm(dim=1).mean() * trainer.schedule.std[2])
+        assert norms[M] == pytest.approx((dim / M) ** 0.5, rel=0.35)
+    assert norms[64] < norms[4] / 2
+
+
+def test_rollout_target_is_the_forward_target_on_interior_transitions_only(tmp_path, tiny_pipeline):
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=BETA, use_flow_head=False, flow_target_rollouts=2)
+    samples = trainer.sample_epoch(0)
+    batch = batch_at(samples, 2)
+    torch.manual_seed(3)
+    _, terms = trainer.compute_loss(batch)
+    torch.manual_seed(3)
+    target = trainer.rollout_flow_target(batch.latents, batch.step_index, batch.prompt_embeds, batch.negative_prompt_embeds,
+                                         list(batch.prompts), [{}] * 2)
+    torch.testing.assert_close(terms["norm_forward_target"], target.flatten(1).norm(dim=1).mean(), rtol=1e-5, atol=0)
+    # the last transition keeps the guess's β γ_K ∇r(x_0) (γ_K = the final ᾱ), as without rollouts
+    last = batch_at(samples, K - 1)
+    _, terms_last = trainer.compute_loss(last)
+    plain = make_trainer(tmp_path, tiny_pipeline, reward_scale=BETA, use_flow_head=False)
+    _, plain_last = plain.compute_loss(last)
+    exact, _ = trainer.reward_gradient(last.next_latents, list(last.prompts), [{}] * 2)
+    torch.testing.assert_close(terms_last["norm_forward_target"], plain_last["norm_forward_target"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms_last["norm_forward_target"], (BETA * exact).flatten(1).norm(dim=1).mean(), rtol=2e-3, atol=0)
+    with pytest.raises(ValueError, match="flow_target_rollouts"):
+        NablaGFlowNetConfig(flow_target_rollouts=2)  # the flow head is on by default
+    with pytest.raises(ValueError, match="flow_target_rollouts"):
+        NablaGFlowNetConfig(flow_target_rollouts=-1, use_flow_head=False)
