@@ -5,6 +5,7 @@ all on one model and batch, in one interleaved run; ratios to DDPO.
     python benchmarks/transition_cost.py --batch 2 --only nabla,ddpo
     python benchmarks/transition_cost.py --quick         # tiny models, a smoke run
     python benchmarks/transition_cost.py --model sd3     # SD3-shaped transformer at quarter width (also: --model sdxl)
+    python benchmarks/transition_cost.py --model sdxl --defaults_only   # one row per trainer, its shipped defaults
     python benchmarks/transition_cost.py --scaling       # activation memory at 24x24 and 32x32 latents, SD1.5 estimate
 
 Model: the UNet has SD1.5's layout at quarter width (34 M parameters), the VAE SD's decoder at quarter width, the text
@@ -74,7 +75,19 @@ NABLA = [
 BACKPROP = [("draft-1", dict(draft_k=1)), ("draft-5", dict(draft_k=5)), (f"draft-all ({K})", dict(draft_k=0))]
 
 
-def rows_for(groups: set[str]) -> list[tuple]:
+#: each trainer's shipped defaults only (``--defaults_only``): DDPO without checkpointing, Nabla-GFlowNet with its
+#: memory ordering and the VAE decoder checkpointed (interior and last transition), DRaFT-1 and ReFL with UNet and VAE
+#: checkpointed
+DEFAULT_ROWS = [("ddpo", "ddpo", "DDPOConfig", {}, 2, "-"),
+                ("nabla interior, default (flow head, reverse)", "nabla", "NablaGFlowNetConfig", {}, 2, "V"),
+                ("nabla last, default", "nabla", "NablaGFlowNetConfig", {}, K - 1, "V"),
+                ("draft-1", "backprop", "DRaFTConfig", dict(draft_k=1), None, "UV"),
+                ("refl", "backprop", "ReFLConfig", {}, None, "UV")]
+
+
+def rows_for(groups: set[str], defaults_only: bool = False) -> list[tuple]:
+    if defaults_only:
+        return list(DEFAULT_ROWS)
     rows = []
     if "ddpo" in groups:
         for ck in ("-", "U"):
@@ -396,6 +409,7 @@ def main() -> None:
     parser.add_argument("--reward", choices=["aesthetic", "brightness"], default="aesthetic")
     parser.add_argument("--only", default="ddpo,nabla,draft,refl", help="comma-separated groups: ddpo, nabla, draft, refl")
     parser.add_argument("--scaling", action="store_true", help="measure the dominant graphs at two latent sizes instead")
+    parser.add_argument("--defaults_only", action="store_true", help="one row per trainer, its shipped defaults (ignores --only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.scaling:
@@ -410,7 +424,7 @@ def main() -> None:
     results = []
     samples_cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for row in rows_for(groups):
+        for row in rows_for(groups, args.defaults_only):
             results.append((row, measure(args, pipe, row, tmp, samples_cache)))
             r = results[-1][1]
             print(f"  measured {row[0]} [{row[5]}]: {r['mib']:.0f} MiB, {r['units']:.2f} units ({time.strftime('%H:%M:%S')})",
