@@ -76,13 +76,13 @@ BACKPROP = [("draft-1", dict(draft_k=1)), ("draft-5", dict(draft_k=5)), (f"draft
 
 
 #: each trainer's shipped defaults only (``--defaults_only``): DDPO without checkpointing, Nabla-GFlowNet with its
-#: memory ordering and the VAE decoder checkpointed (interior and last transition), DRaFT-1 and ReFL with UNet and VAE
-#: checkpointed
+#: memory ordering and the VAE decoder checkpointed (interior and last transition), DRaFT-1 with UNet and VAE checkpointed,
+#: ReFL with the VAE decoder checkpointed
 DEFAULT_ROWS = [("ddpo", "ddpo", "DDPOConfig", {}, 2, "-"),
                 ("nabla interior, default (flow head, reverse)", "nabla", "NablaGFlowNetConfig", {}, 2, "V"),
                 ("nabla last, default", "nabla", "NablaGFlowNetConfig", {}, K - 1, "V"),
                 ("draft-1", "backprop", "DRaFTConfig", dict(draft_k=1), None, "UV"),
-                ("refl", "backprop", "ReFLConfig", {}, None, "UV")]
+                ("refl", "backprop", "ReFLConfig", {}, None, "V")]
 
 
 def rows_for(groups: set[str], defaults_only: bool = False) -> list[tuple]:
