@@ -15,11 +15,10 @@ from trl_gfn.diffusion import ForwardProcess, NoiseLevel, flow_sde_noise_scale, 
 from trl_gfn.pipelines import StableDiffusion3Family
 from trl_gfn.testing import BrightnessReward, brightness_preferences, tiny_stable_diffusion, tiny_stable_diffusion_3
 
-PROMPTS = ["a cat", "a dog"]
+from family_harness import COMMON, PROMPTS, FamilyHarness, generators
+
 H, W = 16, 32  # non-square: latents 8 x 16
 MODEL_SEED = 0
-COMMON = dict(logdir=None, run_name="run", save_freq=1, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4, sample_batch_size=4,
-              sample_num_batches_per_epoch=1, train_batch_size=4)
 # per trainer: config class, trainer class, config overrides, epochs for the reward rise. The tiny transformer's output moves
 # little per LoRA step: learning rates are 5x the SDXL test's (measured gains at 5e-2, model seed 0: +0.003 to +0.005, > 10
 # standard errors). DDPO's 8-sample policy gradient does not raise brightness at Flow-GRPO's noise level 0.7 on this random model
@@ -41,39 +40,20 @@ SETTINGS = {
 }
 
 
-def wrap(seed=None, **kwargs):
-    return DiffusionPipelineForRL(tiny_stable_diffusion_3(seed=MODEL_SEED if seed is None else seed, **kwargs), height=H, width=W)
 
 
-def make(tmp_path, name, run="run", **overrides):
-    config_class, trainer_class, settings, _ = SETTINGS[name]
-    pipeline = wrap() if overrides.pop("wrapped", True) else tiny_stable_diffusion_3(seed=MODEL_SEED)
-    kwargs = {**COMMON, **settings, "logdir": str(tmp_path), "run_name": run, **overrides}
-    return trainer_class(config_class(**kwargs), BrightnessReward(), pipeline, prompt_function=PROMPTS)
 
 
-def generators(n, seed):
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def evaluate(trainer, n=16, seed=1000):
-    return trainer.pipeline.sample([PROMPTS[i % 2] for i in range(n)], trainer.schedule, guidance_scale=3.0, generators=generators(n, seed))
 
 
-def x0_hat_reward(trainer, n=16):
-    """ReFL's objective: the reward of the one-step prediction x − σ v̂ at its first allowed late state."""
-    traj = evaluate(trainer, n)
-    with torch.no_grad():
-        i = trainer.refl_steps[0]
-        x, index = traj.latents[:, i], torch.full((n,), i)
-        sigma = trainer.schedule.noise[i].float()
-        v = trainer.pipeline.guided_epsilon(trainer.pipeline.denoiser, x, trainer.schedule.timesteps[index], traj.prompt_embeds,
-                                            traj.negative_prompt_embeds, 3.0, trainer.schedule.level(index, like=x), "flow")
-        return trainer.pipeline.decode(x - sigma * v).mean(dim=(1, 2, 3))
 
 
-def reward(trainer, name):
-    return x0_hat_reward(trainer) if name == "refl" else evaluate(trainer).images.mean(dim=(1, 2, 3))
+
+
+HARNESS = FamilyHarness(tiny_stable_diffusion_3, H, W, MODEL_SEED, SETTINGS)
+wrap, make = HARNESS.wrap, HARNESS.make
 
 
 # ---------------------------------------------------------------------------------------------------- transition maths
@@ -223,36 +203,11 @@ def test_sd3_without_t5_encodes_zero_t5_states():
 # ---------------------------------------------------------------------------------------------------- every trainer
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sd3_trains_reloads_in_diffusers_and_resumes_exactly(tmp_path, name):
-    epochs = SETTINGS[name][3]
-    trainer = make(tmp_path, name)
+    """Reward rise, LoRA reload with StableDiffusion3Pipeline.load_lora_weights, exact resume (tests/family_harness.py), on
+    the flow SDE (the ODE for draft_ode)."""
+    trainer = HARNESS.check_trains_reloads_and_resumes(tmp_path, name)
     assert trainer.sampler == "flow_sde" and trainer.schedule.prediction_type == "flow"
     assert trainer.schedule.deterministic == (name == "draft_ode")
-    before = reward(trainer, name)
-    trainer.train(epochs=epochs)
-    after = reward(trainer, name)
-    gain = (after - before).mean().item()
-    stderr = (after - before).std().item() / len(before) ** 0.5
-    assert gain > 1e-3 and gain > 4 * stderr, (name, gain, stderr)
-    assert trainer.state.global_step > 0 and "reward_mean" in trainer.last_metrics
-
-    # the LoRA file loads with StableDiffusion3Pipeline.load_lora_weights and reproduces the trained samples
-    plain = tiny_stable_diffusion_3(seed=MODEL_SEED)
-    plain.load_lora_weights(trainer.output_dir)
-    reloaded = DiffusionPipelineForRL(plain, height=H, width=W)
-    mine = trainer.pipeline.sample(PROMPTS * 2, trainer.schedule, guidance_scale=3.0, generators=generators(4, 7))
-    theirs = reloaded.sample(PROMPTS * 2, trainer.schedule, guidance_scale=3.0, generators=generators(4, 7))
-    torch.testing.assert_close(theirs.images, mine.images, rtol=1e-5, atol=1e-5)
-    base = wrap().sample(PROMPTS * 2, trainer.schedule, guidance_scale=3.0, generators=generators(4, 7))
-    assert (base.images - mine.images).abs().max() > 1e-3
-
-    # resume from the last-but-one checkpoint and finish: identical weights to the uninterrupted run
-    checkpoint = os.path.join(trainer.run_dir, "checkpoints", f"checkpoint_{epochs - 1}")
-    resumed = make(tmp_path, name, run="resumed", resume_from=checkpoint)
-    assert resumed.first_epoch == epochs - 1
-    resumed.train(epochs=epochs)
-    assert resumed.state.global_step == trainer.state.global_step
-    for a, b in zip(trainer.trainable_parameters(), resumed.trainable_parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_trainers_wrap_a_plain_sd3_pipeline_and_run_one_update(tmp_path):

@@ -12,13 +12,12 @@ from trl_gfn import (AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer,
 from trl_gfn.pipelines import Conditioning, StableDiffusionXLFamily
 from trl_gfn.testing import BrightnessReward, brightness_preferences, tiny_stable_diffusion_xl
 
-PROMPTS = ["a cat", "a dog"]
+from family_harness import PROMPTS, FamilyHarness, generators
+
 H, W = 16, 32  # non-square: latents 8 x 16
 # the random tiny model used for training; on seed 0's model DDPO's 8-sample policy gradient does not raise brightness in
 # 6 epochs (the other trainers do), on seeds 1-3 it does (measured: +0.0005, +0.010, +0.0014 mean gain)
 MODEL_SEED = 2
-COMMON = dict(logdir=None, run_name="run", save_freq=1, log_image_freq=0, sample_guidance_scale=3.0, lora_rank=4, sample_batch_size=4,
-              sample_num_batches_per_epoch=1, train_batch_size=4)
 # per trainer: config class, trainer class, config overrides, epochs for the reward rise
 SETTINGS = {
     "nabla_gfn": (NablaGFlowNetConfig, NablaGFlowNetTrainer, dict(sample_num_steps=6, sample_batch_size=8, flow_block_out_channels=[8, 16],
@@ -32,38 +31,18 @@ SETTINGS = {
 }
 
 
-def wrap(seed=MODEL_SEED, **kwargs):
-    return DiffusionPipelineForRL(tiny_stable_diffusion_xl(seed=seed, **kwargs), height=H, width=W)
 
 
-def make(tmp_path, name, run="run", **overrides):
-    config_class, trainer_class, settings, _ = SETTINGS[name]
-    # wrapped=False: a plain diffusers SDXL pipeline object, which the trainer wraps (image size from the UNet: 16 x 16)
-    pipeline = wrap() if overrides.pop("wrapped", True) else tiny_stable_diffusion_xl(seed=MODEL_SEED)
-    kwargs = {**COMMON, **settings, "logdir": str(tmp_path), "run_name": run, **overrides}
-    return trainer_class(config_class(**kwargs), BrightnessReward(), pipeline, prompt_function=PROMPTS)
 
 
-def evaluate(trainer, n=16, seed=1000):
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    samples = trainer.pipeline.sample([PROMPTS[i % 2] for i in range(n)], trainer.schedule, guidance_scale=3.0, generators=generators)
-    return samples
 
 
-def x0_hat_reward(trainer, n=16):
-    """ReFL's objective: the reward of the one-step prediction at its first allowed late state."""
-    traj = evaluate(trainer, n)
-    with torch.no_grad():
-        i = trainer.refl_steps[0]
-        x, index = traj.latents[:, i], torch.full((n,), i)
-        a = trainer.schedule.gather("alphas_cumprod", index, like=x)
-        eps = trainer.pipeline.guided_epsilon(trainer.pipeline.unet, x, trainer.schedule.timesteps[index], traj.prompt_embeds,
-                                              traj.negative_prompt_embeds, 3.0, a, "epsilon")
-        return trainer.pipeline.decode((x - (1 - a).sqrt() * eps) / a.sqrt()).mean(dim=(1, 2, 3))
 
 
-def reward(trainer, name):
-    return x0_hat_reward(trainer) if name == "refl" else evaluate(trainer).images.mean(dim=(1, 2, 3))
+
+
+HARNESS = FamilyHarness(tiny_stable_diffusion_xl, H, W, MODEL_SEED, SETTINGS)
+wrap, make = HARNESS.wrap, HARNESS.make
 
 
 # ---------------------------------------------------------------------------------------------------- conditioning maths
@@ -154,36 +133,8 @@ def test_conditioning_rows_follow_tensor_semantics():
 # ---------------------------------------------------------------------------------------------------- every trainer
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sdxl_trains_reloads_in_diffusers_and_resumes_exactly(tmp_path, name):
-    epochs = SETTINGS[name][3]
-    trainer = make(tmp_path, name)
-    before = reward(trainer, name)
-    trainer.train(epochs=epochs)
-    after = reward(trainer, name)
-    gain = (after - before).mean().item()
-    stderr = (after - before).std().item() / len(before) ** 0.5
-    assert gain > 1e-3 and gain > 4 * stderr, (name, gain, stderr)
-    assert trainer.state.global_step > 0 and "reward_mean" in trainer.last_metrics
-
-    # the LoRA file loads with StableDiffusionXLPipeline.load_lora_weights and reproduces the trained samples
-    plain = tiny_stable_diffusion_xl(seed=MODEL_SEED)
-    plain.load_lora_weights(trainer.output_dir)
-    reloaded = DiffusionPipelineForRL(plain, height=H, width=W)
-    gens = [torch.Generator().manual_seed(7 + i) for i in range(4)]
-    mine = trainer.pipeline.sample(PROMPTS * 2, trainer.schedule, guidance_scale=3.0, generators=gens)
-    gens = [torch.Generator().manual_seed(7 + i) for i in range(4)]
-    theirs = reloaded.sample(PROMPTS * 2, trainer.schedule, guidance_scale=3.0, generators=gens)
-    torch.testing.assert_close(theirs.images, mine.images, rtol=1e-5, atol=1e-5)
-    base = wrap().sample(PROMPTS * 2, trainer.schedule, guidance_scale=3.0, generators=[torch.Generator().manual_seed(7 + i) for i in range(4)])
-    assert (base.images - mine.images).abs().max() > 1e-3  # the LoRA changed the samples, so the comparison can fail
-
-    # resume from the last-but-one checkpoint and finish: identical weights to the uninterrupted run
-    checkpoint = os.path.join(trainer.run_dir, "checkpoints", f"checkpoint_{epochs - 1}")
-    resumed = make(tmp_path, name, run="resumed", resume_from=checkpoint)
-    assert resumed.first_epoch == epochs - 1
-    resumed.train(epochs=epochs)
-    assert resumed.state.global_step == trainer.state.global_step
-    for a, b in zip(trainer.trainable_parameters(), resumed.trainable_parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    """Reward rise, LoRA reload with StableDiffusionXLPipeline.load_lora_weights, exact resume (tests/family_harness.py)."""
+    HARNESS.check_trains_reloads_and_resumes(tmp_path, name)
 
 
 def test_trainers_wrap_a_plain_sdxl_pipeline_and_run_one_update(tmp_path):
