@@ -37,6 +37,19 @@ def tiny_tokenizer(model_max_length: int = 12) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
+def _tiny_vae(latent_size: int, **kwargs) -> AutoencoderKL:
+    """The tiny VAE of the tiny pipelines (two blocks of widths 8, 16; images 2 x ``latent_size``)."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                         sample_size=2 * latent_size, **kwargs)
+
+
+def _tiny_clip_config(tokenizer: CLIPTokenizer, hidden: int = 16, **kwargs) -> CLIPTextConfig:
+    """The tiny CLIP text encoders' config (2 layers of width ``hidden``)."""
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          max_position_embeddings=tokenizer.model_max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513, **kwargs)
+
+
 def tiny_stable_diffusion(seed: int = 0, prediction_type: str = "epsilon", latent_size: int = 8, width: int = 16) -> StableDiffusionPipeline:
     """A random tiny Stable Diffusion pipeline: 4×``latent_size``² latents, images twice that size."""
     torch.manual_seed(seed)
@@ -45,16 +58,9 @@ def tiny_stable_diffusion(seed: int = 0, prediction_type: str = "epsilon", laten
         block_out_channels=(width, 2 * width), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=2 * latent_size,
-    )
+    vae = _tiny_vae(latent_size)
     tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-    ))
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer))
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type=prediction_type)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -75,16 +81,9 @@ def tiny_stable_diffusion_xl(seed: int = 0, latent_size: int = 8, width: int = 1
         transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + hidden, cross_attention_dim=2 * hidden,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=2 * latent_size, scaling_factor=0.13025,
-    )
+    vae = _tiny_vae(latent_size, scaling_factor=0.13025)
     tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=hidden,
-    )
+    text_config = _tiny_clip_config(tokenizer, hidden, projection_dim=hidden)
     text_encoder = CLIPTextModel(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
     # the scheduler config of stabilityai/stable-diffusion-xl-base-1.0 (keys of SD's DDIM config included, as there)
@@ -117,16 +116,9 @@ def tiny_stable_diffusion_3(seed: int = 0, latent_size: int = 8, shift: float = 
         sample_size=latent_size, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=2 * hidden, caption_projection_dim=hidden, pooled_projection_dim=2 * hidden, pos_embed_max_size=4 * latent_size,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=2 * latent_size, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = _tiny_vae(latent_size, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=hidden,
-    )
+    text_config = _tiny_clip_config(tokenizer, hidden, projection_dim=hidden)
     text_encoder = CLIPTextModelWithProjection(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
     tokenizer_3 = tiny_t5_tokenizer()

@@ -63,13 +63,18 @@ class ModelFamily:
         """Whether ``pipeline`` looks like this family's (checked strictly afterwards by :meth:`check`)."""
         raise NotImplementedError
 
-    def check(self) -> None:
-        """Raise ``ValueError`` naming what is missing or of the wrong type."""
+    def check_components(self) -> None:
+        """Raise ``ValueError`` naming the first of :attr:`required_components` the pipeline lacks."""
         pipeline = self.pipeline
         for name in self.required_components:
             if getattr(pipeline, name, None) is None:
                 raise ValueError(f"pipeline of type {type(pipeline).__name__} has no `{name}`; a {self.name} pipeline needs "
                                  f"{', '.join(self.required_components)}")
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming what is missing or of the wrong type."""
+        self.check_components()
+        pipeline = self.pipeline
         if not isinstance(pipeline.unet, UNet2DConditionModel):
             raise ValueError(f"unsupported pipeline: its unet is a {type(pipeline.unet).__name__}, expected UNet2DConditionModel")
         if not isinstance(pipeline.vae, AutoencoderKL):
@@ -257,11 +262,8 @@ class StableDiffusion3Family(ModelFamily):
         return isinstance(pipeline, StableDiffusion3Pipeline) or getattr(pipeline, "transformer", None) is not None
 
     def check(self) -> None:
+        self.check_components()
         pipeline = self.pipeline
-        for name in self.required_components:
-            if getattr(pipeline, name, None) is None:
-                raise ValueError(f"pipeline of type {type(pipeline).__name__} has no `{name}`; a {self.name} pipeline needs "
-                                 f"{', '.join(self.required_components)}")
         if not isinstance(pipeline, StableDiffusion3Pipeline):
             raise ValueError(f"unsupported pipeline {type(pipeline).__name__}: a transformer denoiser is supported through "
                              "StableDiffusion3Pipeline only")
