@@ -40,18 +40,6 @@ SETTINGS = {
 }
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 HARNESS = FamilyHarness(tiny_stable_diffusion_3, H, W, MODEL_SEED, SETTINGS)
 wrap, make = HARNESS.wrap, HARNESS.make
 

@@ -31,16 +31,6 @@ SETTINGS = {
 }
 
 
-
-
-
-
-
-
-
-
-
-
 HARNESS = FamilyHarness(tiny_stable_diffusion_xl, H, W, MODEL_SEED, SETTINGS)
 wrap, make = HARNESS.wrap, HARNESS.make
 
