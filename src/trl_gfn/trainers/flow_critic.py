@@ -76,34 +76,45 @@ class MonteCarloFlowCritic:
         return (weight + log_flow).mean() / beta
 
     @torch.no_grad()
-    def reference_rollouts(self, latents: torch.Tensor, position: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
-                           prompts: list, prompt_metadata: list) -> tuple[torch.Tensor, ...]:
+    def reference_chain(self, latents: torch.Tensor, position: torch.Tensor, prompt_embeds, negative_prompt_embeds, prompts: list,
+                        prompt_metadata: list, *, record: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """Run the reference sampler (adapter off, the sampling CFG) from each state ``latents[i]`` at sampling position
-        ``position[i]`` (< K) to x_0 and score x_0. Returns ``(states, positions, rows, rewards, baselines)``: every state
-        a rollout passed through before x_0 (the start state included), its position, the row it came from, each row's
-        r(x_0), and each state's :meth:`value_baseline`. Given such a state the rest of its rollout is a reference rollout,
-        so each is an unbiased example of F̃."""
+        ``position[i]`` (< K) to x_0 and score x_0. Returns ``(rewards, first_noise, visited)``: each row's r(x_0), the
+        standard normal draw z of each row's first step, and with ``record`` the ``(states, positions, rows, epsilons)``
+        of every state a rollout passed through before x_0 (the start state included); else None."""
         c, sched = self.config, self.schedule
-        K = sched.num_steps
         x = latents.detach().float().clone()
-        n = x.shape[0]
+        first_noise = torch.zeros_like(x)
+        arange = torch.arange(x.shape[0], device=x.device)
         states, positions, rows, epsilons = [], [], [], []
-        arange = torch.arange(n, device=x.device)
         with self.pipeline.reference_mode():
-            for i in range(int(position.min()), K):
+            for i in range(int(position.min()), sched.num_steps):
                 active = position <= i
                 idx = torch.full((int(active.sum()),), i, dtype=torch.long, device=x.device)
                 xa = x[active]
-                a = sched.level(idx, like=xa)
                 eps = self.pipeline.guided_epsilon(self.pipeline.denoiser, xa, sched.timesteps[idx], prompt_embeds[active], negative_prompt_embeds[active],
-                                                   c.sample_guidance_scale, a, sched.prediction_type).float()
-                states.append(xa.clone()), positions.append(idx), rows.append(arange[active]), epsilons.append(eps)
+                                                   c.sample_guidance_scale, sched.level(idx, like=xa), sched.prediction_type).float()
+                if record:
+                    states.append(xa.clone()), positions.append(idx), rows.append(arange[active]), epsilons.append(eps)
+                z = torch.randn_like(xa)
+                starts = position == i
+                first_noise[starts] = z[starts[active]]
                 mean = step_mean(xa, eps, sched.gather("coef_x", idx, like=xa), sched.gather("coef_eps", idx, like=xa))
-                x[active] = mean + sched.gather("std", idx, like=xa) * torch.randn_like(xa)
+                x[active] = mean + sched.gather("std", idx, like=xa) * z
             rewards, _ = self.score_no_grad(self.pipeline.decode(x), prompts, prompt_metadata)
-        states, positions, rows, epsilons = (torch.cat(v) for v in (states, positions, rows, epsilons))
+        visited = tuple(torch.cat(v) for v in (states, positions, rows, epsilons)) if record else None
+        return rewards.float(), first_noise, visited
+
+    def reference_rollouts(self, latents: torch.Tensor, position: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                           prompts: list, prompt_metadata: list) -> tuple[torch.Tensor, ...]:
+        """:meth:`reference_chain` from each state ``latents[i]`` at ``position[i]``, for the critic. Returns ``(states,
+        positions, rows, rewards, baselines)``: every state a rollout passed through before x_0 (the start state
+        included), its position, the row it came from, each row's r(x_0), and each state's :meth:`value_baseline`.
+        Given such a state the rest of its rollout is a reference rollout, so each is an unbiased example of F̃."""
+        rewards, _, (states, positions, rows, epsilons) = self.reference_chain(latents, position, prompt_embeds, negative_prompt_embeds, prompts,
+                                                                                prompt_metadata, record=True)
         baselines = self.value_baseline(states, positions, epsilons, take_rows(prompts, rows), take_rows(prompt_metadata, rows))
-        return states, positions, rows, rewards.float(), baselines
+        return states, positions, rows, rewards, baselines
 
 
     def fit_critic(self, latents: torch.Tensor, position: torch.Tensor, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,

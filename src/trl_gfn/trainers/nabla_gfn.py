@@ -26,7 +26,7 @@ from ..diffusion import NoiseLevel, as_noise_level, log_ratio, predict_x0, score
 from ..models import FlowHead
 from ..pipelines import Trajectories, TransitionBatch
 from .base import sample_seed
-from .flow_critic import MonteCarloFlowCritic, rows_where
+from .flow_critic import MonteCarloFlowCritic, rows_where, take_rows
 from .online import TransitionTrainer
 
 CITATION = """@inproceedings{liu2025nablagfn,
@@ -528,29 +528,10 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         Σ_j w_j z_j / σ_k = (μ* − μ_ref(x_k))/σ_k² of the ideal transition's mean shift: M reference steps x'_j = μ_ref + σ_k z_j,
         each continued to x_0^j by the reference sampler (adapter off, the sampling CFG), w = softmax_j(β r(x_0^j))."""
         c, sched = self.config, self.schedule
-        M, K = c.flow_target_rollouts, sched.num_steps
-        n = latents.shape[0]
+        M, n = c.flow_target_rollouts, latents.shape[0]
         rows = torch.arange(n, device=latents.device).repeat_interleave(M)
-        x = latents.detach().float()[rows]
-        position = step_index[rows]
-        emb, neg = prompt_embeds[rows], negative_prompt_embeds[rows]
-        noise = None
-        with self.pipeline.reference_mode():
-            for i in range(int(position.min()), K):
-                active = position <= i
-                idx = torch.full((int(active.sum()),), i, dtype=torch.long, device=x.device)
-                xa = x[active]
-                eps = self.pipeline.guided_epsilon(self.pipeline.denoiser, xa, sched.timesteps[idx], emb[active], neg[active], c.sample_guidance_scale,
-                                                   sched.level(idx, like=xa), sched.prediction_type).float()
-                z = torch.randn_like(xa)
-                if noise is None:  # every rollout's first step (all start at the same position within a call, or later)
-                    noise = torch.zeros_like(x)
-                first = (position == i)[active]
-                noise[(position == i)] = z[first]
-                x[active] = step_mean(xa, eps, sched.gather("coef_x", idx, like=xa), sched.gather("coef_eps", idx, like=xa)) + \
-                    sched.gather("std", idx, like=xa) * z
-            rewards, _ = self.score_no_grad(self.pipeline.decode(x), [p for p in prompts for _ in range(M)],
-                                            [m for m in prompt_metadata for _ in range(M)])
+        rewards, noise, _ = self.reference_chain(latents[rows], step_index[rows], prompt_embeds[rows], negative_prompt_embeds[rows],
+                                                 take_rows(prompts, rows), take_rows(prompt_metadata, rows))
         weights = torch.softmax(c.reward_scale * rewards.float().view(n, M), dim=1).to(noise.device)
         std = sched.gather("std", step_index, like=latents).float()
         return (weights.view(n, M, *([1] * (latents.ndim - 1))) * noise.view(n, M, *latents.shape[1:])).sum(1) / std
