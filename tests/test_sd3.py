@@ -252,13 +252,11 @@ def test_spin_samples_its_fakes_with_the_flow_sampler_and_trains_on_sd3(tmp_path
     assert sum(float(p.detach().abs().sum()) for n, p in pipe.denoiser.named_parameters() if "lora_B" in n) > 0
 
 
-def test_inversion_dpo_and_ppd_refuse_sd3_with_a_reason(tmp_path):
-    from trl_gfn import InversionDPOConfig, InversionDPOTrainer, PPDConfig, PPDTrainer
+def test_ppd_refuses_sd3_with_a_reason(tmp_path):
+    from trl_gfn import PPDConfig, PPDTrainer
 
     data = brightness_preferences(8)
     common = dict(num_epochs=1, train_batch_size=4, save_freq=0, lora_rank=4, lr_warmup_steps=0, logdir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"InversionDPOTrainer does not support flow-matching models.*σ = 1.*DiffusionDPOTrainer"):
-        InversionDPOTrainer(InversionDPOConfig(inversion_num_steps=4, **common), DiffusionPipelineForRL(tiny_stable_diffusion_3()), data)
     with pytest.raises(ValueError, match=r"PPDTrainer needs a UNet denoiser.*attn2"):
         PPDTrainer(PPDConfig(**common), DiffusionPipelineForRL(tiny_stable_diffusion_3()), data)
 

@@ -16,7 +16,8 @@ from .flow_matching import (
     velocity_to_epsilon,
     velocity_to_x0,
 )
-from .inversion import InvertedTrajectory, ddim_generate, ddim_invert, ddim_schedule, trajectory_weights
+from .inversion import (InvertedTrajectory, PredictionFn, ddim_generate, ddim_invert, ddim_schedule, deterministic_schedule, ode_generate,
+                        ode_invert, trajectory_weights)
 
 __all__ = [
     "DEFAULT_FLOW_NOISE_LEVEL",
@@ -30,11 +31,13 @@ __all__ = [
     "FlowTransitionSchedule",
     "InvertedTrajectory",
     "MEMORYLESS_NOISE_LEVEL",
+    "PredictionFn",
     "SUPPORTED_SAMPLERS",
     "TransitionSchedule",
     "ddim_generate",
     "ddim_invert",
     "ddim_schedule",
+    "deterministic_schedule",
     "flow_ode_step",
     "flow_sde_coefficients",
     "flow_sde_noise_scale",
@@ -44,6 +47,8 @@ __all__ = [
     "log_ratio",
     "make_scheduler",
     "model_output_to_epsilon",
+    "ode_generate",
+    "ode_invert",
     "predict_x0",
     "score_current",
     "score_next",

@@ -8,6 +8,8 @@ Variance-preserving diffusion (SD 1.x/2.x, SDXL) has signal = sqrt(ᾱ), noise =
 - ∂x̂_0/∂x at a fixed prediction (:meth:`NoiseLevel.x0_jacobian`, Nabla-GFlowNet's Jacobian-free guess);
 - the variance-preserving equivalent ᾱ = signal² / (signal² + noise²) (:attr:`NoiseLevel.alpha_bar`): the ᾱ of the
   rescaled state x / sqrt(signal² + noise²), equal to ᾱ itself on VP schedules;
+- Inversion-DPO's weight of a step's prediction error (:meth:`NoiseLevel.inversion_weight`): 1/(2ᾱ) on ε̂, and the
+  same weight moved onto the velocity, ((1 − σ)² + σ²)/2, on flows;
 - Nabla-GFlowNet's flow-guess weight γ (:meth:`NoiseLevel.gamma`): signal² ("squared") or signal ("sqrt"), i.e. ᾱ or
   sqrt(ᾱ) on VP schedules and (1 − σ)² or 1 − σ on flows (docs/flow_matching.md).
 
@@ -69,6 +71,19 @@ class NoiseLevel:
     def x0_jacobian(self) -> torch.Tensor:
         """∂x̂_0/∂x with the prediction held fixed (a per-sample scalar times the identity)."""
         return 1 / self.signal if self.parameterisation == "epsilon" else 1 / (self.signal + self.noise)
+
+    def inversion_weight(self) -> torch.Tensor:
+        """Inversion-DPO's weight of a step's squared prediction error at this state: the DDPM weight 1/(2ᾱ) of the
+        variance-preserving equivalent's ε-error, moved onto the sampler's prediction at a fixed state.
+
+        The rescaled state x / s, s = sqrt(signal² + noise²), is a VP state with ᾱ = :attr:`alpha_bar` and the same ε. On
+        ε̂ the weight is 1/(2ᾱ) = s² / (2 signal²). On a velocity v̂ ≈ ε − x_0, ε̂ = (x + signal·v̂) / (signal + noise) at
+        fixed x, so ε̂ − ε* = signal/(signal + noise)·(v̂ − v*) and the weight is s² / (2 (signal + noise)²): on a flow
+        ((1 − σ)² + σ²) / 2, finite on all of [0, 1] (1/2 at σ = 1, where 1/(2ᾱ) is infinite). docs/inversion_dpo.md."""
+        total = self.signal**2 + self.noise**2
+        if self.parameterisation == "epsilon":
+            return total / (2 * self.signal**2)
+        return total / (2 * (self.signal + self.noise) ** 2)
 
     def gamma(self, scaling: str = "squared") -> torch.Tensor:
         """Nabla-GFlowNet's weight γ of the guessed flow gradient: signal² (``"squared"``) or signal (``"sqrt"``)."""

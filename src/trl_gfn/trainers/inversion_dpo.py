@@ -1,14 +1,16 @@
-"""Inversion-DPO: the Diffusion-DPO family's losses on deterministic DDIM-inverted trajectories (Li et al., ACM MM 2025).
+"""Inversion-DPO: the Diffusion-DPO family's losses on deterministic inverted trajectories (Li et al., ACM MM 2025).
 
 Diffusion-DPO noises each image at one random timestep with random noise. Inversion-DPO instead inverts the winner and
-the loser through the **reference** with N deterministic DDIM steps (:func:`trl_gfn.diffusion.ddim_invert`, CFG
+the loser through the **reference** with N steps of the model's deterministic sampler (:func:`trl_gfn.diffusion.ode_invert`
+over :func:`~trl_gfn.diffusion.deterministic_schedule`: DDIM with η = 0 on the UNet families, the Euler ODE on SD3; CFG
 ``inversion_guidance_scale``), and compares policy and reference on the states of that trajectory. Step i of the inverted
-trajectory starts at the state x_i (timestep τ_i) and its noise target ε*_i is the noise that takes x_i exactly to the next
-inverted state under the DDIM sampler. Per image, the trajectory error of a model is
+trajectory starts at the state x_i (timestep τ_i) and its target p*_i is the sampler's prediction (the noise ε̂, or SD3's
+velocity) that takes x_i exactly to the next inverted state. Per image, the trajectory error of a model is
 
-    E = (1/N) Σ_i w_i · mean‖ε*_i − ε̂(x_i, τ_i)‖²,        w_i = 1 / (2 ᾱ_{τ_i}),
+    E = (1/N) Σ_i w_i · mean‖p*_i − p̂(x_i, τ_i)‖²,        w_i = 1/(2ᾱ_{τ_i}) on ε̂,  ((1 − σ_i)² + σ_i²)/2 on a velocity
 
-(estimated on ``inversion_train_steps`` stratified steps when set) and the logit is Diffusion-DPO's on these errors,
+(:meth:`~trl_gfn.diffusion.NoiseLevel.inversion_weight`: the same weight on the VP-equivalent ε-error, finite at σ = 1;
+estimated on ``inversion_train_steps`` stratified steps when set) and the logit is Diffusion-DPO's on these errors,
 u = −(β/2)·[(E_θ,w − E_ref,w) − (E_θ,l − E_ref,l)]; docs/inversion_dpo.md derives the sign from the trajectory likelihood
 ratio. The reference (adapter off) is frozen and the images are encoded with the VAE posterior mean, so each image's
 trajectory and the reference's predictions on it are computed once and cached (``inversion_cache``).
@@ -30,7 +32,7 @@ import torch
 from ..configs.inversion_dpo import InversionDPOConfig
 from ..data.preference import PairBatch
 from ..losses import preference as L
-from ..diffusion import InvertedTrajectory, ddim_invert, ddim_schedule, trajectory_weights
+from ..diffusion import InvertedTrajectory, deterministic_schedule, ode_invert, trajectory_weights
 from .diffusion_dpo import Denoised, DiffusionDPOTrainer
 
 _CITATION = """@inproceedings{li2025inversiondpo,
@@ -46,8 +48,9 @@ _CITATION = """@inproceedings{li2025inversiondpo,
 class TrajectoryInputs:
     """The trained steps of a batch of pairs: K steps per pair, shared by winner (w) and loser (l).
 
-    ``states_*``, ``targets_*``, ``ref_eps_*``: (B, K, C, h, w) states x_i, noise targets ε*_i and the reference's guided
-    noise predictions at x_i; ``timesteps``: (B, K) τ_i; ``weights``: (B, K) 1/(2ᾱ_{τ_i}); ``prompt_embeds`` (B, L, D).
+    ``states_*``, ``targets_*``, ``ref_eps_*``: (B, K, C, h, w) states x_i, prediction targets p*_i and the reference's guided
+    predictions at x_i (ε̂, or the velocity on SD3); ``timesteps``: (B, K) τ_i; ``weights``: (B, K) the steps'
+    :meth:`~trl_gfn.diffusion.NoiseLevel.inversion_weight`; ``prompt_embeds`` (B, L, D) or the family's conditioning.
     """
 
     states_w: torch.Tensor
@@ -62,7 +65,7 @@ class TrajectoryInputs:
 
 
 def trajectory_error(eps: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted trajectory error (B,): mean over the K steps of w_i · mean over elements of (ε̂ − ε*)² (shapes (B, K, ...), weights (B, K))."""
+    """Weighted trajectory error (B,): mean over the K steps of w_i · mean over elements of (p̂ − p*)² (shapes (B, K, ...), weights (B, K))."""
     per_step = (eps - targets).pow(2).flatten(2).mean(dim=2)
     return (weights * per_step).mean(dim=1)
 
@@ -77,7 +80,8 @@ def stratified_steps(num_steps: int, k: int, generator: torch.Generator) -> torc
 
 
 class InversionDPOTrainer(DiffusionDPOTrainer):
-    """Fine-tune a LoRA with Inversion-DPO: the preference loss of ``config.loss_type`` over DDIM-inverted trajectories.
+    """Fine-tune a LoRA with Inversion-DPO: the preference loss of ``config.loss_type`` over deterministically inverted trajectories
+    (DDIM on SD 1.x/2.x and SDXL, the Euler ODE on SD3).
 
     Usage::
 
@@ -104,15 +108,11 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         return super().card_fields + ["inversion_num_steps", "inversion_guidance_scale", "inversion_train_steps"]
 
     def setup_components(self) -> None:
-        """The DPO trainer's checks, then the DDIM schedule of the inversion and the per-step weights."""
+        """The DPO trainer's checks, then the deterministic schedule of the inversion (DDIM or the flow ODE, per the model's
+        scheduler) and the per-step weights."""
         super().setup_components()
         c = self.config
-        if self.prediction_type == "flow":
-            raise ValueError("InversionDPOTrainer does not support flow-matching models (SD3): its trajectory error inverts the image with "
-                             "DDIM and weighs step k by 1/(2ᾱ_k), which is infinite at the flow sampler's first state (σ = 1, ᾱ = 0); "
-                             "an Euler-ODE inversion with its own weighting is not implemented. Use DiffusionDPOTrainer (flow-matching "
-                             "forward process and velocity target) on SD3")
-        self.inversion_schedule = ddim_schedule(self.pipeline.scheduler, c.inversion_num_steps, device=self.accelerator.device)
+        self.inversion_schedule = deterministic_schedule(self.pipeline.scheduler, c.inversion_num_steps, device=self.accelerator.device)
         self.step_weights = trajectory_weights(self.inversion_schedule).float()
         self.train_steps = c.inversion_train_steps or c.inversion_num_steps
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -120,12 +120,14 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
 
     # ------------------------------------------------------------------ guided predictions and the inversion
     def guided_eps(self, unet: torch.nn.Module, states: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """Guided noise predictions (float32) at states (M, C, h, w), timesteps (M,), prompt embeddings (M, L, D)."""
+        """Guided predictions of the inversion's sampler (float32; ε̂, or the velocity on SD3) at states (M, C, h, w), timesteps
+        (M,) of the inversion schedule, prompt conditioning (M rows)."""
         if self._negative is None:
             self._negative = self.pipeline.encode_negative_prompt(None, 1).to(self.accelerator.device)
-        ab = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        schedule = self.inversion_schedule
+        steps = (timesteps.view(-1, 1) == schedule.timesteps.to(timesteps.device).view(1, -1)).int().argmax(dim=1)
         return self.pipeline.guided_epsilon(unet, states, timesteps, embeds, self._negative.expand(states.shape[0], -1, -1),
-                                            self.config.inversion_guidance_scale, ab, self.prediction_type)
+                                            self.config.inversion_guidance_scale, schedule.level(steps, like=states), schedule.prediction_type)
 
     @torch.no_grad()
     def invert(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[InvertedTrajectory, torch.Tensor]:
@@ -133,7 +135,7 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         (B, N, C, h, w) at its states (2N guided reference forwards per latent)."""
         B, N = latents.shape[0], self.config.inversion_num_steps
         with self.pipeline.reference_mode():
-            traj = ddim_invert(lambda x, t: self.guided_eps(self.pipeline.denoiser, x, t, embeds), latents, self.inversion_schedule)
+            traj = ode_invert(lambda x, t: self.guided_eps(self.pipeline.denoiser, x, t, embeds), latents, self.inversion_schedule)
             states = traj.states.flatten(0, 1)
             t = self.inversion_schedule.timesteps.repeat(B)
             ref = self.guided_eps(self.pipeline.denoiser, states, t, embeds.repeat_interleave(N, dim=0)).view_as(traj.states)
