@@ -252,15 +252,6 @@ def test_spin_samples_its_fakes_with_the_flow_sampler_and_trains_on_sd3(tmp_path
     assert sum(float(p.detach().abs().sum()) for n, p in pipe.denoiser.named_parameters() if "lora_B" in n) > 0
 
 
-def test_ppd_refuses_sd3_with_a_reason(tmp_path):
-    from trl_gfn import PPDConfig, PPDTrainer
-
-    data = brightness_preferences(8)
-    common = dict(num_epochs=1, train_batch_size=4, save_freq=0, lora_rank=4, lr_warmup_steps=0, logdir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"PPDTrainer needs a UNet denoiser.*attn2"):
-        PPDTrainer(PPDConfig(**common), DiffusionPipelineForRL(tiny_stable_diffusion_3()), data)
-
-
 # ---------------------------------------------------------------------------------------------------- refused combinations
 @pytest.mark.parametrize("config_class", [NablaGFlowNetConfig, DDPOConfig])
 def test_likelihood_trainers_refuse_the_deterministic_ode_at_config_time(config_class):

@@ -117,6 +117,13 @@ class Conditioning:
         return NotImplemented
 
 
+#: name of the extra conditioning tokens (e.g. PPD's user tokens) where a family routes them beside the prompt instead of
+#: appending them to its token states: the key of :attr:`Conditioning.added` and of the SD3 transformer's
+#: ``joint_attention_kwargs`` (which diffusers passes on to the attention processors; ``trl_gfn.models.user_attention``'s
+#: ``JointUserAttnProcessor`` takes an ``extra_tokens`` argument)
+EXTRA_TOKENS = "extra_tokens"
+
+
 def append_tokens(conditioning: torch.Tensor | Conditioning, tokens: torch.Tensor) -> torch.Tensor | Conditioning:
     """``tokens`` (B, T, D) appended to the token states of ``conditioning`` (a tensor, or a :class:`Conditioning`'s ``embeds``;
     its extra tensors are kept): how extra conditioning tokens (e.g. PPD's user tokens) travel with any family's prompt."""

@@ -19,7 +19,7 @@ import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 
-from .conditioning import Conditioning
+from .conditioning import EXTRA_TOKENS, Conditioning, append_tokens
 
 #: LoRA targets of the attention projections of a diffusers UNet (the reference setting of every trainer)
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -137,6 +137,17 @@ class ModelFamily:
     def denoiser_inputs(self, conditioning: torch.Tensor | Conditioning, dtype: torch.dtype) -> dict[str, Any]:
         """Keyword arguments of the denoiser call for ``conditioning``, cast to ``dtype``."""
         raise NotImplementedError
+
+    @property
+    def extra_token_dim(self) -> int:
+        """Width of extra conditioning tokens (PPD's user tokens): that of the prompt's token states, to which
+        :meth:`append_extra_tokens` appends them."""
+        return self.prompt_embed_dim
+
+    def append_extra_tokens(self, conditioning: torch.Tensor | Conditioning, tokens: torch.Tensor) -> torch.Tensor | Conditioning:
+        """``conditioning`` carrying extra tokens (B, T, :attr:`extra_token_dim`) to the denoiser: appended to the token states
+        (the UNet families, whose cross-attention processors split them off after the text)."""
+        return append_tokens(conditioning, tokens)
 
     def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor | Conditioning,
                 dtype: torch.dtype) -> torch.Tensor:
@@ -297,7 +308,22 @@ class StableDiffusion3Family(ModelFamily):
         return Conditioning(embeds.float(), {"pooled_projections": pooled.float()})
 
     def denoiser_inputs(self, conditioning: Conditioning, dtype: torch.dtype) -> dict[str, Any]:
-        return {"encoder_hidden_states": conditioning.embeds.to(dtype), "pooled_projections": conditioning.added["pooled_projections"].to(dtype)}
+        inputs = {"encoder_hidden_states": conditioning.embeds.to(dtype), "pooled_projections": conditioning.added["pooled_projections"].to(dtype)}
+        if EXTRA_TOKENS in conditioning.added:
+            inputs["joint_attention_kwargs"] = {EXTRA_TOKENS: conditioning.added[EXTRA_TOKENS].to(dtype)}
+        return inputs
+
+    @property
+    def extra_token_dim(self) -> int:
+        """Width of extra tokens: the transformer's context stream (``caption_projection_dim``), where they are attended to."""
+        return int(self.denoiser.config.caption_projection_dim)
+
+    def append_extra_tokens(self, conditioning: Conditioning, tokens: torch.Tensor) -> Conditioning:
+        """Extra tokens travel beside the prompt (``added["extra_tokens"]``), not appended to it: the transformer would pass
+        appended tokens through its ``context_embedder``. The denoiser call hands them to the attention processors as
+        ``joint_attention_kwargs={"extra_tokens": ...}``; without a processor that reads them (PPD's
+        ``JointUserAttnProcessor``) diffusers ignores them with a warning."""
+        return Conditioning(conditioning.embeds, {**conditioning.added, EXTRA_TOKENS: tokens.to(conditioning.embeds.dtype)})
 
     def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
                 dtype: torch.dtype) -> torch.Tensor:

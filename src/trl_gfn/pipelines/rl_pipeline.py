@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from ..diffusion import DEFAULT_FLOW_NOISE_LEVEL, NoiseLevel, TransitionSchedule, make_scheduler, model_output_to_epsilon, step_mean, transition_schedule
-from .conditioning import Conditioning, append_tokens
+from .conditioning import Conditioning
 from .families import FAMILIES, ModelFamily, resolve_family
 from .trajectory import Trajectories
 
@@ -462,6 +462,21 @@ class DiffusionPipelineForRL:
         with torch.autocast(device_type=latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return self.family.predict(unet, latents, timesteps, prompt_embeds, dtype)
 
+    @property
+    def extra_token_dim(self) -> int:
+        """Width D of extra conditioning tokens (PPD's user tokens): the prompt's token width on the UNet families, the
+        transformer's context width on SD3 (:attr:`ModelFamily.extra_token_dim`)."""
+        return self.family.extra_token_dim
+
+    def append_extra_tokens(self, conditioning: torch.Tensor | Conditioning, tokens: torch.Tensor) -> torch.Tensor | Conditioning:
+        """``conditioning`` (B rows) with extra tokens (B, T, :attr:`extra_token_dim`) for the denoiser, by the family's route:
+        appended to the token states on the UNet families, beside them (``joint_attention_kwargs``) on SD3. ``ValueError``
+        naming the expected shape otherwise."""
+        rows = len(conditioning)
+        if tokens.ndim != 3 or tokens.shape[0] != rows or tokens.shape[2] != self.extra_token_dim:
+            raise ValueError(f"extra_tokens: expected shape ({rows}, T, {self.extra_token_dim}), got {tuple(tokens.shape)}")
+        return self.family.append_extra_tokens(conditioning, tokens)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None, *, posterior_mean: bool = False) -> torch.Tensor:
         """VAE latents (scaled as the UNet sees them) of images in [-1, 1], shape (B, 3, H, W): a sample of the VAE's
@@ -504,8 +519,9 @@ class DiffusionPipelineForRL:
         the velocity on SD3).
 
         ``generators`` (one per sample) make each trajectory's noise depend on its own seed only, so the
-        same sample is drawn whatever the batch size or number of processes. ``extra_tokens`` (B, T, D) are appended to the
-        prompt embeddings (e.g. PPD's user tokens); the unconditional branch gets zeros in their place.
+        same sample is drawn whatever the batch size or number of processes. ``extra_tokens`` (B, T, D) go with the prompt
+        conditioning by the family's route (:meth:`append_extra_tokens`; e.g. PPD's user tokens); the unconditional branch gets
+        zeros in their place.
         """
         from tqdm.auto import tqdm
 
@@ -515,11 +531,9 @@ class DiffusionPipelineForRL:
         prompt_embeds = self.encode_prompts(list(prompts))
         negative = self.encode_negative_prompt(negative_prompt, batch)
         if extra_tokens is not None:
-            if extra_tokens.ndim != 3 or extra_tokens.shape[0] != batch or extra_tokens.shape[2] != prompt_embeds.shape[2]:
-                raise ValueError(f"extra_tokens: expected shape ({batch}, T, {prompt_embeds.shape[2]}), got {tuple(extra_tokens.shape)}")
             extra = extra_tokens.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype)
-            prompt_embeds = append_tokens(prompt_embeds, extra)
-            negative = append_tokens(negative, torch.zeros_like(extra))
+            prompt_embeds = self.append_extra_tokens(prompt_embeds, extra)
+            negative = self.append_extra_tokens(negative, torch.zeros_like(extra))
         latents = self.initial_latents(batch, generators, device)
         states = [latents]
         epsilons = []

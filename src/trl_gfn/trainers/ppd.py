@@ -2,8 +2,9 @@
 
 Each preference pair belongs to a user u (dataset column ``user_id`` or ``annotator_id``; ids are global across the train and
 eval datasets). A frozen provider (:mod:`trl_gfn.models.user_encoder`) turns the user's first ``ppd_context_pairs`` pairs into
-an embedding e_u; added decoupled cross-attention layers (:class:`~trl_gfn.models.user_attention.UserCrossAttention`, trained
-with the LoRA) let the policy attend to e_u's user tokens next to the text. The loss is Diffusion-DPO's (or another
+an embedding e_u; added decoupled attention layers (:class:`~trl_gfn.models.user_attention.UserCrossAttention`, trained
+with the LoRA) let the policy attend to e_u's user tokens next to the text: on the UNet's cross-attention layers (SD 1.x/2.x,
+SDXL; tokens appended to the text), or on SD3's joint attention layers (tokens passed beside the prompt, image tokens only). The loss is Diffusion-DPO's (or another
 ``loss_type``) over the pairs of all users, with the **policy** conditioned on the pair's user and the reference the
 pretrained model (adapter off, text tokens only: the added branch is skipped). At the start the added output projections are
 zero, so the policy equals the reference and, with one user, PPD's first loss and LoRA gradient are Diffusion-DPO's (tested).
@@ -28,7 +29,6 @@ from ..configs.ppd import PPDConfig
 from ..data.preference import PairBatch, PreferencePairs
 from ..models.user_attention import UserCrossAttention
 from ..models.user_encoder import load_user_embedding_provider
-from ..pipelines import append_tokens
 from .diffusion_dpo import Denoised, DiffusionDPOTrainer, PairInputs
 
 USER_EMBEDDINGS_FILE = "user_embeddings.safetensors"
@@ -78,20 +78,17 @@ class PPDTrainer(DiffusionDPOTrainer):
 
     # ------------------------------------------------------------------ set-up
     def setup_components(self) -> None:
-        """The preference trainer's checks; the provider; every user's embedding (checked before training); the added layers."""
+        """The preference trainer's checks; the provider; every user's embedding (checked before training); the added layers (on
+        the denoiser's cross-attention layers, or SD3's joint attention layers)."""
         super().setup_components()
         c = self.config
-        if self.pipeline.family.denoiser_name != "unet":
-            raise ValueError(f"PPDTrainer needs a UNet denoiser (SD 1.x/2.x, SDXL): its decoupled user cross-attention is added to the "
-                             f"UNet's cross-attention layers (attn2), which {self.pipeline.family.name}'s transformer does not have (it attends "
-                             "jointly to image and text tokens). Use DiffusionDPOTrainer on SD3")
         self.provider = load_user_embedding_provider(c.provider_path).to(self.accelerator.device)
         self.user_table: dict[Any, torch.Tensor] = {}
         self.train_users = self.register_users(self.train_pairs)
         if self.eval_pairs is not None:
             self.register_users(self.eval_pairs)
         text_length = int(self.pipeline.tokenizer.model_max_length)
-        self.user_layers = UserCrossAttention.for_unet(self.pipeline.denoiser, self.provider.embed_dim, c.ppd_num_tokens, text_length)
+        self.user_layers = UserCrossAttention.for_denoiser(self.pipeline.denoiser, self.provider.embed_dim, c.ppd_num_tokens, text_length)
         self.user_layers.install(self.pipeline.denoiser)
 
     def build_modules(self) -> dict[str, torch.nn.Module]:
@@ -145,7 +142,8 @@ class PPDTrainer(DiffusionDPOTrainer):
         return self.user_table[user]
 
     def user_tokens(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """User tokens (B, ppd_num_tokens, D) of embeddings (B, embed_dim), for ``DiffusionPipelineForRL.sample(extra_tokens=...)``."""
+        """User tokens (B, ppd_num_tokens, D) of embeddings (B, embed_dim), for ``DiffusionPipelineForRL.sample(extra_tokens=...)``
+        (D: the pipeline's ``extra_token_dim``)."""
         with torch.no_grad():
             return self.user_layers(embeddings.to(self.accelerator.device))
 
@@ -156,10 +154,10 @@ class PPDTrainer(DiffusionDPOTrainer):
         return PersonalInputs(**{f.name: getattr(inputs, f.name) for f in dataclasses.fields(PairInputs)}, user_embeddings=e)
 
     def _with_user(self, inputs: PersonalInputs, tokens: torch.Tensor) -> PersonalInputs:
-        return dataclasses.replace(inputs, prompt_embeds=append_tokens(inputs.prompt_embeds, tokens))
+        return dataclasses.replace(inputs, prompt_embeds=self.pipeline.append_extra_tokens(inputs.prompt_embeds, tokens))
 
     def policy_errors(self, inputs: PersonalInputs) -> Denoised:  # type: ignore[override]
-        """The policy with the pair's user tokens (projection and UNet through the prepared model, with gradient)."""
+        """The policy with the pair's user tokens (projection and denoiser through the prepared model, with gradient)."""
         tokens = self.wrapped("user_attention")(inputs.user_embeddings)
         return self.denoise(self.wrapped("unet"), self._with_user(inputs, tokens))
 
