@@ -161,3 +161,23 @@ def test_target_feasibility_script(tmp_path):
         assert r["mass_on_S"] > 0.9 and 0 < r["ess"] <= 192
         assert r["diversity_vs_base"] < 0.95 and r["fd_to_base_population"] > 20
     assert (tmp_path / "feasibility.md").read_text().count("| {") == 2
+
+
+def test_guess_mode_bias_script(tmp_path):
+    """benchmarks/guess_mode_bias.py: per sampling position, the guessed log-flow's gap between the digits of S; on the x_0
+    row (exact reward) the gap is the target's own tilt log(target_c / base_c) − log(target_S / base_S), by SNIS."""
+    gmb = _load(ROOT / "benchmarks" / "guess_mode_bias.py", "guess_mode_bias")
+    torch.set_num_threads(1)
+    out = gmb.main(["--targets", "2,5,6", "--samples", "48", "--out", str(tmp_path)])
+    t = out["targets"]["2,5,6"]
+    K = len(out["gamma"]) - 1
+    assert K == BenchmarkSettings().sample_num_steps and out["gamma"][-1] == 1.0
+    assert all(a < b for a, b in zip(out["gamma"][:-1], out["gamma"][1:]))  # γ_k = ᾱ_k rises towards x_0
+    rows = t["rows"]
+    assert [r["position"] for r in rows] == list(range(K + 1))
+    target_s, base_s = sum(t["target"]), sum(t["base"])
+    for c, (gap, tgt, base, count) in enumerate(zip(rows[-1]["gap"], t["target"], t["base"], t["counts"])):
+        if count:
+            assert gap == pytest.approx(math.log(tgt / base) - math.log(target_s / base_s), abs=1e-6)
+    assert all(0 <= p <= 1 for r in rows for p in r["p_S"])
+    assert (tmp_path / "guess_mode_bias.md").read_text().count("| x_0 (exact r) |") == 1
