@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from trl_gfn import DiffusionPipelineForRL, InversionDPOConfig, InversionDPOTrainer
 from trl_gfn.configs.inversion_dpo import INVERSION_DEFAULT_BETA
 from trl_gfn.evaluation.unet_calls import UNetCallCounter
-from trl_gfn.diffusion import ddim_generate, ddim_invert, ddim_schedule, trajectory_weights
+from trl_gfn.diffusion import ddim_schedule, ode_generate, ode_invert, trajectory_weights
 from trl_gfn.testing import brightness_preferences, full_and_resumed, randomise_parameters, tiny_stable_diffusion
 from trl_gfn.trainers.inversion_dpo import stratified_steps
 
@@ -40,7 +40,7 @@ def test_inverted_targets_reproduce_the_trajectory_exactly_under_diffusers_ddim_
     sched = DDIMScheduler.from_config(tiny_stable_diffusion().scheduler.config)
     schedule = ddim_schedule(sched, 8)
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    traj = ddim_invert(gaussian_eps(sched.alphas_cumprod), x0, schedule)
+    traj = ode_invert(gaussian_eps(sched.alphas_cumprod), x0, schedule)
     sched.set_timesteps(8)
     nxt = torch.cat([traj.states[:, 1:], x0[:, None]], dim=1)
     for i, t in enumerate(sched.timesteps):
@@ -57,7 +57,7 @@ def test_inversion_then_regeneration_converges_with_the_step_count():
     errors = []
     for n in (10, 40, 160):
         schedule = ddim_schedule(sched, n)
-        rec = ddim_generate(eps, ddim_invert(eps, x0, schedule).noise, schedule)
+        rec = ode_generate(eps, ode_invert(eps, x0, schedule).noise, schedule)
         errors.append(float((rec - x0).norm() / x0.norm()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02 and errors[0] / errors[2] > 8, errors
 
@@ -77,11 +77,21 @@ def test_inversion_reconstructs_a_sample_of_the_bundled_model():
         def eps(x, t):
             return pipe.guided_epsilon(pipe.unet, x, t, emb, neg, 2.0, None, schedule.prediction_type)
 
-        x0 = ddim_generate(eps, torch.randn(4, *pipe.latent_shape, generator=torch.Generator().manual_seed(3)), schedule)
-        rec = ddim_generate(eps, ddim_invert(eps, x0, schedule).noise, schedule)
+        x0 = ode_generate(eps, torch.randn(4, *pipe.latent_shape, generator=torch.Generator().manual_seed(3)), schedule)
+        rec = ode_generate(eps, ode_invert(eps, x0, schedule).noise, schedule)
         errors[n] = (float((rec - x0).norm() / x0.norm()), float((pipe.decode(rec) - pipe.decode(x0)).abs().mean()))
     assert errors[40][0] < 0.08 and errors[40][1] < 0.012, errors
     assert errors[10][0] > errors[40][0] > errors[160][0] and errors[160][0] < 0.03, errors
+
+
+def test_schedule_step_index_maps_timesteps_to_positions_and_rejects_foreign_ones():
+    """The inversion's noise level comes from its schedule's positions: each timestep maps to its own position; a timestep
+    that is not a step of the schedule is an error, not position 0."""
+    schedule = ddim_schedule(DDIMScheduler(num_train_timesteps=1000, steps_offset=1), 10)
+    t = schedule.timesteps[torch.tensor([3, 0, 9, 3])]
+    assert schedule.step_index(t).tolist() == [3, 0, 9, 3]
+    with pytest.raises(ValueError, match="not steps of this schedule"):
+        schedule.step_index(torch.tensor([int(schedule.timesteps[0]) + 1]))
 
 
 def test_stratified_steps():

@@ -16,8 +16,7 @@ from .flow_matching import (
     velocity_to_epsilon,
     velocity_to_x0,
 )
-from .inversion import (InvertedTrajectory, PredictionFn, ddim_generate, ddim_invert, ddim_schedule, deterministic_schedule, ode_generate,
-                        ode_invert, trajectory_weights)
+from .inversion import InvertedTrajectory, PredictionFn, ddim_schedule, deterministic_schedule, ode_generate, ode_invert, trajectory_weights
 
 __all__ = [
     "DEFAULT_FLOW_NOISE_LEVEL",
@@ -34,8 +33,6 @@ __all__ = [
     "PredictionFn",
     "SUPPORTED_SAMPLERS",
     "TransitionSchedule",
-    "ddim_generate",
-    "ddim_invert",
     "ddim_schedule",
     "deterministic_schedule",
     "flow_ode_step",

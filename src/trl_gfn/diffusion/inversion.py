@@ -82,7 +82,7 @@ class InvertedTrajectory:
 
 
 def _check_deterministic(schedule: TransitionSchedule) -> None:
-    if schedule.std.abs().max() > 0:
+    if not schedule.deterministic:
         raise ValueError("inversion needs a deterministic schedule (DDIM eta = 0 or the flow ODE, std 0); build it with deterministic_schedule")
 
 
@@ -117,15 +117,10 @@ def ode_generate(pred_fn: PredictionFn, noise: torch.Tensor, schedule: Transitio
     return x
 
 
-#: the DDIM names of :func:`ode_invert` and :func:`ode_generate` (the same functions)
-ddim_invert, ddim_generate = ode_invert, ode_generate
-
-
 def trajectory_weights(schedule: TransitionSchedule) -> torch.Tensor:
     """Inversion-DPO's weight (N,), float64, of each step's squared prediction error, at the step's start state:
     :meth:`NoiseLevel.inversion_weight` — 1/(2ᾱ_τ) on DDIM's ε̂, ((1 − σ)² + σ²)/2 on a flow's velocity (docs/inversion_dpo.md)."""
     return NoiseLevel(schedule.signal[:-1], schedule.noise[:-1], schedule.parameterisation).inversion_weight()
 
 
-__all__ = ["InvertedTrajectory", "PredictionFn", "ddim_generate", "ddim_invert", "ddim_schedule", "deterministic_schedule", "ode_generate",
-           "ode_invert", "trajectory_weights"]
+__all__ = ["InvertedTrajectory", "PredictionFn", "ddim_schedule", "deterministic_schedule", "ode_generate", "ode_invert", "trajectory_weights"]

@@ -91,6 +91,14 @@ class TransitionSchedule:
         """Whether every step has std 0 (the flow ODE): such a sampler has no transition density."""
         return bool((self.std == 0).all())
 
+    def step_index(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sampling positions (long, like ``timesteps``) of per-sample ``timesteps``, each one of this schedule's;
+        ``ValueError`` otherwise."""
+        match = timesteps.view(-1, 1) == self.timesteps.to(timesteps.device).view(1, -1)
+        if not bool(match.any(dim=1).all()):
+            raise ValueError(f"timesteps {timesteps[~match.any(dim=1)].tolist()[:5]} are not steps of this schedule {self.timesteps.tolist()}")
+        return match.int().argmax(dim=1)
+
     def level(self, step_index: torch.Tensor, *, like: torch.Tensor) -> NoiseLevel:
         """The :class:`NoiseLevel` of the states at sampling positions ``step_index`` (0 = initial noise, K = the sample),
         broadcast like ``like``."""

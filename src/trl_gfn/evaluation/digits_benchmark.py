@@ -49,14 +49,15 @@ from .metrics import (
     tv_noise_floor,
 )
 
-#: method name -> (trainer class, config class, method-specific config overrides, note for the table)
-# every transition of each sampled trajectory is trained (f = 1, as DDPO here): with f = 0.2 (3 of 10) the 3 tuning seeds
-# reached the target but all 3 held-out seeds stalled with "8" over-weighted (docs/benchmark.md)
-#: the digits model is tiny: nothing is gained by trading compute for memory (same gradients, 1.39x faster per update)
+# the shipped Nabla-GFlowNet configuration for the digits model. Every transition of each sampled trajectory is trained
+# (f = 1, as DDPO here): with f = 0.2 (3 of 10) the 3 tuning seeds reached the target but all 3 held-out seeds stalled with
+# "8" over-weighted. The model is tiny, so nothing is gained by trading compute for memory: no memory orderings (same
+# gradients, 1.34-1.39x faster per update). docs/benchmark.md
 _NABLA_DIGITS = dict(train_timestep_fraction=1.0, flow_block_out_channels=[32, 64], flow_condition_on_prompt=False,
                      memory_efficient_order=False, vae_gradient_checkpointing=False)
 _PAPER_LOSS = dict(transition_loss_weighting="none", flow_guess_model="policy", reverse_loss_type="score",
                    train_flow_head_on_forward_loss=True, flow_learning_rate=1e-3)
+#: method name -> (trainer class, config class, method-specific config overrides, note for the table)
 METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "nabla_gfn": ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(_NABLA_DIGITS),
                   "the library's defaults (residual ∇-DB, variance weighting, reference guess, pathwise reverse, flow head as critic), "

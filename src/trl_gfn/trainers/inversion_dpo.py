@@ -125,9 +125,9 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         if self._negative is None:
             self._negative = self.pipeline.encode_negative_prompt(None, 1).to(self.accelerator.device)
         schedule = self.inversion_schedule
-        steps = (timesteps.view(-1, 1) == schedule.timesteps.to(timesteps.device).view(1, -1)).int().argmax(dim=1)
+        level = schedule.level(schedule.step_index(timesteps), like=states)
         return self.pipeline.guided_epsilon(unet, states, timesteps, embeds, self._negative.expand(states.shape[0], -1, -1),
-                                            self.config.inversion_guidance_scale, schedule.level(steps, like=states), schedule.prediction_type)
+                                            self.config.inversion_guidance_scale, level, schedule.prediction_type)
 
     @torch.no_grad()
     def invert(self, latents: torch.Tensor, embeds: torch.Tensor) -> tuple[InvertedTrajectory, torch.Tensor]:
