@@ -17,6 +17,7 @@ OPTIONS = {"unet": dict(gradient_checkpointing=True), "vae": dict(vae_gradient_c
 # detached in the forward term), the paper's loss (NablaGFlowNetConfig.paper()), and each option changed on its own
 NABLA_CASES = {"default": {}, "paper": dict(paper=True), "jacobian_free": dict(jacobian_free_reward_gradient=True),
                "policy_guess": dict(flow_guess_model="policy"), "score_reverse": dict(reverse_loss_type="score"),
+               "reference_reverse": dict(reverse_loss_type="reference"),
                "unweighted": dict(transition_loss_weighting="none"), "head_on_forward": dict(train_flow_head_on_forward_loss=True),
                "strength": dict(pretrained_strength=0.5), "paper_jacobian_free": dict(paper=True, jacobian_free_reward_gradient=True)}
 STEPS = {"interior": [1, 1], "last": [K - 1, K - 1], "mixed": [2, K - 1]}  # a batch of one interior and one last transition

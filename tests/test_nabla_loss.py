@@ -122,6 +122,11 @@ class Naive:
         forward = w * (residual - flow_next) ** 2
         if c.reverse_loss_type == "score" and k == s.num_steps - 1:
             return forward, None
+        if c.reverse_loss_type == "reference":  # ∇log F̃_k(x_k) = J_refᵀ ∇log F̃_{k-1}(x_{k-1}): the reference step's backup
+            y = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (backup,) = torch.autograd.grad((self.mean(y, k, True) * flow_next.detach()).sum(), y)
+            return forward, w * (self.guess(x, k) + self.g(x, k) - backup) ** 2
         reverse = score_cur(False) - strength * score_cur(True) + self.guess(x, k) + self.g(x, k)
         if c.reverse_loss_type == "pathwise":
             rho = (flow_next - residual).detach()
@@ -138,6 +143,8 @@ CASES = {
     "sqrt_half_strength": dict(reward_gradient_scaling="sqrt", pretrained_strength=0.5),
     "policy_guess_score_reverse": dict(flow_guess_model="policy", reverse_loss_type="score"),
     "unweighted_pathwise": dict(transition_loss_weighting="none"),
+    "reference_backup": dict(reverse_loss_type="reference"),
+    "reference_backup_policy_guess": dict(reverse_loss_type="reference", flow_guess_model="policy"),
 }
 
 
@@ -265,6 +272,35 @@ def test_terminal_term_and_the_flow_head_at_the_last_transition(tmp_path, tiny_p
     trainer.config.reverse_loss_type = "score"  # the paper's: interior transitions only
     _, score = trainer.compute_loss(last)
     assert score["loss_reverse"].item() == 0.0
+
+
+@pytest.mark.parametrize("step", [1, K - 1])
+def test_reference_reverse_equals_pathwise_at_the_reference_and_drops_the_policy_residual(tmp_path, tiny_pipeline, step):
+    """The two forms carry the next state's flow gradient back to x_k through J_refᵀ and J_θᵀ: identical while the policy is the
+    reference; once it moves, the pathwise target moves with the policy's residual and the reference one only through x_{k-1}."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=20.0)
+    randomise(trainer, lora=False)
+    batch = batch_at(trainer.sample_epoch(0), step)
+
+    def reverse(kind):
+        trainer.config.reverse_loss_type = kind
+        return trainer.compute_loss(batch)[1]
+
+    at_ref = {kind: reverse(kind) for kind in ("pathwise", "reference")}
+    assert at_ref["pathwise"]["loss_reverse"] > 0
+    torch.testing.assert_close(at_ref["reference"]["loss_reverse"], at_ref["pathwise"]["loss_reverse"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(at_ref["reference"]["loss_forward"], at_ref["pathwise"]["loss_forward"], rtol=0, atol=0)
+    randomise(trainer, flow=False, lora_std=0.3)  # the same transitions, the policy moved off the reference
+    moved = {kind: reverse(kind) for kind in ("pathwise", "reference")}
+    gap = abs(moved["reference"]["loss_reverse"].item() - moved["pathwise"]["loss_reverse"].item())
+    assert gap > 2e-3 * moved["pathwise"]["loss_reverse"].item(), gap / moved["pathwise"]["loss_reverse"].item()
+    # the reference target ignores the policy except through the sampled states: same loss as before the policy moved
+    torch.testing.assert_close(moved["reference"]["loss_reverse"], at_ref["reference"]["loss_reverse"], rtol=1e-5, atol=0)
+
+
+def test_reference_reverse_needs_full_pretrained_strength():
+    with pytest.raises(ValueError, match="pretrained_strength"):
+        NablaGFlowNetConfig(reverse_loss_type="reference", pretrained_strength=0.5)
 
 
 @pytest.mark.parametrize("on_forward", [False, True])

@@ -10,7 +10,7 @@ from .base import DiffusionRLConfig, _check, warn_ignored
 REWARD_GRADIENT_SCALINGS = ("squared", "sqrt")
 TRANSITION_LOSS_WEIGHTINGS = ("none", "variance")
 FLOW_GUESS_MODELS = ("reference", "policy")
-REVERSE_LOSS_TYPES = ("pathwise", "score")
+REVERSE_LOSS_TYPES = ("pathwise", "score", "reference")
 FLOW_ESTIMATORS = ("nabla_db", "monte_carlo")
 VALUE_BASELINES = ("guess", "none")
 
@@ -46,7 +46,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     reward_gradient_scaling: Literal["squared", "sqrt"] = field(default="squared", metadata={"help": "γ_k in the flow-gradient guess β·γ_k·∇r(x̂_0): `squared` = ᾱ_k, `sqrt` = sqrt(ᾱ_k)."})
     transition_loss_weighting: Literal["none", "variance"] = field(default="variance", metadata={"help": "`variance` (default): multiply each transition's forward and reverse squared residuals by σ_k², i.e. match mean shifts in units of the step's std, which weighs every transition alike and keeps the same minimiser; `none` (the paper's): plain squared score residuals, which scale like 1/σ_k², so the nearly noise-free last steps dominate the update."})
     flow_guess_model: Literal["reference", "policy"] = field(default="reference", metadata={"help": "Whose one-step prediction x̂_0 the flow-gradient guess β·γ_k·∇r(x̂_0(x)) uses: `reference` (default; the residual flow is a property of the reference sampler, so the flow head then learns a fixed target) or `policy` (the paper's: the fine-tuned model, a guess that moves with the policy and feeds back its bias)."})
-    reverse_loss_type: Literal["pathwise", "score"] = field(default="pathwise", metadata={"help": "Target of the reverse term for ∇ log F̃ at x_k: `pathwise` (default) carries the flow gradient of the sampled next state back through the policy step (J_θᵀ·∇log F̃(x_{k-1}) plus the score terms), also on the last transition where β∇r(x_0) is exact, so information reaches the noisy steps in one hop per update; `score` (the paper's) uses ∇_{x_k} of the two log-densities only, on interior transitions, which holds only once the policy is already optimal. Both share the same fixed point."})
+    reverse_loss_type: Literal["pathwise", "score", "reference"] = field(default="pathwise", metadata={"help": "Target of the reverse term for ∇ log F̃ at x_k: `pathwise` (default) carries the flow gradient of the sampled next state back through the policy step (J_θᵀ·∇log F̃(x_{k-1}) plus the score terms), also on the last transition where β∇r(x_0) is exact, so information reaches the noisy steps in one hop per update; `score` (the paper's) uses ∇_{x_k} of the two log-densities only, on interior transitions, which holds only once the policy is already optimal; `reference` carries the flow gradient of the sampled next state back through the reference step only (J_refᵀ·∇log F̃(x_{k-1}), the soft-value recursion of the reference sampler linearised over one step), so the policy's own residual does not enter the flow head's target and one policy input-gradient per transition is saved; needs pretrained_strength = 1. All share the same fixed point (for `reference`, up to the one-step linearisation)."})
     train_flow_head_on_forward_loss: bool = field(default=False, metadata={"help": "Let the forward term also train the flow head (the paper's). Off by default: the flow head is then a critic trained only by the reverse and terminal terms, and the forward term no longer pulls it towards the current policy (at initialisation, towards cancelling the guess)."})
     low_var_subsampling: bool = field(default=True, metadata={"help": "Draw the trained interior transitions one per equal chunk of the K steps (stratified) rather than uniformly."})
     guess_posterior_samples: int = field(default=1, metadata={"help": "M: with M > 1 the guess at a noisy state averages ∇r over M samples x̂_0 + sqrt(1 − ᾱ_k)·ε of a Gaussian posterior around the one-step prediction, weighted by exp(β r) (self-normalised), i.e. the gradient of log mean exp(β r) instead of β r at the blurry x̂_0 (the Gaussian posterior approximation of ΠGDM, Song et al. 2023). M decodes and reward gradients per guess instead of 1; 1 (default): the paper's one-point guess."})
@@ -107,6 +107,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
         _check(self.value_warmup_trajectories == 0 or self.flow_estimator == "monte_carlo", "value_warmup_trajectories",
                "the critic's warm-up needs flow_estimator='monte_carlo'")
         _check(self.reverse_loss_type in REVERSE_LOSS_TYPES, "reverse_loss_type", f"must be one of {REVERSE_LOSS_TYPES}, got {self.reverse_loss_type!r}")
+        _check(self.reverse_loss_type != "reference" or self.pretrained_strength == 1.0, "reverse_loss_type",
+               f"'reference' carries the flow back through the reference step itself and needs pretrained_strength = 1, got {self.pretrained_strength}")
         if self.reverse_loss_scale is None:
             self.reverse_loss_scale = 1.0 if self.use_flow_head and self.flow_estimator == "nabla_db" else 0.0
         _check(self.flow_estimator == "nabla_db" or self.reverse_loss_scale == 0, "reverse_loss_scale",

@@ -80,6 +80,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_jacobian_free": (dict(jacobian_free_reward_gradient=True), "Jacobian-free guess at x_{k-1} (no UNet backward there)"),
     "nabla_gfn_policy_guess": (dict(flow_guess_model="policy"), "the guess uses the fine-tuned model's x̂_0 (the paper's)"),
     "nabla_gfn_score_reverse": (dict(reverse_loss_type="score"), "the paper's score form of the reverse term"),
+    "nabla_gfn_reference_reverse": (dict(reverse_loss_type="reference"),
+                                    "the flow head's target carried back through the reference step, not the policy's"),
     "nabla_gfn_flow_on_forward": (dict(train_flow_head_on_forward_loss=True), "the forward term also trains the flow head (the paper's)"),
     "nabla_gfn_mc": (dict(flow_estimator="monte_carlo", flow_learning_rate=3e-3, value_warmup_trajectories=1024, value_warmup_steps=1000),
                      "flow head = a log-flow critic on top of the guess, fitted to reference rollouts (no reverse term), "

@@ -411,8 +411,8 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         strength = c.pretrained_strength
         t_next = sched.next_timesteps[idx]
         use_flow = c.use_flow_head
-        pathwise = c.reverse_loss_type == "pathwise"
-        rev = torch.ones_like(inter) if pathwise else inter  # states x_k whose flow the reverse term trains
+        pathwise, backup = c.reverse_loss_type == "pathwise", c.reverse_loss_type == "reference"
+        rev = torch.ones_like(inter) if pathwise or backup else inter  # states x_k whose flow the reverse term trains
         use_reverse = use_flow and c.reverse_loss_scale > 0 and bool(rev.any())
         zero = x.new_zeros(())
         emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
@@ -435,24 +435,8 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         for rewards in final_rewards:
             self.record_training_rewards(rewards)
 
-        # 2. reference at x_k (adapter off). With the reverse term: the reference side of the x_k-gradient, as one VJP
-        #    (s·∇_{x_k} log P_ref without its identity part, minus the guess at x_k when the reference makes it)
-        xr = x.detach().requires_grad_(use_reverse)
-        with self.pipeline.reference_mode(), torch.set_grad_enabled(use_reverse):
-            eps_ref = self._guided(self._input_gradient_unet() if guess_at_x == "reference" else self.local("unet"), xr, t, batch, None, a)
-            v_ref = (x_next - step_mean(x, eps_ref.detach(), cx, ce)) / std**2  # = −s_ref
-            ref_side = None
-            if use_reverse:
-                surrogate = strength * (eps_ref * (ce * v_ref)).sum()
-                if guess_at_x == "reference":
-                    x0 = predict_x0(xr, eps_ref, a)
-                    g0, _ = self.reward_guess_at_x0(x0, rev, batch)
-                    surrogate = surrogate - (g0 * x0).sum()
-                (ref_side,) = torch.autograd.grad(surrogate, xr)
-        eps_ref = eps_ref.detach()
-
-        # 3. flow head at x_{k-1} (all rows: the last ones for the terminal term) and at the reverse term's x_k, one call.
-        #    With memory_efficient_order it is checkpointed and runs before the policy: the backward pass reaches it after the
+        # 2. flow head at x_{k-1} (all rows: the last ones for the terminal term) and at the reverse term's x_k, one call.
+        #    With memory_efficient_order it is checkpointed and runs before the UNets: the backward pass reaches it after the
         #    policy's graph is freed, and recomputes it then
         g_next = g_cur = None
         if use_flow:
@@ -463,6 +447,28 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             g_all = head(torch.cat(lat), torch.cat(ts), torch.cat(embs))
             g_next, g_cur = g_all[: x.shape[0]], g_all[x.shape[0]:]
 
+        # 3. reference at x_k (adapter off). With the reverse term: the reference side of the x_k-gradient, as one VJP
+        #    (`pathwise` / `score`: s·∇_{x_k} log P_ref without its identity part; `reference`: J_refᵀ applied to the flow
+        #    gradient at x_{k-1} without its identity part), minus the guess at x_k when the reference makes it
+        xr = x.detach().requires_grad_(use_reverse)
+        with self.pipeline.reference_mode(), torch.set_grad_enabled(use_reverse):
+            eps_ref = self._guided(self._input_gradient_unet() if guess_at_x == "reference" else self.local("unet"), xr, t, batch, None, a)
+            v_ref = (x_next - step_mean(x, eps_ref.detach(), cx, ce)) / std**2  # = −s_ref
+            flow_back = None  # ∇log F̃(x_{k-1}) as the `reference` backup carries it back (the flow head's value detached)
+            ref_side = None
+            if use_reverse:
+                if backup:
+                    flow_back = guess_next + (g_next.detach() * inter_f if use_flow else 0)
+                    surrogate = (eps_ref * (ce * flow_back)).sum()
+                else:
+                    surrogate = strength * (eps_ref * (ce * v_ref)).sum()
+                if guess_at_x == "reference":
+                    x0 = predict_x0(xr, eps_ref, a)
+                    g0, _ = self.reward_guess_at_x0(x0, rev, batch)
+                    surrogate = surrogate - (g0 * x0).sum()
+                (ref_side,) = torch.autograd.grad(surrogate, xr)
+        eps_ref = eps_ref.detach()
+
         # 4. policy at x_k through the prepared model (parameter gradients synchronised across processes). When the policy
         #    makes the guess at x_k, ∇r at its x̂_0(x_k) is taken first, from a forward without grad (same values), so that
         #    the VAE and reward graphs are gone before the policy graph is built
@@ -471,7 +477,8 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             with torch.no_grad():
                 x0_policy = predict_x0(x, self._guided(self.pipeline.denoiser, x, t, batch, None, a), a)
             g0_policy, _ = self.reward_guess_at_x0(x0_policy, rev, batch)
-        xp = x.detach().requires_grad_(use_reverse)
+        policy_vjp = use_reverse and (not backup or guess_at_x == "policy")  # the reverse term needs ∇_{x_k} through the policy
+        xp = x.detach().requires_grad_(policy_vjp)
         eps = self._guided(self.wrapped("unet"), xp, t, batch, None, a)
         # s_θ − s·s_ref from the noise difference (no cancellation of two large scores at small σ)
         residual = score_residual(eps, eps_ref, ce, std) - (1 - strength) * v_ref
@@ -488,21 +495,28 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         # 6. reverse ∇-DB at x_k (trains g only). The policy side is ∇_{x_k} log P_θ(x_{k-1}|x_k), plus the guess at x_k
         #    when the policy makes it; `pathwise` adds −J_θᵀρ, ρ = flow(x_{k-1}) − residual (the forward residual's negative).
         #    Identity parts of the two x_k-scores are combined analytically: coef_x·(v_θ − s·v_ref) = −coef_x·residual.
+        #    `reference`: the target is J_refᵀ·flow(x_{k-1}) minus the guess at x_k; the policy enters only through where
+        #    x_{k-1} was sampled (and through its guess at x_k when the policy makes it)
         loss_reverse = zero
         if use_reverse:
-            v_theta = (x_next - step_mean(x, eps.detach(), cx, ce)) / std**2
-            if pathwise:
-                rho = (guess_next + g_next.detach() * inter_f - residual.detach()) * rev.view(-1, 1, 1, 1).to(x.dtype)
-            else:
-                rho = torch.zeros_like(x)
-            surrogate = (eps * (ce * (v_theta - rho))).sum()
+            surrogate = None
+            if not backup:
+                v_theta = (x_next - step_mean(x, eps.detach(), cx, ce)) / std**2
+                if pathwise:
+                    rho = (guess_next + g_next.detach() * inter_f - residual.detach()) * rev.view(-1, 1, 1, 1).to(x.dtype)
+                else:
+                    rho = torch.zeros_like(x)
+                surrogate = (eps * (ce * (v_theta - rho))).sum()
             if guess_at_x == "policy":
                 x0 = predict_x0(xp, eps, a)
                 if g0_policy is None:  # the policy graph is checkpointed, or the memory ordering is off
                     g0_policy, _ = self.reward_guess_at_x0(x0, rev, batch)
-                surrogate = surrogate + (g0_policy * x0).sum()
-            (policy_side,) = torch.autograd.grad(surrogate, xp, retain_graph=True)
-            total = -cx * (residual.detach() + rho) + policy_side - ref_side
+                surrogate = (g0_policy * x0).sum() + (0 if surrogate is None else surrogate)
+            policy_side = torch.autograd.grad(surrogate, xp, retain_graph=True)[0] if policy_vjp else 0
+            if backup:
+                total = -cx * flow_back + policy_side - ref_side
+            else:
+                total = -cx * (residual.detach() + rho) + policy_side - ref_side
             loss_reverse = (weight[rev] * (total[rev] + g_cur) ** 2).mean()
 
         # 7. output regulariser: trust region around the sampling policy's guided prediction
