@@ -298,6 +298,27 @@ def test_reference_reverse_equals_pathwise_at_the_reference_and_drops_the_policy
     torch.testing.assert_close(moved["reference"]["loss_reverse"], at_ref["reference"]["loss_reverse"], rtol=1e-5, atol=0)
 
 
+def test_regulariser_weight_scales_with_the_reward_scale_squared(tmp_path, tiny_pipeline):
+    """λ given at β_λ is applied as λ·(β/β_λ)²: the total loss adds exactly that multiple of the logged regulariser."""
+    plain = NablaGFlowNetConfig(reward_scale=10.0, unet_reg_scale=100.0)
+    scaled = NablaGFlowNetConfig(reward_scale=10.0, unet_reg_scale=100.0, unet_reg_reference_reward_scale=30.0)
+    assert plain.regulariser_weight == 100.0
+    assert scaled.regulariser_weight == pytest.approx(100.0 / 9, rel=1e-12)
+    assert NablaGFlowNetConfig(reward_scale=30.0, unet_reg_scale=100.0, unet_reg_reference_reward_scale=30.0).regulariser_weight == 100.0
+    with pytest.raises(ValueError, match="unet_reg_reference_reward_scale"):
+        NablaGFlowNetConfig(unet_reg_reference_reward_scale=0.0)
+
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=10.0, unet_reg_scale=100.0, unet_reg_reference_reward_scale=30.0)
+    randomise(trainer)
+    batch = batch_at(trainer.sample_epoch(0), 2)
+    randomise(trainer, flow=False, seed=4)  # the policy moved since sampling: the regulariser is nonzero
+    loss, terms = trainer.compute_loss(batch)
+    assert terms["loss_reg"] > 0
+    rest = terms["loss_forward"] + terms["loss_reverse"] + terms["loss_terminal"]
+    torch.testing.assert_close(loss.detach(), rest + (100.0 / 9) * terms["loss_reg"], rtol=1e-5, atol=0)
+    assert abs(loss.item() - (rest + 100.0 * terms["loss_reg"]).item()) > 1e-3 * loss.item()  # not the unscaled λ
+
+
 def test_reference_reverse_needs_full_pretrained_strength():
     with pytest.raises(ValueError, match="pretrained_strength"):
         NablaGFlowNetConfig(reverse_loss_type="reference", pretrained_strength=0.5)

@@ -41,6 +41,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
 
     reward_scale: float = field(default=1e3, metadata={"help": "β: the target density is p_ref(x_0)·exp(β·r(x_0)), r the log-reward."})
     unet_reg_scale: float = field(default=1e3, metadata={"help": "λ: weight of the output regulariser mean‖ε̂_θ(x_k) − ε̂_old(x_k)‖² (a trust region on the policy)."})
+    unet_reg_reference_reward_scale: float | None = field(default=None, metadata={"help": "β_λ: the reward scale at which unet_reg_scale is given. When set, the regulariser's weight is λ·(β/β_λ)², so that changing reward_scale keeps the trust region's strength relative to the ∇-DB terms (their residuals grow like β, their squares like β²; the regulariser does not), i.e. one λ serves every β. None (default): λ is used as given, at any β (the paper's convention)."})
     reverse_loss_scale: float | None = field(default=None, metadata={"help": "Weight of the reverse ∇-DB term (trains the flow head only); default 1 with the flow head, 0 without."})
     pretrained_strength: float = field(default=1.0, metadata={"help": "s: multiplies the reference policy's score in the ∇-DB targets."})
     reward_gradient_scaling: Literal["squared", "sqrt"] = field(default="squared", metadata={"help": "γ_k in the flow-gradient guess β·γ_k·∇r(x̂_0): `squared` = ᾱ_k, `sqrt` = sqrt(ᾱ_k)."})
@@ -72,7 +73,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     value_warmup_batch_size: int = field(default=64, metadata={"help": "flow_estimator='monte_carlo': states per warm-up step of the critic."})
     flow_condition_on_prompt: bool = field(default=True, metadata={"help": "Feed the prompt embedding to the flow head; False feeds zeros (for prompt-free rewards such as aesthetics)."})
 
-    field_ranges = {"reward_scale": ">= 0", "unet_reg_scale": ">= 0", "reverse_loss_scale": ">= 0", "pretrained_strength": ">= 0",
+    field_ranges = {"reward_scale": ">= 0", "unet_reg_scale": ">= 0", "unet_reg_reference_reward_scale": "> 0", "reverse_loss_scale": ">= 0", "pretrained_strength": ">= 0",
                     "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
@@ -118,6 +119,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                f"must be 0 when use_flow_head=False (the reverse term trains only the flow head), got {self.reverse_loss_scale}")
         _check(self.reward_scale >= 0, "reward_scale", f"must be >= 0, got {self.reward_scale}")
         _check(self.unet_reg_scale >= 0, "unet_reg_scale", f"must be >= 0, got {self.unet_reg_scale}")
+        _check(self.unet_reg_reference_reward_scale is None or self.unet_reg_reference_reward_scale > 0, "unet_reg_reference_reward_scale",
+               f"must be > 0 (the reward scale at which unet_reg_scale is given) or None, got {self.unet_reg_reference_reward_scale}")
         _check(self.flow_target_rollouts >= 0, "flow_target_rollouts", f"must be >= 0, got {self.flow_target_rollouts}")
         _check(self.flow_target_rollouts == 0 or not self.use_flow_head, "flow_target_rollouts",
                "the Monte-Carlo forward target replaces the flow gradient at interior states; set use_flow_head=False")
@@ -144,6 +147,13 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                          f"{self.train_timestep_fraction}, int(K·f) + 1 = 1: only the last transition is trained, whose forward target "
                          f"has no flow-head term, so the flow head never shapes the policy. Set train_timestep_fraction >= "
                          f"{1 / self.sample_num_steps:.3g} (one interior transition per trajectory) or use_flow_head=False.")
+
+    @property
+    def regulariser_weight(self) -> float:
+        """The output regulariser's weight at this reward scale: λ, or λ·(β/β_λ)² with ``unet_reg_reference_reward_scale``."""
+        if self.unet_reg_reference_reward_scale is None:
+            return self.unet_reg_scale
+        return self.unet_reg_scale * (self.reward_scale / self.unet_reg_reference_reward_scale) ** 2
 
     @property
     def num_train_timesteps(self) -> int:

@@ -52,9 +52,10 @@ from .metrics import (
 # the shipped Nabla-GFlowNet configuration for the digits model. Every transition of each sampled trajectory is trained
 # (f = 1, as DDPO here): with f = 0.2 (3 of 10) the 3 tuning seeds reached the target but all 3 held-out seeds stalled with
 # "8" over-weighted. The model is tiny, so nothing is gained by trading compute for memory: no memory orderings (same
-# gradients, 1.34-1.39x faster per update). docs/benchmark.md
+# gradients, 1.34-1.39x faster per update). λ = 100 is given at β = 30 and scales with β² (unet_reg_reference_reward_scale):
+# at fixed λ a smaller β is a proportionally stronger brake. docs/benchmark.md
 _NABLA_DIGITS = dict(train_timestep_fraction=1.0, flow_block_out_channels=[32, 64], flow_condition_on_prompt=False,
-                     memory_efficient_order=False, vae_gradient_checkpointing=False)
+                     memory_efficient_order=False, vae_gradient_checkpointing=False, unet_reg_reference_reward_scale=30.0)
 _PAPER_LOSS = dict(transition_loss_weighting="none", flow_guess_model="policy", reverse_loss_type="score",
                    train_flow_head_on_forward_loss=True, flow_learning_rate=1e-3)
 #: method name -> (trainer class, config class, method-specific config overrides, note for the table)

@@ -61,7 +61,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
     method_name = "Nabla-GFlowNet"
     paper = "Liu et al., *Efficient Diversity-Preserving Diffusion Alignment via Gradient-Informed GFlowNets*, ICLR 2025, arXiv:2412.07775"
     citation = CITATION
-    card_fields = [*TransitionTrainer.card_fields, "reward_scale", "unet_reg_scale", "reverse_loss_scale", "pretrained_strength",
+    card_fields = [*TransitionTrainer.card_fields, "reward_scale", "unet_reg_scale", "unet_reg_reference_reward_scale", "reverse_loss_scale", "pretrained_strength",
                    "use_flow_head", "train_timestep_fraction", "reward_gradient_scaling"]
 
     def __init__(self, config: NablaGFlowNetConfig, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
@@ -385,9 +385,9 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         residual = score_residual(eps, eps_ref, ce, std) - (1 - strength) * v_ref
         weight = std**2 if c.transition_loss_weighting == "variance" else torch.ones_like(std)
         loss_forward = (weight * (residual - target) ** 2).mean()
-        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
+        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.regulariser_weight > 0 else zero
         loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
-        loss = loss_forward + loss_value + c.unet_reg_scale * loss_reg + loss_tb
+        loss = loss_forward + loss_value + c.regulariser_weight * loss_reg + loss_tb
 
         def norm(v: torch.Tensor) -> torch.Tensor:
             return v.detach().flatten(1).norm(dim=1).mean()
@@ -520,12 +520,12 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             loss_reverse = (weight[rev] * (total[rev] + g_cur) ** 2).mean()
 
         # 7. output regulariser: trust region around the sampling policy's guided prediction
-        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
+        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.regulariser_weight > 0 else zero
 
         # 8. trajectory-balance correction (trajectory_balance_scale): the global mode weights, from the sampled batch
         loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
 
-        loss = loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.unet_reg_scale * loss_reg + loss_tb
+        loss = loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.regulariser_weight * loss_reg + loss_tb
 
         def norm(v: torch.Tensor | None) -> torch.Tensor:
             return zero if v is None else v.detach().flatten(1).norm(dim=1).mean()
