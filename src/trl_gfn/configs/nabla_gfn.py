@@ -119,8 +119,6 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                f"must be 0 when use_flow_head=False (the reverse term trains only the flow head), got {self.reverse_loss_scale}")
         _check(self.reward_scale >= 0, "reward_scale", f"must be >= 0, got {self.reward_scale}")
         _check(self.unet_reg_scale >= 0, "unet_reg_scale", f"must be >= 0, got {self.unet_reg_scale}")
-        _check(self.unet_reg_reference_reward_scale is None or self.unet_reg_reference_reward_scale > 0, "unet_reg_reference_reward_scale",
-               f"must be > 0 (the reward scale at which unet_reg_scale is given) or None, got {self.unet_reg_reference_reward_scale}")
         _check(self.flow_target_rollouts >= 0, "flow_target_rollouts", f"must be >= 0, got {self.flow_target_rollouts}")
         _check(self.flow_target_rollouts == 0 or not self.use_flow_head, "flow_target_rollouts",
                "the Monte-Carlo forward target replaces the flow gradient at interior states; set use_flow_head=False")

@@ -446,6 +446,8 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             head = self.wrapped("flow_head", checkpoint=True if c.memory_efficient_order else None)
             g_all = head(torch.cat(lat), torch.cat(ts), torch.cat(embs))
             g_next, g_cur = g_all[: x.shape[0]], g_all[x.shape[0]:]
+        # ∇log F̃(x_{k-1}) with the flow head's value detached: what the reverse term carries back to x_k
+        flow_next_detached = guess_next + g_next.detach() * inter_f if use_flow else guess_next
 
         # 3. reference at x_k (adapter off). With the reverse term: the reference side of the x_k-gradient, as one VJP
         #    (`pathwise` / `score`: s·∇_{x_k} log P_ref without its identity part; `reference`: J_refᵀ applied to the flow
@@ -454,12 +456,10 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         with self.pipeline.reference_mode(), torch.set_grad_enabled(use_reverse):
             eps_ref = self._guided(self._input_gradient_unet() if guess_at_x == "reference" else self.local("unet"), xr, t, batch, None, a)
             v_ref = (x_next - step_mean(x, eps_ref.detach(), cx, ce)) / std**2  # = −s_ref
-            flow_back = None  # ∇log F̃(x_{k-1}) as the `reference` backup carries it back (the flow head's value detached)
             ref_side = None
             if use_reverse:
                 if backup:
-                    flow_back = guess_next + (g_next.detach() * inter_f if use_flow else 0)
-                    surrogate = (eps_ref * (ce * flow_back)).sum()
+                    surrogate = (eps_ref * (ce * flow_next_detached)).sum()
                 else:
                     surrogate = strength * (eps_ref * (ce * v_ref)).sum()
                 if guess_at_x == "reference":
@@ -503,7 +503,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             if not backup:
                 v_theta = (x_next - step_mean(x, eps.detach(), cx, ce)) / std**2
                 if pathwise:
-                    rho = (guess_next + g_next.detach() * inter_f - residual.detach()) * rev.view(-1, 1, 1, 1).to(x.dtype)
+                    rho = (flow_next_detached - residual.detach()) * rev.view(-1, 1, 1, 1).to(x.dtype)
                 else:
                     rho = torch.zeros_like(x)
                 surrogate = (eps * (ce * (v_theta - rho))).sum()
@@ -514,7 +514,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                 surrogate = (g0_policy * x0).sum() + (0 if surrogate is None else surrogate)
             policy_side = torch.autograd.grad(surrogate, xp, retain_graph=True)[0] if policy_vjp else 0
             if backup:
-                total = -cx * flow_back + policy_side - ref_side
+                total = -cx * flow_next_detached + policy_side - ref_side
             else:
                 total = -cx * (residual.detach() + rho) + policy_side - ref_side
             loss_reverse = (weight[rev] * (total[rev] + g_cur) ** 2).mean()
