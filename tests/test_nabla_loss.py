@@ -530,3 +530,104 @@ def test_guess_clip_quantile_clips_interior_guesses_at_the_previous_epochs_quant
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="guess_clip_quantile"):
             NablaGFlowNetConfig(guess_clip_quantile=bad)
+
+
+def test_linearised_importance_weights_against_gaussian_log_densities(tmp_path, tiny_pipeline):
+    """w ∝ P_ref(x'|x)·exp(f(x')·(x' − μ_old)) / P_old(x'|x) per transition, from two float64 Gaussian log-densities: centred,
+    clipped at ±c and normalised to mean 1 among the rows of one step."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=20.0, importance_weighting="linearised")
+    randomise(trainer)
+    samples = trainer.sample_epoch(0)
+    randomise(trainer, flow=False, seed=5, lora_std=0.3)  # the reference differs from the sampling policy
+    batch = batch_at(samples, 2)
+    x, x_next, idx, last, inter, t, a, cx, ce, std = trainer._transition(batch)
+    with trainer.pipeline.reference_mode(), torch.no_grad():
+        eps_ref = trainer._guided(trainer.local("unet"), x, t, batch, None, a)
+    eps_old = batch.epsilons.float()
+    flow = torch.randn_like(x) * 3.0
+    d = {k: v.double() for k, v in dict(x=x, xn=x_next, eo=eps_old, er=eps_ref, cx=cx, ce=ce, s=std, f=flow).items()}
+    mu_old, mu_ref = d["cx"] * d["x"] + d["ce"] * d["eo"], d["cx"] * d["x"] + d["ce"] * d["er"]
+
+    def logn(y, mu):
+        return (-(y - mu) ** 2 / (2 * d["s"] ** 2) - torch.log(d["s"]) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+    log_w = logn(d["xn"], mu_ref) - logn(d["xn"], mu_old) + (d["f"] * (d["xn"] - mu_old)).flatten(1).sum(1)
+    assert log_w.std() > 0.1  # a non-trivial case
+    for clip in (100.0, 0.05):
+        trainer.config.importance_log_weight_clip = clip
+        w = trainer.transition_importance_weights(x, x_next, idx, eps_old, eps_ref, flow, cx, ce, std).flatten()
+        expected = (log_w - log_w.mean()).clamp(-clip, clip).exp()
+        torch.testing.assert_close(w.double(), expected / expected.mean(), rtol=2e-4, atol=0)
+    assert w.max() / w.min() <= math.exp(0.1) * (1 + 1e-5)
+    # rows of different steps are normalised separately
+    mixed = idx.clone()
+    mixed[0] = idx[0] + 1
+    w = trainer.transition_importance_weights(x, x_next, mixed, eps_old, eps_ref, flow, cx, ce, std).flatten()
+    assert w[0].item() == pytest.approx(1.0) and w[1:].mean().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("step", [1, K - 1])
+def test_importance_weighted_terms_are_the_weighted_mean_of_the_single_transition_terms(tmp_path, tiny_pipeline, step):
+    """The forward and reverse terms of a batch are mean_i w_i·term_i (a single transition has w = 1); the terminal term and the
+    regulariser are not weighted."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=20.0, importance_weighting="linearised", sample_batch_size=3, train_batch_size=3)
+    randomise(trainer)
+    samples = trainer.sample_epoch(0)
+    randomise(trainer, flow=False, seed=5, lora_std=0.3)
+    batch = batch_at(samples, step)
+    _, weighted = trainer.compute_loss(batch)
+    x, x_next, idx, *_, a, cx, ce, std = trainer._transition(batch)
+    t = trainer.schedule.timesteps[idx]
+    with trainer.pipeline.reference_mode(), torch.no_grad():
+        eps_ref = trainer._guided(trainer.local("unet"), x, t, batch, None, a)
+    flow = trainer.flow_gradient(x_next, step + 1, batch.prompts)
+    if step == K - 1:
+        flow = trainer.reward_guess(x_next, idx + 1, batch.prompt_embeds, batch.negative_prompt_embeds, batch.prompts, batch.prompt_metadata)
+    w = trainer.transition_importance_weights(x, x_next, idx, batch.epsilons.float(), eps_ref, flow, cx, ce, std).flatten()
+    assert w.std() > 3e-3  # the weights are not all 1
+    singles = [trainer.compute_loss(batch_at(samples.select([i]), step))[1] for i in range(3)]
+    for key in ("loss_forward", "loss_reverse"):
+        expected = sum(w[i] * singles[i][key] for i in range(3)) / 3
+        torch.testing.assert_close(weighted[key], expected, rtol=2e-4, atol=1e-10)
+    for key in ("loss_terminal", "loss_reg"):
+        torch.testing.assert_close(weighted[key], sum(s[key] for s in singles) / 3, rtol=2e-4, atol=1e-10)
+
+
+def test_importance_weighting_is_validated():
+    with pytest.raises(ValueError, match="importance_weighting"):
+        NablaGFlowNetConfig(importance_weighting="exact")
+    with pytest.raises(ValueError, match="importance_weighting"):
+        NablaGFlowNetConfig(importance_weighting="linearised", flow_estimator="monte_carlo", value_warmup_trajectories=0)
+    with pytest.raises(ValueError, match="importance_log_weight_clip"):
+        NablaGFlowNetConfig(importance_log_weight_clip=0.0)
+
+
+def test_anchor_regulariser_pulls_towards_the_reference_prediction(tmp_path, tiny_pipeline):
+    """λ_ref·(β/β_λ)²·mean‖ε̂_θ − ε̂_ref‖² is added to the loss (ε̂ both guided, at x_k); it vanishes while the policy is the
+    reference and, unlike the trust region, does not vanish at the sampling policy."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=10.0, unet_reg_scale=0.0, unet_anchor_reg_scale=3.0,
+                           unet_reg_reference_reward_scale=30.0)
+    assert trainer.config.anchor_regulariser_weight == pytest.approx(3.0 / 9, rel=1e-12)
+    randomise(trainer, lora=False)
+    for p in trainer.pipeline.lora_parameters():
+        torch.nn.init.zeros_(p)
+    samples = trainer.sample_epoch(0)
+    batch = batch_at(samples, 2)
+    assert trainer.compute_loss(batch)[1]["loss_reg_anchor"] == 0  # the policy is the reference
+    randomise(trainer, flow=False, seed=4, lora_std=0.3)
+    samples = trainer.sample_epoch(1)  # the sampling policy is the moved policy: the trust region would be 0
+    batch = batch_at(samples, 2)
+    loss, terms = trainer.compute_loss(batch)
+    x, _, idx, *_, a, _, _, _ = trainer._transition(batch)
+    t = trainer.schedule.timesteps[idx]
+    with torch.no_grad():
+        eps = trainer._guided(trainer.local("unet"), x, t, batch, None, a)
+        with trainer.pipeline.reference_mode():
+            eps_ref = trainer._guided(trainer.local("unet"), x, t, batch, None, a)
+    expected = ((eps.double() - eps_ref.double()) ** 2).mean()
+    assert expected > 1e-6
+    torch.testing.assert_close(terms["loss_reg_anchor"].double(), expected, rtol=1e-4, atol=0)
+    rest = terms["loss_forward"] + terms["loss_reverse"] + terms["loss_terminal"]
+    torch.testing.assert_close(loss.detach(), rest + (3.0 / 9) * terms["loss_reg_anchor"], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="unet_anchor_reg_scale"):
+        NablaGFlowNetConfig(unet_anchor_reg_scale=-1.0)

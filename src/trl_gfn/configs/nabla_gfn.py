@@ -13,6 +13,7 @@ FLOW_GUESS_MODELS = ("reference", "policy")
 REVERSE_LOSS_TYPES = ("pathwise", "score", "reference")
 FLOW_ESTIMATORS = ("nabla_db", "monte_carlo")
 VALUE_BASELINES = ("guess", "none")
+IMPORTANCE_WEIGHTINGS = ("none", "linearised")
 
 #: the loss exactly as the paper (and its released code) specifies it; :meth:`NablaGFlowNetConfig.paper` sets these
 PAPER_LOSS = dict(transition_loss_weighting="none", flow_guess_model="policy", reverse_loss_type="score", train_flow_head_on_forward_loss=True)
@@ -41,6 +42,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
 
     reward_scale: float = field(default=1e3, metadata={"help": "β: the target density is p_ref(x_0)·exp(β·r(x_0)), r the log-reward."})
     unet_reg_scale: float = field(default=1e3, metadata={"help": "λ: weight of the output regulariser mean‖ε̂_θ(x_k) − ε̂_old(x_k)‖² (a trust region on the policy)."})
+    unet_anchor_reg_scale: float = field(default=0.0, metadata={"help": "λ_ref: weight of a second output regulariser mean‖ε̂_θ(x_k) − ε̂_ref(x_k)‖², anchored to the reference (pretrained) model instead of the sampling policy. A constant pull towards the prior: it moves the fixed point from p_ref·exp(β r) towards p_ref (at interior steps the policy's residual shrinks by about λ_ref/(c_k²/σ_k² + λ_ref), c_k²/σ_k² ≈ 1–2 on SD-like schedules), in exchange for a restoring force against drift between modes. Scaled by (β/β_λ)² like unet_reg_scale when unet_reg_reference_reward_scale is set. Free: ε̂_ref is computed anyway. 0 (default): off."})
     unet_reg_reference_reward_scale: float | None = field(default=None, metadata={"help": "β_λ: the reward scale at which unet_reg_scale is given. When set, the regulariser's weight is λ·(β/β_λ)², so that changing reward_scale keeps the trust region's strength relative to the ∇-DB terms (their residuals grow like β, their squares like β²; the regulariser does not), i.e. one λ serves every β. None (default): λ is used as given, at any β (the paper's convention)."})
     reverse_loss_scale: float | None = field(default=None, metadata={"help": "Weight of the reverse ∇-DB term (trains the flow head only); default 1 with the flow head, 0 without."})
     pretrained_strength: float = field(default=1.0, metadata={"help": "s: multiplies the reference policy's score in the ∇-DB targets."})
@@ -59,6 +61,9 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     flow_target_rollouts: int = field(default=0, metadata={"help": "M: with M > 0 the forward target of every interior transition x_k → x_{k-1} is a Monte-Carlo estimate instead of the guess: M reference steps x'_j from x_k, each continued to x_0^j by the reference sampler, weighted w_j ∝ exp(β r(x_0^j)), give (μ* − μ_ref(x_k))/σ_k² = Σ_j w_j z_j/σ_k (z_j the first steps' noise), the mean shift of the ideal transition P*(x'|x_k) ∝ P_ref(x'|x_k)·F̃(x') (equal to E_P*[∇ log F̃(x')], the forward term's optimum). Unbiased up to self-normalisation, noisy, with no reward gradient and no learned critic. Needs use_flow_head=False. Cost per interior transition: M × (remaining steps) reference forwards without grad and M decodes and rewards. 0 (default): the guess. docs/nabla_gfn.md, 'Monte-Carlo forward target'."})
     trajectory_balance_scale: float = field(default=0.0, metadata={"help": "μ: weight of a trajectory-level correction whose only fixed point is also the target: the log-variance (relative trajectory balance) loss Var_τ[log P_θ(τ)/P_ref(τ) − β·r(x_0)] over the sampled batch, applied to the trained transitions as μ·A_τ·log P_θ(x_{k-1}|x_k) with A_τ the trajectory's deviation from the batch mean (held fixed). It vanishes exactly when every trajectory has the same log-ratio, i.e. at p_ref·exp(β r), and pushes mode weights directly, which the per-transition ∇-DB terms only see through the flow gradient. Costs one reference forward (no grad) per sampled step. 0 (default): off. docs/nabla_gfn.md, 'Trajectory-balance correction'."})
 
+    importance_weighting: Literal["none", "linearised"] = field(default="none", metadata={"help": "Off-policy correction of the forward and reverse terms. Both regress onto the flow gradient at the sampled next state x_{k-1} ~ P_old(·|x_k), but their fixed-point identities hold in expectation over the ideal step P*(x'|x_k) ∝ P_ref(x'|x_k)·F̃(x'), so off the fixed point both average the flow over the policy's own continuations. `linearised`: weight each transition by w ∝ P*/P_old with log F̃ linearised over the step, log w = log P_ref(x'|x_k) − log P_old(x'|x_k) + f(x')·(x' − μ_old(x_k)), f the current flow-gradient estimate at x' (guess + flow head; β∇r(x_0) on the last step); centred, clipped at ±importance_log_weight_clip and normalised to mean 1 among the batch's transitions of the same step. w ≡ 1 when the sampling policy is the linearised ideal step. No extra model evaluations. Measured on the digits benchmark: not a fix (worse on S = {0, 8}). `none` (default): unweighted. docs/nabla_gfn.md, 'Importance-weighted transitions'."})
+    importance_log_weight_clip: float = field(default=2.0, metadata={"help": "importance_weighting='linearised': the centred log-weights are clipped to ±this (weights within a factor e^{2c} of each other), which bounds the variance of one-sample weights at the price of some bias."})
+
     use_flow_head: bool = field(default=True, metadata={"help": "Learn the residual flow-gradient correction g_φ; False = forward-only with the guessed gradient (less memory, less diversity)."})
     flow_block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256], metadata={"help": "Widths of the flow head UNet's blocks (its depth is their number)."})
     flow_layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per flow-head block."})
@@ -73,12 +78,12 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     value_warmup_batch_size: int = field(default=64, metadata={"help": "flow_estimator='monte_carlo': states per warm-up step of the critic."})
     flow_condition_on_prompt: bool = field(default=True, metadata={"help": "Feed the prompt embedding to the flow head; False feeds zeros (for prompt-free rewards such as aesthetics)."})
 
-    field_ranges = {"reward_scale": ">= 0", "unet_reg_scale": ">= 0", "unet_reg_reference_reward_scale": "> 0", "reverse_loss_scale": ">= 0", "pretrained_strength": ">= 0",
+    field_ranges = {"reward_scale": ">= 0", "unet_reg_scale": ">= 0", "unet_reg_reference_reward_scale": "> 0", "unet_anchor_reg_scale": ">= 0", "reverse_loss_scale": ">= 0", "pretrained_strength": ">= 0",
                     "flow_block_out_channels": ">= 1", "flow_layers_per_block": ">= 1", "flow_attention_head_dim": ">= 1",
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
                     "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0",
-                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0"}
+                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0", "importance_log_weight_clip": "> 0"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -107,6 +112,10 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                f"{self.value_warmup_trajectories} and {self.value_warmup_steps}")
         _check(self.value_warmup_trajectories == 0 or self.flow_estimator == "monte_carlo", "value_warmup_trajectories",
                "the critic's warm-up needs flow_estimator='monte_carlo'")
+        _check(self.importance_weighting in IMPORTANCE_WEIGHTINGS, "importance_weighting",
+               f"must be one of {IMPORTANCE_WEIGHTINGS}, got {self.importance_weighting!r}")
+        _check(self.importance_weighting == "none" or self.flow_estimator == "nabla_db", "importance_weighting",
+               "'linearised' weights the ∇-DB forward and reverse terms; it cannot be combined with flow_estimator='monte_carlo'")
         _check(self.reverse_loss_type in REVERSE_LOSS_TYPES, "reverse_loss_type", f"must be one of {REVERSE_LOSS_TYPES}, got {self.reverse_loss_type!r}")
         _check(self.reverse_loss_type != "reference" or self.pretrained_strength == 1.0, "reverse_loss_type",
                f"'reference' carries the flow back through the reference step itself and needs pretrained_strength = 1, got {self.pretrained_strength}")
@@ -147,11 +156,21 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                          f"{1 / self.sample_num_steps:.3g} (one interior transition per trajectory) or use_flow_head=False.")
 
     @property
+    def _regulariser_scaling(self) -> float:
+        """(β/β_λ)² with ``unet_reg_reference_reward_scale``, else 1."""
+        if self.unet_reg_reference_reward_scale is None:
+            return 1.0
+        return (self.reward_scale / self.unet_reg_reference_reward_scale) ** 2
+
+    @property
     def regulariser_weight(self) -> float:
         """The output regulariser's weight at this reward scale: λ, or λ·(β/β_λ)² with ``unet_reg_reference_reward_scale``."""
-        if self.unet_reg_reference_reward_scale is None:
-            return self.unet_reg_scale
-        return self.unet_reg_scale * (self.reward_scale / self.unet_reg_reference_reward_scale) ** 2
+        return self.unet_reg_scale * self._regulariser_scaling
+
+    @property
+    def anchor_regulariser_weight(self) -> float:
+        """The reference-anchored regulariser's weight at this reward scale: λ_ref, or λ_ref·(β/β_λ)² with ``unet_reg_reference_reward_scale``."""
+        return self.unet_anchor_reg_scale * self._regulariser_scaling
 
     @property
     def num_train_timesteps(self) -> int:

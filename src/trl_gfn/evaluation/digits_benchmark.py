@@ -102,6 +102,12 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_rollouts": (dict(use_flow_head=False, flow_target_rollouts=16),
                            "interior forward targets from 16 reference rollouts per state (importance-weighted first-step noise), no flow head"),
     "nabla_gfn_slow_flow": (dict(flow_learning_rate=1e-3), "flow head learning rate 1e-3 (the paper's) instead of 1e-2"),
+    "nabla_gfn_anchor": (dict(unet_anchor_reg_scale=0.1),
+                         "+ output regulariser anchored to the base model, λ_ref = 0.1 at β = 30 (residual shrunk by ~6-9 %)"),
+    "nabla_gfn_importance": (dict(importance_weighting="linearised"),
+                             "forward and reverse terms weighted by linearised one-step importance weights P*/P_old"),
+    "nabla_gfn_importance_reference": (dict(importance_weighting="linearised", reverse_loss_type="reference"),
+                                       "importance weights P*/P_old and the reference backup of the flow head's target"),
 }
 for _name, (_over, _note) in ABLATIONS.items():
     METHODS[_name] = ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(_NABLA_DIGITS, **_over), _note)

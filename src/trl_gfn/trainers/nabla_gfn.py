@@ -38,7 +38,7 @@ CITATION = """@inproceedings{liu2025nablagfn,
 }"""
 
 LOSS_KEYS = ("loss", "loss_forward", "loss_reverse", "loss_terminal", "loss_reg", "loss_critic", "norm_policy_residual",
-             "norm_reward_guess", "norm_flow", "norm_forward_target", "loss_trajectory_balance")
+             "norm_reward_guess", "norm_flow", "norm_forward_target", "loss_trajectory_balance", "loss_reg_anchor")
 #: extras key of each trajectory's advantage A_τ for the trajectory-balance correction
 TB_ADVANTAGE = "trajectory_balance_advantage"
 
@@ -387,13 +387,14 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         loss_forward = (weight * (residual - target) ** 2).mean()
         loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.regulariser_weight > 0 else zero
         loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
-        loss = loss_forward + loss_value + c.regulariser_weight * loss_reg + loss_tb
+        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.anchor_regulariser_weight > 0 else zero
+        loss = loss_forward + loss_value + c.regulariser_weight * loss_reg + loss_tb + c.anchor_regulariser_weight * loss_anchor
 
         def norm(v: torch.Tensor) -> torch.Tensor:
             return v.detach().flatten(1).norm(dim=1).mean()
 
         terms = dict(zip(LOSS_KEYS, (loss.detach(), loss_forward.detach(), zero, zero, loss_reg.detach(), loss_value.detach(), norm(residual),
-                                     guess_norm, norm(learned), norm(target), loss_tb.detach())))
+                                     guess_norm, norm(learned), norm(target), loss_tb.detach(), loss_anchor.detach())))
         return loss, terms
 
     def compute_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -489,7 +490,11 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             g_fwd = g_next if c.train_flow_head_on_forward_loss else g_next.detach()
             flow_next = flow_next + g_fwd * inter_f
         weight = std**2 if c.transition_loss_weighting == "variance" else torch.ones_like(std)
-        loss_forward = (weight * (residual - flow_next) ** 2).mean()
+        # importance_weighting: per-transition w ∝ P*/P_old (held fixed) on the forward and reverse terms
+        fit_weight = weight
+        if c.importance_weighting == "linearised":
+            fit_weight = weight * self.transition_importance_weights(x, x_next, idx, batch.epsilons.float(), eps_ref, flow_next_detached, cx, ce, std)
+        loss_forward = (fit_weight * (residual - flow_next) ** 2).mean()
         loss_terminal = (g_next[last] ** 2).mean() if use_flow and bool(last.any()) else zero
 
         # 6. reverse ∇-DB at x_k (trains g only). The policy side is ∇_{x_k} log P_θ(x_{k-1}|x_k), plus the guess at x_k
@@ -517,7 +522,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                 total = -cx * flow_next_detached + policy_side - ref_side
             else:
                 total = -cx * (residual.detach() + rho) + policy_side - ref_side
-            loss_reverse = (weight[rev] * (total[rev] + g_cur) ** 2).mean()
+            loss_reverse = (fit_weight[rev] * (total[rev] + g_cur) ** 2).mean()
 
         # 7. output regulariser: trust region around the sampling policy's guided prediction
         loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.regulariser_weight > 0 else zero
@@ -525,15 +530,37 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         # 8. trajectory-balance correction (trajectory_balance_scale): the global mode weights, from the sampled batch
         loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
 
-        loss = loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.regulariser_weight * loss_reg + loss_tb
+        # 9. unet_anchor_reg_scale: a pull towards the reference model's prediction (ε̂_ref is the one of step 3)
+        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.anchor_regulariser_weight > 0 else zero
+
+        loss = (loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.regulariser_weight * loss_reg + loss_tb
+                + c.anchor_regulariser_weight * loss_anchor)
 
         def norm(v: torch.Tensor | None) -> torch.Tensor:
             return zero if v is None else v.detach().flatten(1).norm(dim=1).mean()
 
         terms = dict(zip(LOSS_KEYS, (loss.detach(), loss_forward.detach(), loss_reverse.detach(), loss_terminal.detach(),
                                      loss_reg.detach(), zero, norm(residual), norm(guess_next), norm(g_next), norm(flow_next),
-                                     loss_tb.detach())))
+                                     loss_tb.detach(), loss_anchor.detach())))
         return loss, terms
+
+    @torch.no_grad()
+    def transition_importance_weights(self, x, x_next, idx, eps_old, eps_ref, flow_next, cx, ce, std) -> torch.Tensor:
+        """``importance_weighting="linearised"``: per-transition weights w ∝ P*(x'|x)/P_old(x'|x), shape (B, 1, 1, 1).
+
+        P* ∝ P_ref(x'|x)·F̃(x') is the ideal step whose expectation the forward and reverse targets need; x' was drawn from
+        the sampling policy P_old (mean from the recorded ε̂_old). With log F̃ linearised around the sampling mean μ_old,
+        log w = log P_ref(x'|x) − log P_old(x'|x) + f(x')·(x' − μ_old) up to a per-state constant (which does not change
+        the pointwise minimiser), f = ``flow_next`` the current estimate of ∇ log F̃(x'). The log-weights are centred and
+        clipped at ±``importance_log_weight_clip`` and the weights normalised to mean 1, per step index of the batch."""
+        mean_old = step_mean(x, eps_old, cx, ce)
+        log_w = -log_ratio(x_next, mean_old, eps_old, eps_ref, ce, std) + (flow_next.float() * (x_next - mean_old)).flatten(1).sum(1)
+        weights = torch.ones_like(log_w)
+        for k in idx.unique():
+            rows = idx == k
+            centred = (log_w[rows] - log_w[rows].mean()).clamp(-self.config.importance_log_weight_clip, self.config.importance_log_weight_clip)
+            weights[rows] = centred.exp() / centred.exp().mean()
+        return weights.view(-1, *([1] * (x.ndim - 1)))
 
     @torch.no_grad()
     def rollout_flow_target(self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds, negative_prompt_embeds, prompts: list,
