@@ -34,11 +34,12 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="nabla_gfn", help="a Nabla-GFlowNet method of benchmarks/digits_alignment.py")
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=50, help="training epochs (0: compare the untrained model's guess only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--states", type=int, default=8, help="trajectories whose states are evaluated")
     p.add_argument("--rollouts", type=int, default=2048, help="reference rollouts per state (score estimator)")
     p.add_argument("--pathwise_rollouts", type=int, default=128, help="rollouts per state of the pathwise estimator (0: score only)")
+    p.add_argument("--reward_scale", type=float, default=None, help="β of the target and the method (default: the benchmark's, 30)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="outputs/flow_gradient")
     return p.parse_args(argv)
@@ -55,7 +56,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--method must be a Nabla-GFlowNet method of the digits benchmark, got {args.method!r}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    settings = BenchmarkSettings(epochs=args.epochs)
+    # --epochs 0: the untrained model only ("after" = "before"); the config itself needs at least one epoch
+    settings = BenchmarkSettings(epochs=max(args.epochs, 1), **({} if args.reward_scale is None else {"reward_scale": args.reward_scale}))
     reward = load_reward(settings.target_digits)
     trainer = build_trainer(args.method, args.seed, settings, reward)
     untrained = {k: copy.deepcopy(v.state_dict()) for k, v in (("lora", _LoraView(trainer)), ("head", trainer.flow_head)) if v is not None}
