@@ -631,3 +631,24 @@ def test_anchor_regulariser_pulls_towards_the_reference_prediction(tmp_path, tin
     torch.testing.assert_close(loss.detach(), rest + (3.0 / 9) * terms["loss_reg_anchor"], rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="unet_anchor_reg_scale"):
         NablaGFlowNetConfig(unet_anchor_reg_scale=-1.0)
+
+
+def test_reward_scale_warmup_ramps_beta_in_every_term(tmp_path, tiny_pipeline):
+    """β_u = β·min(1, (u + 1)/N): at update u the guess, the exact terminal gradient and the regulariser's (β/β_λ)² use β_u."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=20.0, unet_reg_scale=5.0, unet_reg_reference_reward_scale=20.0)
+    randomise(trainer)
+    samples = trainer.sample_epoch(0)
+    randomise(trainer, flow=False, seed=4)  # the regulariser is nonzero
+    full = {step: trainer.compute_loss(batch_at(samples, step))[1] for step in (1, K - 1)}
+    trainer.config.reward_scale_warmup_updates = 4
+    for u, frac in ((0, 0.25), (2, 0.75), (3, 1.0), (10, 1.0)):
+        trainer.state.global_step = u
+        assert trainer.reward_scale_now == pytest.approx(20.0 * frac)
+        for step in (1, K - 1):
+            loss, terms = trainer.compute_loss(batch_at(samples, step))
+            torch.testing.assert_close(terms["norm_reward_guess"], frac * full[step]["norm_reward_guess"], rtol=1e-4, atol=0)
+            assert terms["reward_scale_now"].item() == pytest.approx(20.0 * frac)
+            rest = terms["loss_forward"] + terms["loss_reverse"] + terms["loss_terminal"]
+            torch.testing.assert_close(loss.detach(), rest + 5.0 * frac**2 * terms["loss_reg"], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="reward_scale_warmup_updates"):
+        NablaGFlowNetConfig(reward_scale_warmup_updates=-1)

@@ -41,6 +41,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     train_timestep_fraction: float = field(default=0.1, metadata={"help": "f: train on int(K·f) + 1 transitions per trajectory (the last one always)."})
 
     reward_scale: float = field(default=1e3, metadata={"help": "β: the target density is p_ref(x_0)·exp(β·r(x_0)), r the log-reward."})
+    reward_scale_warmup_updates: int = field(default=0, metadata={"help": "β annealing: with N > 0 the loss uses β_u = β·min(1, (u + 1)/N) at optimizer update u (0-based) — in the flow-gradient guess, the exact β∇r(x_0), the posterior and rollout weights, the trajectory-balance correction and the regulariser's β² scaling — so the target tilts gradually from near p_ref to p_ref·exp(β r). Logged as `reward_scale_now`. Needs flow_estimator='nabla_db'. 0 (default): β from the first update."})
     unet_reg_scale: float = field(default=1e3, metadata={"help": "λ: weight of the output regulariser mean‖ε̂_θ(x_k) − ε̂_old(x_k)‖² (a trust region on the policy)."})
     unet_anchor_reg_scale: float = field(default=0.0, metadata={"help": "λ_ref: weight of a second output regulariser mean‖ε̂_θ(x_k) − ε̂_ref(x_k)‖², anchored to the reference (pretrained) model instead of the sampling policy. A constant pull towards the prior: it moves the fixed point from p_ref·exp(β r) towards p_ref (at interior steps the policy's residual shrinks by about λ_ref/(c_k²/σ_k² + λ_ref), c_k²/σ_k² ≈ 1–2 on SD-like schedules), in exchange for a restoring force against drift between modes. Scaled by (β/β_λ)² like unet_reg_scale when unet_reg_reference_reward_scale is set. Free: ε̂_ref is computed anyway. 0 (default): off."})
     unet_reg_reference_reward_scale: float | None = field(default=None, metadata={"help": "β_λ: the reward scale at which unet_reg_scale is given. When set, the regulariser's weight is λ·(β/β_λ)², so that changing reward_scale keeps the trust region's strength relative to the ∇-DB terms (their residuals grow like β, their squares like β²; the regulariser does not), i.e. one λ serves every β. None (default): λ is used as given, at any β (the paper's convention)."})
@@ -83,7 +84,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
                     "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0",
-                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0", "importance_log_weight_clip": "> 0"}
+                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0", "importance_log_weight_clip": "> 0", "reward_scale_warmup_updates": ">= 0"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -112,6 +113,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                f"{self.value_warmup_trajectories} and {self.value_warmup_steps}")
         _check(self.value_warmup_trajectories == 0 or self.flow_estimator == "monte_carlo", "value_warmup_trajectories",
                "the critic's warm-up needs flow_estimator='monte_carlo'")
+        _check(self.reward_scale_warmup_updates == 0 or self.flow_estimator == "nabla_db", "reward_scale_warmup_updates",
+               "β annealing is built for the ∇-DB loss; it cannot be combined with flow_estimator='monte_carlo'")
         _check(self.importance_weighting in IMPORTANCE_WEIGHTINGS, "importance_weighting",
                f"must be one of {IMPORTANCE_WEIGHTINGS}, got {self.importance_weighting!r}")
         _check(self.importance_weighting == "none" or self.flow_estimator == "nabla_db", "importance_weighting",
@@ -155,22 +158,22 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                          f"has no flow-head term, so the flow head never shapes the policy. Set train_timestep_fraction >= "
                          f"{1 / self.sample_num_steps:.3g} (one interior transition per trajectory) or use_flow_head=False.")
 
-    @property
-    def _regulariser_scaling(self) -> float:
-        """(β/β_λ)² with ``unet_reg_reference_reward_scale``, else 1."""
+    def regulariser_scaling(self, reward_scale: float | None = None) -> float:
+        """(β/β_λ)² with ``unet_reg_reference_reward_scale`` (β = ``reward_scale``, default the config's), else 1."""
         if self.unet_reg_reference_reward_scale is None:
             return 1.0
-        return (self.reward_scale / self.unet_reg_reference_reward_scale) ** 2
+        beta = self.reward_scale if reward_scale is None else reward_scale
+        return (beta / self.unet_reg_reference_reward_scale) ** 2
 
     @property
     def regulariser_weight(self) -> float:
         """The output regulariser's weight at this reward scale: λ, or λ·(β/β_λ)² with ``unet_reg_reference_reward_scale``."""
-        return self.unet_reg_scale * self._regulariser_scaling
+        return self.unet_reg_scale * self.regulariser_scaling()
 
     @property
     def anchor_regulariser_weight(self) -> float:
         """The reference-anchored regulariser's weight at this reward scale: λ_ref, or λ_ref·(β/β_λ)² with ``unet_reg_reference_reward_scale``."""
-        return self.unet_anchor_reg_scale * self._regulariser_scaling
+        return self.unet_anchor_reg_scale * self.regulariser_scaling()
 
     @property
     def num_train_timesteps(self) -> int:

@@ -104,6 +104,7 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_slow_flow": (dict(flow_learning_rate=1e-3), "flow head learning rate 1e-3 (the paper's) instead of 1e-2"),
     "nabla_gfn_anchor": (dict(unet_anchor_reg_scale=0.1),
                          "+ output regulariser anchored to the base model, λ_ref = 0.1 at β = 30 (residual shrunk by ~6-9 %)"),
+    "nabla_gfn_beta_anneal": (dict(reward_scale_warmup_updates=100), "β annealed linearly from β/100 to β over the first 100 of the 200 updates"),
     "nabla_gfn_importance": (dict(importance_weighting="linearised"),
                              "forward and reverse terms weighted by linearised one-step importance weights P*/P_old"),
     "nabla_gfn_importance_reference": (dict(importance_weighting="linearised", reverse_loss_type="reference"),

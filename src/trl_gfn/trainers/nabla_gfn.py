@@ -141,7 +141,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                     eps_ref = self._guided(self.local("unet"), x, t, batch, None, a)
                 eps_old = batch.epsilons.float()
                 delta[start:start + len(part)] += log_ratio(x_next, step_mean(x, eps_old, cx, ce), eps_old, eps_ref, ce, std).to(delta.device)
-        delta = delta - c.reward_scale * samples.rewards.float().to(delta.device)
+        delta = delta - self.reward_scale_now * samples.rewards.float().to(delta.device)
         everyone = self.accelerator.gather(delta)
         self.log({"trajectory_balance_delta_std": everyone.std(unbiased=False).item()}, step=self.state.global_step)
         return delta - everyone.mean()
@@ -189,6 +189,15 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         """γ_k of states at noise level ``level`` (a :class:`NoiseLevel`, or a tensor ᾱ): signal² or signal
         (``reward_gradient_scaling``), i.e. ᾱ or sqrt(ᾱ) on the UNet samplers and (1 − σ)² or 1 − σ on the flow sampler."""
         return as_noise_level(level).gamma(self.config.reward_gradient_scaling)
+
+    @property
+    def reward_scale_now(self) -> float:
+        """β of the current optimizer update: the config's, or with ``reward_scale_warmup_updates`` = N its ramp
+        β·min(1, (u + 1)/N) at update u."""
+        c = self.config
+        if c.reward_scale_warmup_updates == 0:
+            return c.reward_scale
+        return c.reward_scale * min(1.0, (self.state.global_step + 1) / c.reward_scale_warmup_updates)
 
     def _input_gradient_unet(self):
         """The UNet call of a pass that only yields an input gradient pulled back from ∇r (the guess): checkpointed with
@@ -252,7 +261,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                     x0 = predict_x0(xi, guided(self._input_gradient_unet(), xi, ti, emb, neg), ai)
                     g0 = self.guess_reward_gradient(x0, ai, sub_prompts, sub_meta)  # ∇_{x̂0} r on its own graph (VAE + reward freed)
                     (grad[inner],) = torch.autograd.grad((x0 * g0).sum(), xi)
-        return c.reward_scale * self._gamma(a) * grad
+        return self.reward_scale_now * self._gamma(a) * grad
 
     @torch.no_grad()
     def flow_gradient(self, latents: torch.Tensor, position: int, prompts: list[str], prompt_metadata: list | None = None, *,
@@ -533,8 +542,9 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         # 9. unet_anchor_reg_scale: a pull towards the reference model's prediction (ε̂_ref is the one of step 3)
         loss_anchor = ((eps - eps_ref) ** 2).mean() if c.anchor_regulariser_weight > 0 else zero
 
-        loss = (loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.regulariser_weight * loss_reg + loss_tb
-                + c.anchor_regulariser_weight * loss_anchor)
+        scaling = c.regulariser_scaling(self.reward_scale_now)  # (β_u/β_λ)²: follows β annealing
+        loss = (loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.unet_reg_scale * scaling * loss_reg + loss_tb
+                + c.unet_anchor_reg_scale * scaling * loss_anchor)
 
         def norm(v: torch.Tensor | None) -> torch.Tensor:
             return zero if v is None else v.detach().flatten(1).norm(dim=1).mean()
@@ -542,6 +552,8 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         terms = dict(zip(LOSS_KEYS, (loss.detach(), loss_forward.detach(), loss_reverse.detach(), loss_terminal.detach(),
                                      loss_reg.detach(), zero, norm(residual), norm(guess_next), norm(g_next), norm(flow_next),
                                      loss_tb.detach(), loss_anchor.detach())))
+        if c.reward_scale_warmup_updates > 0:
+            terms["reward_scale_now"] = x.new_tensor(self.reward_scale_now)
         return loss, terms
 
     @torch.no_grad()
@@ -573,7 +585,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         rows = torch.arange(n, device=latents.device).repeat_interleave(M)
         rewards, noise, _ = self.reference_chain(latents[rows], step_index[rows], prompt_embeds[rows], negative_prompt_embeds[rows],
                                                  take_rows(prompts, rows), take_rows(prompt_metadata, rows))
-        weights = torch.softmax(c.reward_scale * rewards.float().view(n, M), dim=1).to(noise.device)
+        weights = torch.softmax(self.reward_scale_now * rewards.float().view(n, M), dim=1).to(noise.device)
         std = sched.gather("std", step_index, like=latents).float()
         return (weights.view(n, M, *([1] * (latents.ndim - 1))) * noise.view(n, M, *latents.shape[1:])).sum(1) / std
 
@@ -584,7 +596,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         a = self.schedule.level(batch.step_index, like=x0)
         g0, rewards = self.guess_reward_gradient(x0[rows].detach(), a[rows], rows_where(batch.prompts, rows), rows_where(batch.prompt_metadata, rows),
                                                  return_rewards=True)
-        vec[rows] = self.config.reward_scale * self._gamma(a[rows]) * g0
+        vec[rows] = self.reward_scale_now * self._gamma(a[rows]) * g0
         return vec, rewards
 
     def guess_reward_gradient(self, x0: torch.Tensor, alpha_bar: torch.Tensor | NoiseLevel, prompts: list, prompt_metadata: list, *,
@@ -605,6 +617,6 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         samples = x0.detach().unsqueeze(0) + std.unsqueeze(0) * torch.randn((M, *x0.shape), device=x0.device, dtype=x0.dtype)
         grads, rewards = self.reward_gradient(samples.flatten(0, 1), list(prompts) * M, list(prompt_metadata) * M)
         grads, rewards = grads.view(M, *x0.shape), rewards.view(M, n)
-        weights = torch.softmax(c.reward_scale * rewards, dim=0)
+        weights = torch.softmax(self.reward_scale_now * rewards, dim=0)
         grad = self.clip_guess_gradient((weights.view(M, n, *([1] * (x0.ndim - 1))) * grads).sum(0))
         return (grad, (weights * rewards).sum(0)) if return_rewards else grad
