@@ -181,3 +181,23 @@ def test_guess_mode_bias_script(tmp_path):
             assert gap == pytest.approx(math.log(tgt / base) - math.log(target_s / base_s), abs=1e-6)
     assert all(0 <= p <= 1 for r in rows for p in r["p_S"])
     assert (tmp_path / "guess_mode_bias.md").read_text().count("| x_0 (exact r) |") == 1
+
+
+def test_timestep_spacing_setting_reaches_every_sampler(tmp_path):
+    """--timestep_spacing trailing: the trainer's schedule starts from pure noise (τ = 999 … 99), the reference target is
+    sampled with it and cached under its own key; an unknown spacing is refused by name."""
+    from trl_gfn.evaluation.digits_benchmark import build_trainer, load_pipeline, load_reward
+
+    bench = _load(ROOT / "benchmarks" / "digits_alignment.py", "digits_alignment")
+    settings = bench.settings_from_args(bench.parse_args(["--timestep_spacing", "trailing"]))
+    assert settings.timestep_spacing == "trailing" and BenchmarkSettings().timestep_spacing == "leading"
+    tiny = BenchmarkSettings(**dict(TINY, sample_num_steps=4), timestep_spacing="trailing")
+    trainer = build_trainer("nabla_gfn", 0, tiny, load_reward(tiny.target_digits))
+    assert trainer.schedule.timesteps.tolist() == [999, 749, 499, 249]
+    assert load_pipeline().make_schedule("ddpm", 4, 1.0).timesteps.tolist() == [751, 501, 251, 1]
+    ref = compute_reference(tiny, cache=str(tmp_path / "reference.pt"))
+    assert ref["key"]["timestep_spacing"] == "trailing"
+    leading = compute_reference(BenchmarkSettings(**dict(TINY, sample_num_steps=4)), cache=str(tmp_path / "reference.pt"))
+    assert "timestep_spacing" not in leading["key"] and leading["target"]["hist"] != ref["target"]["hist"]
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        load_pipeline(timestep_spacing="uniform")

@@ -137,6 +137,9 @@ class BenchmarkSettings:
     reference_samples: int = 3072
     reference_seed: int = 20_000_000
     batch: int = 256  # sampling batch of the evaluation passes
+    # DDIM timestep spacing of every sampler here (training, evaluation, reference): the bundled scheduler's "leading"
+    # (steps_offset 1: τ = 901 … 1, a nearly noise-free 101 → 1 step) or "trailing" (τ = 999 … 99, from pure noise)
+    timestep_spacing: str = "leading"
 
     @property
     def samples_per_epoch(self) -> int:
@@ -151,11 +154,17 @@ QUICK = dict(epochs=2, sample_batch_size=8, sample_num_batches_per_epoch=1, trai
 
 
 # ------------------------------------------------------------------------------------ building blocks
-def load_pipeline(use_lora: bool = False):
+def load_pipeline(use_lora: bool = False, timestep_spacing: str = "leading"):
+    """The bundled digits pipeline; ``timestep_spacing`` replaces its scheduler's ("leading", "trailing" or "linspace")."""
     from ..assets import BUNDLED_DIGITS_MODEL
     from ..pipelines import DiffusionPipelineForRL
 
+    if timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise ValueError(f"timestep_spacing: must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}")
     pipeline = DiffusionPipelineForRL.from_pretrained(BUNDLED_DIGITS_MODEL, use_lora=use_lora, local_files_only=True)
+    if pipeline.scheduler.config.get("timestep_spacing") != timestep_spacing:
+        # as a diffusers user swaps a scheduler config: on the wrapped diffusers pipeline
+        pipeline.pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, timestep_spacing=timestep_spacing)
     return pipeline
 
 
@@ -199,13 +208,15 @@ def compute_reference(settings: BenchmarkSettings, reward_fn=None, cache: str | 
     key = {k: getattr(settings, k) for k in ("target_digits", "prompt", "sample_num_steps", "guidance_scale", "reward_scale",
                                               "reference_samples", "reference_seed", "eval_samples")}
     key["version"] = 2  # bump when the reference's contents change
+    if settings.timestep_spacing != "leading":  # (caches of the default spacing stay valid)
+        key["timestep_spacing"] = settings.timestep_spacing
     if cache and os.path.exists(cache):
         with torch.serialization.safe_globals(_numpy_globals()):  # numbers and arrays only: no code from the cache file runs
             ref = torch.load(cache, weights_only=True)
         if ref.get("key") == key:
             return ref
     reward_fn = reward_fn if reward_fn is not None else load_reward(settings.target_digits)
-    pipeline = load_pipeline(use_lora=False)
+    pipeline = load_pipeline(use_lora=False, timestep_spacing=settings.timestep_spacing)
     schedule = pipeline.make_schedule("ddpm", settings.sample_num_steps, 1.0)
     t0 = time.perf_counter()
     images = sample_images(pipeline, schedule, settings, settings.reference_samples, settings.reference_seed)
@@ -279,7 +290,7 @@ def build_trainer(method: str, seed: int, settings: BenchmarkSettings, reward_fn
 
     reset_accelerate_state()
     config = method_config(method, seed, settings, logdir, **overrides)
-    pipeline = load_pipeline(use_lora=False)
+    pipeline = load_pipeline(use_lora=False, timestep_spacing=settings.timestep_spacing)
     return getattr(trainers, METHODS[method][0])(config, reward_fn, pipeline, prompt_function=[settings.prompt])
 
 
