@@ -199,6 +199,16 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             return c.reward_scale
         return c.reward_scale * min(1.0, (self.state.global_step + 1) / c.reward_scale_warmup_updates)
 
+    def _output_regularisers(self, eps: torch.Tensor, eps_ref: torch.Tensor, batch: TransitionBatch) -> tuple[torch.Tensor, ...]:
+        """``(weighted sum, loss_reg, loss_reg_anchor)``: the trust region mean‖ε̂_θ − ε̂_old‖² and the anchor mean‖ε̂_θ − ε̂_ref‖²,
+        each weighted by its λ times (β_u/β_λ)² at the current (possibly annealed) β_u, and 0 without a weight."""
+        c = self.config
+        scaling = c.regulariser_scaling(self.reward_scale_now)
+        zero = eps.new_zeros(())
+        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
+        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.unet_anchor_reg_scale > 0 else zero
+        return scaling * (c.unet_reg_scale * loss_reg + c.unet_anchor_reg_scale * loss_anchor), loss_reg, loss_anchor
+
     def _input_gradient_unet(self):
         """The UNet call of a pass that only yields an input gradient pulled back from ∇r (the guess): checkpointed with
         ``memory_efficient_order`` (its activations are not alive while the VAE decoder and the reward are differentiated;
@@ -394,10 +404,9 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         residual = score_residual(eps, eps_ref, ce, std) - (1 - strength) * v_ref
         weight = std**2 if c.transition_loss_weighting == "variance" else torch.ones_like(std)
         loss_forward = (weight * (residual - target) ** 2).mean()
-        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.regulariser_weight > 0 else zero
+        regularisers, loss_reg, loss_anchor = self._output_regularisers(eps, eps_ref, batch)
         loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
-        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.anchor_regulariser_weight > 0 else zero
-        loss = loss_forward + loss_value + c.regulariser_weight * loss_reg + loss_tb + c.anchor_regulariser_weight * loss_anchor
+        loss = loss_forward + loss_value + regularisers + loss_tb
 
         def norm(v: torch.Tensor) -> torch.Tensor:
             return v.detach().flatten(1).norm(dim=1).mean()
@@ -533,18 +542,14 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                 total = -cx * (residual.detach() + rho) + policy_side - ref_side
             loss_reverse = (fit_weight[rev] * (total[rev] + g_cur) ** 2).mean()
 
-        # 7. output regulariser: trust region around the sampling policy's guided prediction
-        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.regulariser_weight > 0 else zero
+        # 7. output regularisers: the trust region around the sampling policy's guided prediction and, with
+        #    unet_anchor_reg_scale, a pull towards the reference's (ε̂_ref of step 3)
+        regularisers, loss_reg, loss_anchor = self._output_regularisers(eps, eps_ref, batch)
 
         # 8. trajectory-balance correction (trajectory_balance_scale): the global mode weights, from the sampled batch
         loss_tb = self._trajectory_balance_loss(batch, x, x_next, eps, cx, ce, std, weight)
 
-        # 9. unet_anchor_reg_scale: a pull towards the reference model's prediction (ε̂_ref is the one of step 3)
-        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.anchor_regulariser_weight > 0 else zero
-
-        scaling = c.regulariser_scaling(self.reward_scale_now)  # (β_u/β_λ)²: follows β annealing
-        loss = (loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + c.unet_reg_scale * scaling * loss_reg + loss_tb
-                + c.unet_anchor_reg_scale * scaling * loss_anchor)
+        loss = loss_forward + c.reverse_loss_scale * loss_reverse + loss_terminal + regularisers + loss_tb
 
         def norm(v: torch.Tensor | None) -> torch.Tensor:
             return zero if v is None else v.detach().flatten(1).norm(dim=1).mean()
