@@ -27,7 +27,9 @@ def _trainer(tmp_path, trainer_class, config_class, **overrides):
     reset_accelerate_state()
     paper = overrides.pop("paper", False)
     kwargs = dict(sample_num_steps=K, sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2, logdir=str(tmp_path),
-                  save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, train_timestep_fraction=0.4, **overrides)
+                  save_freq=0, log_image_freq=0, sample_guidance_scale=3.0, **overrides)
+    if config_class.requires_transition_density:  # the trainers that replay transitions: 0.4 of them
+        kwargs.setdefault("train_timestep_fraction", 0.4)
     config = config_class.paper(**kwargs) if paper else config_class(**kwargs)
     trainer = trainer_class(config, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion(seed=0)), prompt_function=PROMPTS)
     torch.manual_seed(3)  # move the policy (and the flow head) off their initialisation: every term is non-trivial

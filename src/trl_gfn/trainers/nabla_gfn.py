@@ -395,7 +395,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                 v = self.log_flow(self.flow_head, xi, sched.next_timesteps[idx[inter]], emb[inter])
                 (learned[inter],) = torch.autograd.grad(v.sum(), xi)
             loss_value = self.fit_critic(x_next[inter], idx[inter] + 1, emb[inter], neg[inter], rows_where(batch.prompts, inter),
-                                         rows_where(batch.prompt_metadata, inter))
+                                         rows_where(batch.prompt_metadata, inter)) * inter.float().mean()  # a mean over all rows
         target = target + learned
         with self.pipeline.reference_mode(), torch.no_grad():
             eps_ref = self._guided(self.local("unet"), x, t, batch, None, a)
@@ -513,7 +513,8 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         if c.importance_weighting == "linearised":
             fit_weight = weight * self.transition_importance_weights(x, x_next, idx, batch.epsilons.float(), eps_ref, flow_next_detached, cx, ce, std)
         loss_forward = (fit_weight * (residual - flow_next) ** 2).mean()
-        loss_terminal = (g_next[last] ** 2).mean() if use_flow and bool(last.any()) else zero
+        # terms only some rows have: summed over those rows, divided by the batch's element count (a mean over rows)
+        loss_terminal = (g_next[last] ** 2).sum() / g_next.numel() if use_flow and bool(last.any()) else zero
 
         # 6. reverse ∇-DB at x_k (trains g only). The policy side is ∇_{x_k} log P_θ(x_{k-1}|x_k), plus the guess at x_k
         #    when the policy makes it; `pathwise` adds −J_θᵀρ, ρ = flow(x_{k-1}) − residual (the forward residual's negative).
@@ -540,7 +541,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
                 total = -cx * flow_next_detached + policy_side - ref_side
             else:
                 total = -cx * (residual.detach() + rho) + policy_side - ref_side
-            loss_reverse = (fit_weight[rev] * (total[rev] + g_cur) ** 2).mean()
+            loss_reverse = (fit_weight[rev] * (total[rev] + g_cur) ** 2).sum() / total.numel()
 
         # 7. output regularisers: the trust region around the sampling policy's guided prediction and, with
         #    unet_anchor_reg_scale, a pull towards the reference's (ε̂_ref of step 3)

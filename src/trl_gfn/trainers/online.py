@@ -272,12 +272,14 @@ class TransitionTrainer(DiffusionRLTrainer):
     """Trainers that learn from individual transitions of recorded trajectories (Nabla-GFlowNet, DDPO).
 
     Subclasses implement :meth:`select_transitions` (which steps of each trajectory to train on) and
-    :meth:`compute_loss` (the loss of one :class:`TransitionBatch`).
+    :meth:`compute_loss` (the loss of one :class:`TransitionBatch`). A loss must be a mean over the batch's rows (a term
+    that only some rows have is summed over them and divided by the row count), so that ``train_pack_timesteps`` —
+    all of a micro-batch's transitions in one batch — gives the gradient of the accumulated unpacked micro-batches.
     """
 
     @property
     def backward_passes_per_micro_batch(self) -> int:
-        return self.config.num_train_timesteps
+        return 1 if self.config.train_pack_timesteps else self.config.num_train_timesteps
 
     def select_transitions(self, samples: Trajectories, epoch: int, inner_epoch: int) -> torch.Tensor:
         """(B, num_train_timesteps) step indices to train on for each trajectory."""
@@ -302,8 +304,14 @@ class TransitionTrainer(DiffusionRLTrainer):
             bar = tqdm(batches, desc=f"Epoch {epoch}.{inner}: training", disable=self.hide_progress, leave=False)
             self.start_updates()
             for start in bar:
-                part = shuffled.select(list(range(start, start + c.train_batch_size)))
-                for j in range(steps.shape[1]):
-                    batch = TransitionBatch.from_trajectories(part, steps[start:start + c.train_batch_size, j])
+                rows = list(range(start, start + c.train_batch_size))
+                chosen = steps[start:start + c.train_batch_size]
+                if c.train_pack_timesteps:  # every selected transition in one call, ordered as the unpacked micro-batches
+                    packed = TransitionBatch.from_trajectories(shuffled.select(rows * chosen.shape[1]), chosen.T.reshape(-1))
+                    global_step = self.train_micro_batch(lambda: self.compute_loss(packed), epoch, global_step, inner_epoch=inner)
+                    continue
+                part = shuffled.select(rows)
+                for j in range(chosen.shape[1]):
+                    batch = TransitionBatch.from_trajectories(part, chosen[:, j])
                     global_step = self.train_micro_batch(lambda: self.compute_loss(batch), epoch, global_step, inner_epoch=inner)
         return global_step

@@ -1,0 +1,103 @@
+"""train_pack_timesteps: every selected transition of a micro-batch in one loss call gives the gradient of the unpacked
+micro-batches accumulated (float32 rounding), the same number of optimizer updates and the same logged terms, from
+fewer model calls."""
+
+import pytest
+import torch
+
+from trl_gfn import DDPOConfig, DDPOTrainer, DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer
+from trl_gfn.testing import BrightnessReward, reset_accelerate_state, tiny_stable_diffusion
+
+PROMPTS = ["a red cat", "a blue dog"]
+K = 5
+NABLA_CASES = {
+    "default": {},
+    "paper": dict(paper=True),
+    "score_reverse": dict(reverse_loss_type="score"),  # the reverse term on interior rows only
+    "reference_reverse": dict(reverse_loss_type="reference"),
+    "subsampled": dict(train_timestep_fraction=0.4),
+    "importance": dict(importance_weighting="linearised"),  # weights normalised per step index of the batch
+    "trajectory_balance": dict(trajectory_balance_scale=1.0),
+}
+
+
+def _run(tmp_path, trainer_class, config_class, pack: bool, **overrides):
+    """One epoch (one optimizer update over 2 micro-batches) on fixed samples; returns the gradient at the update, the
+    logged terms of that update, the number of policy-UNet forwards and the global step."""
+    reset_accelerate_state()
+    paper = overrides.pop("paper", False)
+    kwargs = dict(sample_num_steps=K, sample_batch_size=2, sample_num_batches_per_epoch=2, train_batch_size=2,
+                  train_gradient_accumulation_steps=2, train_max_grad_norm=0.0, logdir=str(tmp_path), save_freq=0, log_image_freq=0,
+                  sample_guidance_scale=3.0, train_pack_timesteps=pack, **overrides)
+    config = config_class.paper(**kwargs) if paper else config_class(**kwargs)
+    trainer = trainer_class(config, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion(seed=0)), prompt_function=PROMPTS)
+    torch.manual_seed(3)  # move the policy and the flow head well off their initialisation: every term is non-trivial
+    for p in trainer.pipeline.lora_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    if getattr(trainer, "flow_head", None) is not None:
+        torch.nn.init.normal_(trainer.flow_head.unet.conv_out.weight, std=0.05)
+    samples = trainer.sample_epoch(0)
+    grads, logged, calls = [], [], []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kw):
+        grads.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in trainer.trainable_parameters()]))
+        return step(*args, **kw)
+
+    trainer.optimizer.step = recording_step
+    trainer.log = lambda logs, step=None: logged.append(dict(logs))
+    # policy-UNet calls of the loss (with grad: not the trajectory-balance advantages' reference forwards)
+    handle = trainer.pipeline.unet.register_forward_pre_hook(lambda *a: calls.append(1) if torch.is_grad_enabled() else None)
+    global_step = trainer.train_on_samples(samples, 0, 0)
+    handle.remove()
+    updates = [entry for entry in logged if "loss" in entry]
+    return grads, updates, len(calls), global_step, trainer.config.num_train_timesteps
+
+
+def _compare(tmp_path, trainer_class, config_class, keys, **overrides):
+    ref_grads, ref_logs, ref_calls, ref_step, n = _run(tmp_path / "unpacked", trainer_class, config_class, False, **overrides)
+    grads, logs, calls, step, _ = _run(tmp_path / "packed", trainer_class, config_class, True, **overrides)
+    assert step == ref_step == 1 and len(grads) == len(ref_grads) == 1
+    ref, got = ref_grads[0], grads[0]
+    assert ref.norm() > 0 and torch.isfinite(got).all()
+    # float32 rounding of ε̂_θ and ε̂_ref depends on the batch size, and their difference (the residual) is small: 1e-5 relative
+    # on the unweighted loss, dominated by the σ ≈ 0.02 step; a wrong normalisation of any term is off by O(1/n)
+    assert (got - ref).norm() <= 3e-5 * ref.norm(), ((got - ref).norm() / ref.norm()).item()
+    for key in keys:
+        torch.testing.assert_close(torch.tensor(logs[0][key]), torch.tensor(ref_logs[0][key]), rtol=1e-5, atol=1e-12, msg=key)
+    # about n times fewer (n times larger) policy-UNet calls: the same calls per micro-batch as the costliest transition
+    assert n > 1 and calls * (n - 1) <= ref_calls, (calls, ref_calls, n)
+
+
+@pytest.mark.parametrize("case", list(NABLA_CASES))
+def test_packed_nabla_gradient_equals_the_accumulated_one(tmp_path, case):
+    overrides = dict(NABLA_CASES[case])
+    overrides.setdefault("train_timestep_fraction", 1.0)
+    _compare(tmp_path, NablaGFlowNetTrainer, NablaGFlowNetConfig, ("loss", "loss_forward", "loss_reverse", "loss_terminal", "loss_reg"),
+             flow_block_out_channels=[8, 16], flow_attention_head_dim=4, reward_scale=30.0, unet_reg_scale=1.0, **overrides)
+
+
+def test_packed_ddpo_gradient_equals_the_accumulated_one(tmp_path):
+    _compare(tmp_path, DDPOTrainer, DDPOConfig, ("loss", "approx_kl"), train_timestep_fraction=0.6)
+
+
+def test_packing_keeps_the_accumulation_count():
+    """Unpacked, an update accumulates one backward pass per trained transition index; packed, one per micro-batch."""
+    reset_accelerate_state()
+    config = dict(sample_num_steps=K, sample_batch_size=2, train_batch_size=2, train_timestep_fraction=1.0)
+    unpacked, packed = NablaGFlowNetConfig(**config), NablaGFlowNetConfig(**config, train_pack_timesteps=True)
+    assert unpacked.num_train_timesteps == packed.num_train_timesteps == K
+    assert NablaGFlowNetTrainer.backward_passes_per_micro_batch.fget(type("T", (), {"config": unpacked})()) == K
+    assert NablaGFlowNetTrainer.backward_passes_per_micro_batch.fget(type("T", (), {"config": packed})()) == 1
+
+
+@pytest.mark.parametrize("field,value", [("train_pack_timesteps", True), ("train_timestep_fraction", 0.5), ("train_num_inner_epochs", 2)])
+def test_gradient_through_sampler_configs_refuse_the_transition_fields(field, value):
+    """DRaFT, AlignProp and ReFL differentiate through the sampler: a transition-replay field set there is an error, not ignored."""
+    from trl_gfn import AlignPropConfig, DRaFTConfig, ReFLConfig
+
+    for config_class in (DRaFTConfig, AlignPropConfig, ReFLConfig):
+        with pytest.raises(ValueError, match=field):
+            config_class(**{field: value})
+    assert getattr(NablaGFlowNetConfig(**{field: value}), field) == value
+    assert getattr(DDPOConfig(**{field: value}), field) == value
