@@ -32,7 +32,7 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 
 from trl_gfn.evaluation.digits_benchmark import QUICK, BenchmarkSettings  # noqa: E402
 
-DEMO_DEFAULTS = dict(epochs=40, eval_samples=128, reference_samples=1024)
+DEMO_DEFAULTS = dict(epochs=40, eval_samples=128, reference_samples=1024, eval_every=4)
 DEMO_QUICK = dict(QUICK, epochs=2)
 
 
@@ -47,13 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(NablaGFlowNetConfig.paper()), which barely moves in this budget (docs/benchmark.md)")
     p.add_argument("--reward_scale", type=float, default=None, help=f"β (default {BenchmarkSettings.reward_scale})")
     p.add_argument("--unet_reg_scale", type=float, default=None, help=f"λ (default {BenchmarkSettings.unet_reg_scale})")
+    p.add_argument("--eval_every", type=int, default=None,
+                   help=f"evaluate after every this many epochs and after the last (default {DEMO_DEFAULTS['eval_every']}; the benchmark: 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args(argv)
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
     kw = dict(DEMO_QUICK if args.quick else DEMO_DEFAULTS)
-    for name in ("epochs", "reward_scale", "unet_reg_scale"):
+    for name in ("epochs", "reward_scale", "unet_reg_scale", "eval_every"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return BenchmarkSettings(**kw)

@@ -201,3 +201,13 @@ def test_timestep_spacing_setting_reaches_every_sampler(tmp_path):
     assert "timestep_spacing" not in leading["key"] and leading["target"]["hist"] != ref["target"]["hist"]
     with pytest.raises(ValueError, match="timestep_spacing"):
         load_pipeline(timestep_spacing="uniform")
+
+
+def test_eval_every_evaluates_before_every_nth_and_last_epoch(tiny_run):
+    _, reference, _, _ = tiny_run
+    settings = BenchmarkSettings(**dict(TINY, epochs=3, eval_every=2))
+    run = run_method("refl", 0, settings, reference, keep_images=False)
+    assert [e["epoch"] for e in run["epochs"]] == [0, 2, 3]
+    assert run["epochs"][1]["wall_time"] < run["epochs"][2]["wall_time"]  # training time of every epoch counted
+    with pytest.raises(ValueError, match="eval_every"):
+        BenchmarkSettings(eval_every=0)

@@ -135,6 +135,8 @@ class BenchmarkSettings:
     reward_scale: float = 30.0
     unet_reg_scale: float = 100.0
     eval_samples: int = 128
+    # evaluate before training, after every this many epochs and after the last (the benchmark: every epoch)
+    eval_every: int = 1
     eval_seed: int = 10_000_000
     reference_samples: int = 3072
     reference_seed: int = 20_000_000
@@ -142,6 +144,10 @@ class BenchmarkSettings:
     # DDIM timestep spacing of every sampler here (training, evaluation, reference): the bundled scheduler's "leading"
     # (steps_offset 1: τ = 901 … 1, a nearly noise-free 101 → 1 step) or "trailing" (τ = 999 … 99, from pure noise)
     timestep_spacing: str = "leading"
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every: must be >= 1 (evaluate after every this many epochs), got {self.eval_every}")
 
     @property
     def samples_per_epoch(self) -> int:
@@ -324,6 +330,8 @@ def run_method(method: str, seed: int, settings: BenchmarkSettings, reference: d
         t0 = time.perf_counter()
         global_step = trainer.step(epoch, global_step)
         wall += time.perf_counter() - t0
+        if (epoch + 1) % settings.eval_every and epoch + 1 < settings.epochs:
+            continue
         rec, images = evaluate(epoch + 1, global_step, wall)
         if not all(math.isfinite(v) for v in (rec["reward_mean"], rec["diversity"], rec["prior_fd"], rec["tv"])):
             rec["non_finite"] = True
