@@ -5,7 +5,7 @@ fewer model calls."""
 import pytest
 import torch
 
-from trl_gfn import DDPOConfig, DDPOTrainer, DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer
+from trl_gfn import DDPOConfig, DDPOTrainer, DiffusionPipelineForRL, NablaGFlowNetConfig, NablaGFlowNetTrainer, TransitionBatch
 from trl_gfn.testing import BrightnessReward, reset_accelerate_state, tiny_stable_diffusion
 
 PROMPTS = ["a red cat", "a blue dog"]
@@ -101,3 +101,21 @@ def test_gradient_through_sampler_configs_refuse_the_transition_fields(field, va
             config_class(**{field: value})
     assert getattr(NablaGFlowNetConfig(**{field: value}), field) == value
     assert getattr(DDPOConfig(**{field: value}), field) == value
+
+
+def test_transition_batch_rows_gather_like_a_selection(tmp_path):
+    """from_trajectories(traj, steps, rows) — rows may repeat — equals gathering from traj.select(rows), field by field."""
+    reset_accelerate_state()
+    config = DDPOConfig(sample_num_steps=K, sample_batch_size=3, sample_num_batches_per_epoch=1, train_batch_size=3, logdir=str(tmp_path),
+                        save_freq=0, log_image_freq=0)
+    trainer = DDPOTrainer(config, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion(seed=0)), prompt_function=PROMPTS)
+    samples = trainer.prepare_training_samples(trainer.sample_epoch(0))
+    assert samples.extras  # the advantages travel with their rows
+    rows, steps = torch.tensor([2, 0, 2, 1, 0]), torch.tensor([4, 1, 0, 3, 4])
+    got = TransitionBatch.from_trajectories(samples, steps, rows=rows)
+    want = TransitionBatch.from_trajectories(samples.select(rows), steps)
+    for name in ("latents", "next_latents", "step_index", "epsilons", "next_epsilons", "prompt_embeds", "negative_prompt_embeds"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.prompts == want.prompts and got.prompt_metadata == want.prompt_metadata
+    assert got.extras.keys() == want.extras.keys() and all(torch.equal(got.extras[k], want.extras[k]) for k in got.extras)
+    assert not got.next_epsilons[steps == K - 1].any()

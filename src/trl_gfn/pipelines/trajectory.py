@@ -99,22 +99,32 @@ class TransitionBatch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_trajectories(cls, traj: Trajectories, step_index: torch.Tensor) -> TransitionBatch:
-        """Gather transition ``step_index[b]`` of every trajectory ``b``."""
-        rows = torch.arange(len(traj), device=traj.latents.device)
-        step_index = step_index.to(traj.latents.device)
+    def from_trajectories(cls, traj: Trajectories, step_index: torch.Tensor, rows: torch.Tensor | None = None) -> TransitionBatch:
+        """Gather transition ``step_index[i]`` of trajectory ``rows[i]`` (default: of every trajectory ``i``, in order).
+        ``rows`` may repeat a trajectory (several of its transitions in one batch); only the gathered states are copied."""
+        device = traj.latents.device
+        step_index = step_index.to(device)
+        whole = rows is None
+        rows = torch.arange(len(traj), device=device) if whole else torch.as_tensor(rows, dtype=torch.long, device=device)
         num_steps = traj.num_steps
         next_eps = traj.epsilons[rows, (step_index + 1).clamp(max=num_steps - 1)]
         next_eps = torch.where((step_index + 1 < num_steps).view(-1, 1, 1, 1), next_eps, torch.zeros_like(next_eps))
+
+        def per_row(value):
+            return value if whole else value[rows.to(value.device)]
+
+        def per_row_list(items):
+            return items if whole else [items[i] for i in rows.tolist()]
+
         return cls(
             latents=traj.latents[rows, step_index],
             next_latents=traj.latents[rows, step_index + 1],
             step_index=step_index,
             epsilons=traj.epsilons[rows, step_index],
             next_epsilons=next_eps,
-            prompt_embeds=traj.prompt_embeds,
-            negative_prompt_embeds=traj.negative_prompt_embeds,
-            prompts=traj.prompts,
-            prompt_metadata=traj.prompt_metadata,
-            extras=dict(traj.extras),
+            prompt_embeds=per_row(traj.prompt_embeds),
+            negative_prompt_embeds=per_row(traj.negative_prompt_embeds),
+            prompts=per_row_list(traj.prompts),
+            prompt_metadata=per_row_list(traj.prompt_metadata),
+            extras={k: per_row(v) for k, v in traj.extras.items()},
         )

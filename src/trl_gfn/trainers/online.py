@@ -304,13 +304,13 @@ class TransitionTrainer(DiffusionRLTrainer):
             bar = tqdm(batches, desc=f"Epoch {epoch}.{inner}: training", disable=self.hide_progress, leave=False)
             self.start_updates()
             for start in bar:
-                rows = list(range(start, start + c.train_batch_size))
+                part = shuffled.select(list(range(start, start + c.train_batch_size)))
                 chosen = steps[start:start + c.train_batch_size]
                 if c.train_pack_timesteps:  # every selected transition in one call, ordered as the unpacked micro-batches
-                    packed = TransitionBatch.from_trajectories(shuffled.select(rows * chosen.shape[1]), chosen.T.reshape(-1))
+                    rows = torch.arange(len(part)).repeat(chosen.shape[1])
+                    packed = TransitionBatch.from_trajectories(part, chosen.T.reshape(-1), rows=rows)
                     global_step = self.train_micro_batch(lambda: self.compute_loss(packed), epoch, global_step, inner_epoch=inner)
                     continue
-                part = shuffled.select(rows)
                 for j in range(chosen.shape[1]):
                     batch = TransitionBatch.from_trajectories(part, chosen[:, j])
                     global_step = self.train_micro_batch(lambda: self.compute_loss(batch), epoch, global_step, inner_epoch=inner)
