@@ -10,7 +10,7 @@ saves into ``--out`` (default ``outputs/digits_demo``):
 - ``curves.png``: reward, diversity, prior distance and TV vs update step and vs wall time;
 - ``metrics.json``: every figure of every epoch, the settings and the target histogram.
 
-    python examples/digits_demo.py            # a few minutes on 2 CPU cores
+    python examples/digits_demo.py            # about 3 minutes on 2 CPU cores
     python examples/digits_demo.py --quick    # smoke run, well under a minute of training
 
 Settings and evaluation come from ``trl_gfn.evaluation.digits_benchmark`` (shared with
@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
     reward_fn = load_reward(settings.target_digits)
     print(f"estimating the ideal target p_base·exp(βr) from {settings.reference_samples} base samples ...", flush=True)
     reference = compute_reference(settings, reward_fn, cache=os.path.join(args.out, "reference.pt"))
-    bar = tqdm(total=settings.epochs + 1, desc="Nabla-GFlowNet epochs", unit="epoch")
+    evaluations = 1 + sum(1 for e in range(1, settings.epochs + 1) if e % settings.eval_every == 0 or e == settings.epochs)
+    bar = tqdm(total=evaluations, desc=f"Nabla-GFlowNet, evaluated every {settings.eval_every} epoch(s)", unit="eval")
 
     def on_epoch(rec):
         bar.update(1)
