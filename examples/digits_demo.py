@@ -85,8 +85,7 @@ def main(argv=None) -> dict:
     reward_fn = load_reward(settings.target_digits)
     print(f"estimating the ideal target p_base·exp(βr) from {settings.reference_samples} base samples ...", flush=True)
     reference = compute_reference(settings, reward_fn, cache=os.path.join(args.out, "reference.pt"))
-    evaluations = 1 + sum(1 for e in range(1, settings.epochs + 1) if e % settings.eval_every == 0 or e == settings.epochs)
-    bar = tqdm(total=evaluations, desc=f"Nabla-GFlowNet, evaluated every {settings.eval_every} epoch(s)", unit="eval")
+    bar = tqdm(total=len(settings.evaluated_epochs), desc=f"Nabla-GFlowNet, evaluated every {settings.eval_every} epoch(s)", unit="eval")
 
     def on_epoch(rec):
         bar.update(1)

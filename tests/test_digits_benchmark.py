@@ -207,7 +207,7 @@ def test_eval_every_evaluates_before_every_nth_and_last_epoch(tiny_run):
     _, reference, _, _ = tiny_run
     settings = BenchmarkSettings(**dict(TINY, epochs=3, eval_every=2))
     run = run_method("refl", 0, settings, reference, keep_images=False)
-    assert [e["epoch"] for e in run["epochs"]] == [0, 2, 3]
+    assert [e["epoch"] for e in run["epochs"]] == [0, 2, 3] == settings.evaluated_epochs
     assert run["epochs"][1]["wall_time"] < run["epochs"][2]["wall_time"]  # training time of every epoch counted
     with pytest.raises(ValueError, match="eval_every"):
         BenchmarkSettings(eval_every=0)

@@ -150,6 +150,11 @@ class BenchmarkSettings:
             raise ValueError(f"eval_every: must be >= 1 (evaluate after every this many epochs), got {self.eval_every}")
 
     @property
+    def evaluated_epochs(self) -> list[int]:
+        """Epochs after which the policy is evaluated (0 = before training): every ``eval_every``-th and the last."""
+        return [0] + [e for e in range(1, self.epochs + 1) if e % self.eval_every == 0 or e == self.epochs]
+
+    @property
     def samples_per_epoch(self) -> int:
         return self.sample_batch_size * self.sample_num_batches_per_epoch
 
@@ -326,11 +331,12 @@ def run_method(method: str, seed: int, settings: BenchmarkSettings, reference: d
     records = [rec]
     global_step, wall = 0, 0.0
     images = images_before
+    evaluated = set(settings.evaluated_epochs)
     for epoch in range(settings.epochs):
         t0 = time.perf_counter()
         global_step = trainer.step(epoch, global_step)
         wall += time.perf_counter() - t0
-        if (epoch + 1) % settings.eval_every and epoch + 1 < settings.epochs:
+        if epoch + 1 not in evaluated:
             continue
         rec, images = evaluate(epoch + 1, global_step, wall)
         if not all(math.isfinite(v) for v in (rec["reward_mean"], rec["diversity"], rec["prior_fd"], rec["tv"])):
