@@ -18,6 +18,8 @@ NABLA_CASES = {
     "subsampled": dict(train_timestep_fraction=0.4),
     "importance": dict(importance_weighting="linearised"),  # weights normalised per step index of the batch
     "trajectory_balance": dict(trajectory_balance_scale=1.0),
+    "reference_trajectories": dict(flow_head_trajectories="reference_resampled"),  # the flow head's terms on paired reference rows
+    "reference_forward": dict(flow_head_trajectories="reference_resampled", train_policy_on_reference_trajectories=True),
 }
 
 

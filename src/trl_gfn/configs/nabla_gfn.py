@@ -11,6 +11,7 @@ REWARD_GRADIENT_SCALINGS = ("squared", "sqrt")
 TRANSITION_LOSS_WEIGHTINGS = ("none", "variance")
 FLOW_GUESS_MODELS = ("reference", "policy")
 REVERSE_LOSS_TYPES = ("pathwise", "score", "reference")
+FLOW_HEAD_TRAJECTORIES = ("policy", "reference_resampled")
 FLOW_ESTIMATORS = ("nabla_db", "monte_carlo")
 VALUE_BASELINES = ("guess", "none")
 IMPORTANCE_WEIGHTINGS = ("none", "linearised")
@@ -64,6 +65,9 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
 
     importance_weighting: Literal["none", "linearised"] = field(default="none", metadata={"help": "Off-policy correction of the forward and reverse terms. Both regress onto the flow gradient at the sampled next state x_{k-1} ~ P_old(·|x_k), but their fixed-point identities hold in expectation over the ideal step P*(x'|x_k) ∝ P_ref(x'|x_k)·F̃(x'), so off the fixed point both average the flow over the policy's own continuations. `linearised`: weight each transition by w ∝ P*/P_old with log F̃ linearised over the step, log w = log P_ref(x'|x_k) − log P_old(x'|x_k) + f(x')·(x' − μ_old(x_k)), f the current flow-gradient estimate at x' (guess + flow head; β∇r(x_0) on the last step); centred, clipped at ±importance_log_weight_clip and normalised to mean 1 among the batch's transitions of the same step. w ≡ 1 when the sampling policy is the linearised ideal step. No extra model evaluations. Measured on the digits benchmark: not a fix (worse on S = {0, 8}). `none` (default): unweighted. docs/nabla_gfn.md, 'Importance-weighted transitions'."})
     importance_log_weight_clip: float = field(default=2.0, metadata={"help": "importance_weighting='linearised': the centred log-weights are clipped to ±this (weights within a factor e^{2c} of each other), which bounds the variance of one-sample weights at the price of some bias."})
+    flow_head_trajectories: Literal["policy", "reference_resampled"] = field(default="policy", metadata={"help": "Whose trajectories the reverse and terminal terms train the flow head on. `policy` (default, the paper's): the policy's own sampled transitions. `reference_resampled`: each epoch, flow_reference_candidates reference-model (adapter off) trajectories are sampled per policy trajectory with its prompt, scored, and one is drawn per policy trajectory in proportion to exp(β·r(x_0)) among the candidates with the same prompt and metadata; the reverse term then carries the flow back through the reference step (J_refᵀ·∇log F̃(x_{k-1}), the pathwise form at θ = ref) on those transitions, and the terminal term applies at their x_0. Reference trajectories weighted by exp(β·r(x_0)) are distributed as the target's own path measure, for which the reverse identity ∇log F̃_k(x) = E[J_refᵀ∇log F̃_{k-1}(x')] holds exactly, so the flow head's target no longer depends on where the policy goes; the forward term still trains the policy on its own transitions. Needs the flow head with flow_estimator='nabla_db', flow_guess_model='reference', reverse_loss_type 'pathwise' or 'reference' (the same at θ = ref), importance_weighting='none' and train_flow_head_on_forward_loss=False. Cost per epoch: flow_reference_candidates × the policy's sampling (no grad) and its decode and reward; per trained transition a reference forward and backward more, no policy input-gradient. docs/nabla_gfn.md, 'Flow head on resampled reference trajectories'."})
+    train_policy_on_reference_trajectories: bool = field(default=False, metadata={"help": "flow_head_trajectories='reference_resampled': also apply the forward term to the resampled reference transitions (the loss's forward term is then the mean over the policy's and the reference rows). At a state x_k of a trajectory drawn from the target's path measure the next state is a draw of the ideal step P*(·|x_k), so the forward regression's target is the ideal mean shift E_P*[∇log F̃(x')] rather than the average over the policy's own continuations. One more policy forward and backward per trained transition."})
+    flow_reference_candidates: int = field(default=2, metadata={"help": "flow_head_trajectories='reference_resampled': reference trajectories sampled per policy trajectory each epoch; the one trained on is drawn from all candidates with the same prompt (and metadata) in proportion to exp(β·r(x_0)). More candidates: a drawn trajectory closer to the target's path measure (self-normalised importance resampling), at the price of more reference sampling. The weights' effective sample size per prompt group is logged as `flow_reference_ess`."})
 
     use_flow_head: bool = field(default=True, metadata={"help": "Learn the residual flow-gradient correction g_φ; False = forward-only with the guessed gradient (less memory, less diversity)."})
     flow_block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256], metadata={"help": "Widths of the flow head UNet's blocks (its depth is their number)."})
@@ -84,7 +88,7 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
                     "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0",
-                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0", "importance_log_weight_clip": "> 0", "reward_scale_warmup_updates": ">= 0"}
+                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0", "importance_log_weight_clip": "> 0", "reward_scale_warmup_updates": ">= 0", "flow_reference_candidates": ">= 1"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -122,6 +126,22 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
         _check(self.reverse_loss_type in REVERSE_LOSS_TYPES, "reverse_loss_type", f"must be one of {REVERSE_LOSS_TYPES}, got {self.reverse_loss_type!r}")
         _check(self.reverse_loss_type != "reference" or self.pretrained_strength == 1.0, "reverse_loss_type",
                f"'reference' carries the flow back through the reference step itself and needs pretrained_strength = 1, got {self.pretrained_strength}")
+        _check(self.flow_head_trajectories in FLOW_HEAD_TRAJECTORIES, "flow_head_trajectories",
+               f"must be one of {FLOW_HEAD_TRAJECTORIES}, got {self.flow_head_trajectories!r}")
+        _check(self.flow_reference_candidates >= 1, "flow_reference_candidates", f"must be >= 1, got {self.flow_reference_candidates}")
+        if self.flow_head_trajectories == "reference_resampled":
+            for name, ok, need in (("use_flow_head", self.use_flow_head, "True (the reverse term trains the flow head)"),
+                                   ("flow_estimator", self.flow_estimator == "nabla_db", "'nabla_db'"),
+                                   ("flow_guess_model", self.flow_guess_model == "reference", "'reference' (the reference trajectories' guess)"),
+                                   ("reverse_loss_type", self.reverse_loss_type != "score", "'pathwise' or 'reference' (the score form vanishes at θ = ref)"),
+                                   ("importance_weighting", self.importance_weighting == "none", "'none' (the resampling is the importance correction)"),
+                                   ("train_flow_head_on_forward_loss", not self.train_flow_head_on_forward_loss, "False (the flow head learns from the reference trajectories only)"),
+                                   ("pretrained_strength", self.pretrained_strength == 1.0, "1 (the reference step is carried back as it is)")):
+                _check(ok, name, f"flow_head_trajectories='reference_resampled' needs {name} = {need}, got {getattr(self, name)!r}")
+        _check(not self.train_policy_on_reference_trajectories or self.flow_head_trajectories == "reference_resampled",
+               "train_policy_on_reference_trajectories", "needs flow_head_trajectories='reference_resampled' (the trajectories it trains on)")
+        if self.flow_head_trajectories != "reference_resampled" and self.flow_reference_candidates != 2:
+            warn_ignored("flow_reference_candidates", "only used with flow_head_trajectories='reference_resampled'")
         if self.reverse_loss_scale is None:
             self.reverse_loss_scale = 1.0 if self.use_flow_head and self.flow_estimator == "nabla_db" else 0.0
         _check(self.flow_estimator == "nabla_db" or self.reverse_loss_scale == 0, "reverse_loss_scale",

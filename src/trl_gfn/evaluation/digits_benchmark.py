@@ -111,6 +111,12 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
                              "forward and reverse terms weighted by linearised one-step importance weights P*/P_old"),
     "nabla_gfn_importance_reference": (dict(importance_weighting="linearised", reverse_loss_type="reference"),
                                        "importance weights P*/P_old and the reference backup of the flow head's target"),
+    "nabla_gfn_reference_flow": (dict(flow_head_trajectories="reference_resampled"),
+                                 "flow head trained on reference trajectories resampled ∝ exp(βr(x_0)) (2 candidates per policy trajectory)"),
+    "nabla_gfn_reference_flow_r4": (dict(flow_head_trajectories="reference_resampled", flow_reference_candidates=4),
+                                    "flow head trained on reference trajectories resampled ∝ exp(βr(x_0)) (4 candidates per policy trajectory)"),
+    "nabla_gfn_reference_forward": (dict(flow_head_trajectories="reference_resampled", train_policy_on_reference_trajectories=True),
+                                    "flow head and forward term also on reference trajectories resampled ∝ exp(βr(x_0)) (2 candidates)"),
 }
 for _name, (_over, _note) in ABLATIONS.items():
     METHODS[_name] = ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(_NABLA_DIGITS, **_over), _note)

@@ -28,6 +28,7 @@ from ..pipelines import Trajectories, TransitionBatch
 from .base import sample_seed
 from .flow_critic import MonteCarloFlowCritic, rows_where, take_rows
 from .online import TransitionTrainer
+from .reference_flow import ReferenceFlowTraining
 
 CITATION = """@inproceedings{liu2025nablagfn,
   title     = {Efficient Diversity-Preserving Diffusion Alignment via Gradient-Informed GFlowNets},
@@ -43,7 +44,7 @@ LOSS_KEYS = ("loss", "loss_forward", "loss_reverse", "loss_terminal", "loss_reg"
 TB_ADVANTAGE = "trajectory_balance_advantage"
 
 
-class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
+class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, TransitionTrainer):
     """Fine-tune a diffusion model's LoRA with Nabla-GFlowNet (residual ∇-DB).
 
     The sampled distribution is driven towards p_ref(x_0)·exp(β·r(x_0)): reward up, diversity and prior
@@ -118,10 +119,12 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
     def prepare_training_samples(self, samples: Trajectories) -> Trajectories:
         if self.config.trajectory_balance_scale > 0:
             samples.extras[TB_ADVANTAGE] = self.trajectory_balance_advantages(samples)
-        if not self.config.train_on_previous_samples:
-            return samples
-        previous, self._previous_samples = self._previous_samples, samples
-        return previous if previous is not None else samples
+        if self.config.train_on_previous_samples:
+            previous, self._previous_samples = self._previous_samples, samples
+            samples = previous if previous is not None else samples
+        if self.trains_flow_on_reference:
+            samples = self.attach_reference_trajectories(samples, self.state.epoch)
+        return samples
 
     @torch.no_grad()
     def trajectory_balance_advantages(self, samples: Trajectories) -> torch.Tensor:
@@ -432,7 +435,8 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         use_flow = c.use_flow_head
         pathwise, backup = c.reverse_loss_type == "pathwise", c.reverse_loss_type == "reference"
         rev = torch.ones_like(inter) if pathwise or backup else inter  # states x_k whose flow the reverse term trains
-        use_reverse = use_flow and c.reverse_loss_scale > 0 and bool(rev.any())
+        on_reference = use_flow and self.trains_flow_on_reference  # the flow head's terms on reference trajectories instead
+        use_reverse = use_flow and c.reverse_loss_scale > 0 and bool(rev.any()) and not on_reference
         zero = x.new_zeros(())
         emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
         # the model whose x̂_0(x_k) the reverse term's guess at x_k differentiates the reward at (None: no such guess)
@@ -458,7 +462,10 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
         #    With memory_efficient_order it is checkpointed and runs before the UNets: the backward pass reaches it after the
         #    policy's graph is freed, and recomputes it then
         g_next = g_cur = None
-        if use_flow:
+        if on_reference:  # the forward target's flow head term only (detached there anyway)
+            with torch.no_grad():
+                g_next = self.flow_head(x_next, t_next, emb)
+        elif use_flow:
             lat, ts, embs = [x_next], [t_next], [emb]
             if use_reverse:
                 lat.append(x[rev]), ts.append(t[rev]), embs.append(emb[rev])
@@ -514,7 +521,7 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             fit_weight = weight * self.transition_importance_weights(x, x_next, idx, batch.epsilons.float(), eps_ref, flow_next_detached, cx, ce, std)
         loss_forward = (fit_weight * (residual - flow_next) ** 2).mean()
         # terms only some rows have: summed over those rows, divided by the batch's element count (a mean over rows)
-        loss_terminal = (g_next[last] ** 2).sum() / g_next.numel() if use_flow and bool(last.any()) else zero
+        loss_terminal = (g_next[last] ** 2).sum() / g_next.numel() if use_flow and bool(last.any()) and not on_reference else zero
 
         # 6. reverse ∇-DB at x_k (trains g only). The policy side is ∇_{x_k} log P_θ(x_{k-1}|x_k), plus the guess at x_k
         #    when the policy makes it; `pathwise` adds −J_θᵀρ, ρ = flow(x_{k-1}) − residual (the forward residual's negative).
@@ -542,6 +549,10 @@ class NablaGFlowNetTrainer(MonteCarloFlowCritic, TransitionTrainer):
             else:
                 total = -cx * (residual.detach() + rho) + policy_side - ref_side
             loss_reverse = (fit_weight[rev] * (total[rev] + g_cur) ** 2).sum() / total.numel()
+        if on_reference:
+            loss_reverse, loss_terminal, loss_forward_reference = self.reference_flow_terms(batch)
+            if c.train_policy_on_reference_trajectories:  # the mean over both sets of rows
+                loss_forward = 0.5 * (loss_forward + loss_forward_reference)
 
         # 7. output regularisers: the trust region around the sampling policy's guided prediction and, with
         #    unet_anchor_reg_scale, a pull towards the reference's (ε̂_ref of step 3)
