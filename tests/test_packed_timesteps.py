@@ -20,6 +20,8 @@ NABLA_CASES = {
     "trajectory_balance": dict(trajectory_balance_scale=1.0),
     "reference_trajectories": dict(flow_head_trajectories="reference_resampled"),  # the flow head's terms on paired reference rows
     "reference_forward": dict(flow_head_trajectories="reference_resampled", train_policy_on_reference_trajectories=True),
+    "reference_location": dict(flow_head_trajectories="reference_resampled", train_policy_on_reference_trajectories=True,
+                               reference_forward_target="location"),
 }
 
 

@@ -127,6 +127,30 @@ def test_reverse_target_is_the_reference_vjp_of_the_next_flow_minus_the_guess(tm
     torch.testing.assert_close(loss_forward, expected_forward, rtol=2e-3, atol=0)
 
 
+def test_location_target_is_the_maximum_likelihood_residual(tmp_path):
+    """reference_forward_target='location': the reference rows' forward term is mean σ²‖(μ_θ(x_k) − x_{k-1})/σ²‖², the
+    diffusion model's Gaussian log-likelihood of the resampled reference step (up to constants), independent of the flow."""
+    trainer = _trainer(tmp_path, train_policy_on_reference_trajectories=True, reference_forward_target="location")
+    torch.nn.init.normal_(trainer.flow_head.unet.conv_out.weight, std=0.05)
+    samples, batch = _batch(trainer, tmp_path)
+    _, _, loss_forward = trainer.reference_flow_terms(batch)
+    sched, c = trainer.schedule, trainer.config
+    idx = batch.step_index
+    ref = batch.extras[REFERENCE_LATENTS]
+    x, x_next = ref[torch.arange(len(idx)), idx].float(), ref[torch.arange(len(idx)), idx + 1].float()
+    t, a = sched.timesteps[idx], sched.level(idx, like=x)
+    cx, ce, std = (sched.gather(n, idx, like=x) for n in ("coef_x", "coef_eps", "std"))
+    with torch.no_grad():
+        eps = trainer.pipeline.guided_epsilon(trainer.pipeline.denoiser, x, t, batch.prompt_embeds, batch.negative_prompt_embeds,
+                                              c.sample_guidance_scale, a, sched.prediction_type)
+    expected = (std**2 * ((cx * x + ce * eps - x_next) / std**2) ** 2).mean()
+    torch.testing.assert_close(loss_forward, expected, rtol=2e-3, atol=0)
+    torch.nn.init.normal_(trainer.flow_head.unet.conv_out.weight, std=0.5)  # the flow head does not enter it
+    torch.testing.assert_close(trainer.reference_flow_terms(batch)[2], loss_forward, rtol=1e-5, atol=0)
+    with pytest.warns(UserWarning, match="reference_forward_target"):
+        NablaGFlowNetConfig(reference_forward_target="location")
+
+
 def test_flow_head_gradient_does_not_depend_on_the_policys_trajectories(tmp_path):
     """The flow head learns from the reference rows only: moving the policy's states changes the LoRA's gradient, not the
     flow head's; with flow_head_trajectories='policy' it changes both."""

@@ -117,6 +117,9 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
                                     "flow head trained on reference trajectories resampled ∝ exp(βr(x_0)) (4 candidates per policy trajectory)"),
     "nabla_gfn_reference_forward": (dict(flow_head_trajectories="reference_resampled", train_policy_on_reference_trajectories=True),
                                     "flow head and forward term also on reference trajectories resampled ∝ exp(βr(x_0)) (2 candidates)"),
+    "nabla_gfn_reference_location": (dict(flow_head_trajectories="reference_resampled", train_policy_on_reference_trajectories=True,
+                                          reference_forward_target="location"),
+                                     "+ forward term on resampled reference trajectories with the location target (x' − μ_ref)/σ² (maximum likelihood)"),
 }
 for _name, (_over, _note) in ABLATIONS.items():
     METHODS[_name] = ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", dict(_NABLA_DIGITS, **_over), _note)

@@ -94,7 +94,9 @@ class ReferenceFlowTraining:
         step index, prompt and metadata): g_φ(x_k) regresses onto J_refᵀ f(x_{k-1}) − guess(x_k), f = guess + g_φ
         (detached; β∇r(x_0) on the last step), and g_φ(x_0) onto 0; with ``train_policy_on_reference_trajectories`` the
         policy's score residual at x_k onto f(x_{k-1}) (the forward term, whose regression target is then the ideal step's
-        mean shift E_P*[f(x')], not the policy's own average), else 0. Means over the batch's rows."""
+        mean shift E_P*[f(x')], not the policy's own average) — or, with ``reference_forward_target="location"``, onto
+        (x_{k-1} − μ_ref(x_k))/σ², whose expectation is the same mean shift without any flow estimate — else 0. Means over
+        the batch's rows."""
         c, sched = self.config, self.schedule
         idx = batch.step_index
         ref = batch.extras[REFERENCE_LATENTS]
@@ -126,5 +128,9 @@ class ReferenceFlowTraining:
         loss_forward = g_next.new_zeros(())
         if c.train_policy_on_reference_trajectories:
             eps = self._guided(self.wrapped("unet"), x, t, batch, None, a)
-            loss_forward = (weight * (score_residual(eps, eps_ref.detach(), ce, std) - flow_next) ** 2).mean()
+            if c.reference_forward_target == "location":  # (x' − μ_ref(x_k))/σ²: the ideal step's own draw, no flow estimate
+                target = (x_next - (cx * x + ce * eps_ref.detach())) / std**2
+            else:
+                target = flow_next
+            loss_forward = (weight * (score_residual(eps, eps_ref.detach(), ce, std) - target) ** 2).mean()
         return loss_reverse, loss_terminal, loss_forward
