@@ -149,10 +149,7 @@ class MonteCarloFlowCritic:
             ids = [start + i + self.accelerator.process_index * c.value_warmup_trajectories
                    for i in range(min(c.sample_batch_size, c.value_warmup_trajectories - start))]
             prompts, metadata = self.prompt_source(ids, 0)
-            generators = [torch.Generator(device=device).manual_seed(sample_seed(c.seed, -1, i, 29)) for i in ids]
-            with self.pipeline.reference_mode(), torch.no_grad():
-                traj = self.pipeline.sample(prompts, sched, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
-                                            prompt_metadata=metadata, generators=generators, decode=True)
+            traj = self.sample_reference(prompts, metadata, [sample_seed(c.seed, -1, i, 29) for i in ids])
             r, _ = self.score_no_grad(traj.images, prompts, metadata)
             n = len(ids)
             states.append(traj.latents[:, :K].reshape(n * K, *traj.latents.shape[2:]).float())

@@ -484,15 +484,8 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
             v_ref = (x_next - step_mean(x, eps_ref.detach(), cx, ce)) / std**2  # = −s_ref
             ref_side = None
             if use_reverse:
-                if backup:
-                    surrogate = (eps_ref * (ce * flow_next_detached)).sum()
-                else:
-                    surrogate = strength * (eps_ref * (ce * v_ref)).sum()
-                if guess_at_x == "reference":
-                    x0 = predict_x0(xr, eps_ref, a)
-                    g0, _ = self.reward_guess_at_x0(x0, rev, batch)
-                    surrogate = surrogate - (g0 * x0).sum()
-                (ref_side,) = torch.autograd.grad(surrogate, xr)
+                vector = ce * flow_next_detached if backup else strength * ce * v_ref
+                ref_side = self.reference_input_gradient(xr, eps_ref, a, vector, rev if guess_at_x == "reference" else None, batch)
         eps_ref = eps_ref.detach()
 
         # 4. policy at x_k through the prepared model (parameter gradients synchronised across processes). When the policy
@@ -605,6 +598,19 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         weights = torch.softmax(self.reward_scale_now * rewards.float().view(n, M), dim=1).to(noise.device)
         std = sched.gather("std", step_index, like=latents).float()
         return (weights.view(n, M, *([1] * (latents.ndim - 1))) * noise.view(n, M, *latents.shape[1:])).sum(1) / std
+
+    def reference_input_gradient(self, xr: torch.Tensor, eps_ref: torch.Tensor, level, vector: torch.Tensor, guess_rows: torch.Tensor | None,
+                                 batch: TransitionBatch) -> torch.Tensor:
+        """∇_x of Σ ε̂_ref(x)·``vector`` minus, on ``guess_rows`` (None: none), the guess β γ ∇r(decode(x̂_0^ref(x))): one VJP
+        through the reference call that made ``eps_ref`` from ``xr`` (noise level ``level``), the guess's VAE and reward
+        graphs freed before it."""
+        surrogate = (eps_ref * vector).sum()
+        if guess_rows is not None:
+            x0 = predict_x0(xr, eps_ref, level)
+            g0, _ = self.reward_guess_at_x0(x0, guess_rows, batch)
+            surrogate = surrogate - (g0 * x0).sum()
+        (grad,) = torch.autograd.grad(surrogate, xr)
+        return grad
 
     def reward_guess_at_x0(self, x0: torch.Tensor, rows: torch.Tensor, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """β γ_k ∇r at the clean predictions ``x0`` of the states x_k of ``rows`` (zero elsewhere), detached: the vector of

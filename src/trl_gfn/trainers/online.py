@@ -206,6 +206,16 @@ class DiffusionRLTrainer(BaseDiffusionTrainer):
         traj.sample_ids = torch.tensor(ids, device=acc.device)
         return traj
 
+    @torch.no_grad()
+    def sample_reference(self, prompts: Sequence[str], metadata: Sequence[dict], seeds: Sequence[int]) -> Trajectories:
+        """Trajectories of the reference model (adapter off) for ``prompts``, one generator per seed, with the policy's
+        sampling settings (schedule, CFG, negative prompt), decoded but not scored."""
+        c = self.config
+        generators = [torch.Generator(device=self.accelerator.device).manual_seed(s) for s in seeds]
+        with self.pipeline.reference_mode():
+            return self.pipeline.sample(list(prompts), self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
+                                        prompt_metadata=list(metadata), generators=generators, decode=True)
+
     def step(self, epoch: int, global_step: int) -> int:
         """One epoch: sample and score, log, train, checkpoint. Returns the new global step."""
         acc, c = self.accelerator, self.config

@@ -12,9 +12,11 @@ on them; the trainer's forward term still trains the policy on its own transitio
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..diffusion import predict_x0, score_residual
+from ..diffusion import score_residual
 from ..pipelines import Trajectories, TransitionBatch
 from .base import sample_seed
 
@@ -63,7 +65,7 @@ class ReferenceFlowTraining:
         sampling CFG, own seeds), score them, and store in ``samples.extras[REFERENCE_LATENTS]`` one per policy
         trajectory, drawn ∝ exp(β r(x_0)) among the candidates of its prompt group. Logs the groups' mean ESS and the
         candidates' mean reward (``flow_reference_ess``, ``flow_reference_reward_mean``)."""
-        c, sched = self.config, self.schedule
+        c = self.config
         n, R = len(samples), c.flow_reference_candidates
         device = self.accelerator.device
         ids = samples.sample_ids.tolist() if samples.sample_ids is not None else list(range(n))
@@ -72,11 +74,8 @@ class ReferenceFlowTraining:
         latents, rewards = [], []
         for start in range(0, R * n, c.sample_batch_size):
             part = list(range(start, min(start + c.sample_batch_size, R * n)))
-            generators = [torch.Generator(device=device).manual_seed(sample_seed(c.seed, epoch, ids[i % n], i // n, 43)) for i in part]
-            with self.pipeline.reference_mode():
-                traj = self.pipeline.sample([prompts[i] for i in part], sched, guidance_scale=c.sample_guidance_scale,
-                                            negative_prompt=c.negative_prompts, prompt_metadata=[metadata[i] for i in part],
-                                            generators=generators, decode=True)
+            traj = self.sample_reference([prompts[i] for i in part], [metadata[i] for i in part],
+                                         [sample_seed(c.seed, epoch, ids[i % n], i // n, 43) for i in part])
             r, _ = self.score_no_grad(traj.images, traj.prompts, traj.prompt_metadata)
             latents.append(traj.latents.float())
             rewards.append(r.float().to(device))
@@ -98,14 +97,13 @@ class ReferenceFlowTraining:
         (x_{k-1} − μ_ref(x_k))/σ², whose expectation is the same mean shift without any flow estimate — else 0. Means over
         the batch's rows."""
         c, sched = self.config, self.schedule
-        idx = batch.step_index
         ref = batch.extras[REFERENCE_LATENTS]
-        rows = torch.arange(idx.shape[0], device=ref.device)
-        x, x_next = ref[rows, idx.to(ref.device)].float(), ref[rows, (idx + 1).to(ref.device)].float()
-        last = idx == sched.num_steps - 1
-        inter_f = (~last).view(-1, 1, 1, 1).to(x.dtype)
-        t, a = sched.timesteps[idx], sched.level(idx, like=x)
-        cx, ce, std = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
+        rows = torch.arange(batch.step_index.shape[0], device=ref.device)
+        at = batch.step_index.to(ref.device)
+        # the paired reference transitions, with the batch's prompts; their ε̂ are never read (recomputed below)
+        batch = dataclasses.replace(batch, latents=ref[rows, at], next_latents=ref[rows, at + 1])
+        x, x_next, idx, last, inter, t, a, cx, ce, std = self._transition(batch)
+        inter_f = inter.view(-1, 1, 1, 1).to(x.dtype)
         emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
         guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata)
         head = self.wrapped("flow_head", checkpoint=True if c.memory_efficient_order else None)
@@ -115,12 +113,7 @@ class ReferenceFlowTraining:
         xr = x.detach().requires_grad_(True)
         with self.pipeline.reference_mode(), torch.enable_grad():
             eps_ref = self._guided(self._input_gradient_unet(), xr, t, batch, None, a)
-            surrogate = (eps_ref * (ce * flow_next)).sum()
-            if c.reward_scale > 0:  # minus the guess at x_k, in the same VJP
-                x0 = predict_x0(xr, eps_ref, a)
-                g0, _ = self.reward_guess_at_x0(x0, torch.ones_like(last), batch)
-                surrogate = surrogate - (g0 * x0).sum()
-            (ref_side,) = torch.autograd.grad(surrogate, xr)
+            ref_side = self.reference_input_gradient(xr, eps_ref, a, ce * flow_next, torch.ones_like(last) if c.reward_scale > 0 else None, batch)
         target = cx * flow_next + ref_side  # J_refᵀ f(x_{k-1}) − guess(x_k), J_ref = ∂μ_ref/∂x_k = coef_x + coef_eps ∂ε̂_ref/∂x_k
         weight = std**2 if c.transition_loss_weighting == "variance" else torch.ones_like(std)
         loss_reverse = (weight * (g_cur - target) ** 2).mean()
