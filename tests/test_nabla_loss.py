@@ -83,7 +83,10 @@ class Naive:
             else:
                 x0 = (y - (1 - a).sqrt() * self.eps(y, pos, self.c.flow_guess_model == "reference")) / a.sqrt()
             (g,) = torch.autograd.grad(self.reward(x0).sum(), y)
-        gamma = a if self.c.reward_gradient_scaling == "squared" else a.sqrt()
+        if self.c.reward_gradient_scaling == "saturating":  # posterior smoothing of a log-reward of curvature 1/β_c
+            gamma = a / (a + self.c.reward_scale / self.c.reward_gradient_saturation_reward_scale * (1 - a))
+        else:
+            gamma = a if self.c.reward_gradient_scaling == "squared" else a.sqrt()
         return self.c.reward_scale * gamma * g
 
     def g(self, y, pos):
@@ -141,6 +144,7 @@ CASES = {
     "default": dict(),
     "paper": dict(paper=True),
     "sqrt_half_strength": dict(reward_gradient_scaling="sqrt", pretrained_strength=0.5),
+    "saturating_low_beta": dict(reward_gradient_scaling="saturating", reward_gradient_saturation_reward_scale=200.0),
     "policy_guess_score_reverse": dict(flow_guess_model="policy", reverse_loss_type="score"),
     "unweighted_pathwise": dict(transition_loss_weighting="none"),
     "reference_backup": dict(reverse_loss_type="reference"),
@@ -216,6 +220,27 @@ def test_sqrt_scaling_divides_the_guess_by_sqrt_alpha(tmp_path, tiny_pipeline):
     _, t_sqrt = trainer.compute_loss(batch)
     a = trainer.schedule.alphas_cumprod[3].float()
     torch.testing.assert_close(t_sqrt["norm_reward_guess"] / t_sq["norm_reward_guess"], 1 / a.sqrt(), rtol=1e-4, atol=0)
+
+
+def test_saturating_scaling_is_the_squared_guess_at_its_reward_scale_and_grows_below_it(tmp_path, tiny_pipeline):
+    """At β = β_c the saturating γ is ᾱ to the last bit (the shipped digits runs at β = 30 are unchanged); at β = β_c/10
+    the guess is larger by 1/(ᾱ + 0.1(1 − ᾱ)) at the state's ᾱ."""
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=10.0)
+    batch = batch_at(trainer.sample_epoch(0), 2)
+
+    def guess():
+        return trainer.reward_guess(batch.next_latents, batch.step_index + 1, batch.prompt_embeds, batch.negative_prompt_embeds,
+                                    batch.prompts, [{}, {}])
+
+    squared = guess()
+    trainer.config.reward_gradient_scaling = "saturating"
+    trainer.config.reward_gradient_saturation_reward_scale = 10.0
+    assert torch.equal(guess(), squared)
+    trainer.config.reward_gradient_saturation_reward_scale = 100.0
+    a = trainer.schedule.alphas_cumprod[3].float()
+    ratio = guess().norm() / squared.norm()
+    torch.testing.assert_close(ratio, 1 / (a + 0.1 * (1 - a)), rtol=1e-4, atol=0)
+    assert ratio > 1.5
 
 
 def test_reward_guess_uses_each_samples_own_prompt(tmp_path, tiny_pipeline):

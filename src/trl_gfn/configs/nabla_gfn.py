@@ -7,7 +7,7 @@ from typing import Literal
 
 from .base import DiffusionRLConfig, _check, warn_ignored
 
-REWARD_GRADIENT_SCALINGS = ("squared", "sqrt")
+REWARD_GRADIENT_SCALINGS = ("squared", "sqrt", "saturating")
 TRANSITION_LOSS_WEIGHTINGS = ("none", "variance")
 FLOW_GUESS_MODELS = ("reference", "policy")
 REVERSE_LOSS_TYPES = ("pathwise", "score", "reference")
@@ -48,7 +48,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
     unet_reg_reference_reward_scale: float | None = field(default=None, metadata={"help": "β_λ: the reward scale at which unet_reg_scale is given. When set, the regulariser's weight is λ·(β/β_λ)², so that changing reward_scale keeps the trust region's strength relative to the ∇-DB terms (their residuals grow like β, their squares like β²; the regulariser does not), i.e. one λ serves every β. None (default): λ is used as given, at any β (the paper's convention)."})
     reverse_loss_scale: float | None = field(default=None, metadata={"help": "Weight of the reverse ∇-DB term (trains the flow head only); default 1 with the flow head, 0 without."})
     pretrained_strength: float = field(default=1.0, metadata={"help": "s: multiplies the reference policy's score in the ∇-DB targets."})
-    reward_gradient_scaling: Literal["squared", "sqrt"] = field(default="squared", metadata={"help": "γ_k in the flow-gradient guess β·γ_k·∇r(x̂_0): `squared` = ᾱ_k, `sqrt` = sqrt(ᾱ_k)."})
+    reward_gradient_scaling: Literal["squared", "sqrt", "saturating"] = field(default="squared", metadata={"help": "γ_k in the flow-gradient guess β·γ_k·∇r(x̂_0): `squared` = ᾱ_k (the paper's), `sqrt` = sqrt(ᾱ_k), `saturating` = ᾱ_k / (ᾱ_k + (β/β_c)·(1 − ᾱ_k)) with β_c = reward_gradient_saturation_reward_scale: the factor by which smoothing β·r over the Gaussian posterior of x_0 shrinks its gradient when the log-reward's curvature is 1/β_c, so that at the noisy steps β·γ_k stops growing with β (the soft value log E[exp(β r(x_0)) | x_k] of a confident reward hardly depends on β there). Equal to `squared` at β = β_c; larger at smaller β, smaller at larger β. On flows ᾱ_k reads (1 − σ)² / ((1 − σ)² + σ²). docs/nabla_gfn.md, 'How large the guess is at each β'."})
+    reward_gradient_saturation_reward_scale: float | None = field(default=None, metadata={"help": "β_c of reward_gradient_scaling='saturating' (required there, unused otherwise): the reward scale at which the guess equals the `squared` one, i.e. 1/β_c is the log-reward's assumed curvature. Give the β at which the `squared` guess is known to work for the reward, as unet_reg_reference_reward_scale gives the β of λ."})
     transition_loss_weighting: Literal["none", "variance"] = field(default="variance", metadata={"help": "`variance` (default): multiply each transition's forward and reverse squared residuals by σ_k², i.e. match mean shifts in units of the step's std, which weighs every transition alike and keeps the same minimiser; `none` (the paper's): plain squared score residuals, which scale like 1/σ_k², so the nearly noise-free last steps dominate the update."})
     flow_guess_model: Literal["reference", "policy"] = field(default="reference", metadata={"help": "Whose one-step prediction x̂_0 the flow-gradient guess β·γ_k·∇r(x̂_0(x)) uses: `reference` (default; the residual flow is a property of the reference sampler, so the flow head then learns a fixed target) or `policy` (the paper's: the fine-tuned model, a guess that moves with the policy and feeds back its bias)."})
     reverse_loss_type: Literal["pathwise", "score", "reference"] = field(default="pathwise", metadata={"help": "Target of the reverse term for ∇ log F̃ at x_k: `pathwise` (default) carries the flow gradient of the sampled next state back through the policy step (J_θᵀ·∇log F̃(x_{k-1}) plus the score terms), also on the last transition where β∇r(x_0) is exact, so information reaches the noisy steps in one hop per update; `score` (the paper's) uses ∇_{x_k} of the two log-densities only, on interior transitions, which holds only once the policy is already optimal; `reference` carries the flow gradient of the sampled next state back through the reference step only (J_refᵀ·∇log F̃(x_{k-1}), the soft-value recursion of the reference sampler linearised over one step), so the policy's own residual does not enter the flow head's target and one policy input-gradient per transition is saved; needs pretrained_strength = 1. All share the same fixed point (for `reference`, up to the one-step linearisation)."})
@@ -89,7 +90,8 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
                     "flow_learning_rate": "> 0", "flow_weight_decay": ">= 0", "value_rollouts": ">= 1", "value_warmup_trajectories": ">= 0",
                     "value_warmup_steps": ">= 0", "value_warmup_batch_size": ">= 1",
                     "guess_posterior_samples": ">= 1", "trajectory_balance_scale": ">= 0",
-                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0", "importance_log_weight_clip": "> 0", "reward_scale_warmup_updates": ">= 0", "flow_reference_candidates": ">= 1"}
+                    "guess_clip_quantile": "(0, 1]", "flow_target_rollouts": ">= 0", "importance_log_weight_clip": "> 0", "reward_scale_warmup_updates": ">= 0", "flow_reference_candidates": ">= 1",
+                    "reward_gradient_saturation_reward_scale": "> 0"}
 
     @classmethod
     def paper(cls, **overrides) -> NablaGFlowNetConfig:
@@ -168,6 +170,11 @@ class NablaGFlowNetConfig(DiffusionRLConfig):
         _check(self.pretrained_strength >= 0, "pretrained_strength", f"must be >= 0, got {self.pretrained_strength}")
         _check(self.reward_gradient_scaling in REWARD_GRADIENT_SCALINGS, "reward_gradient_scaling",
                f"must be one of {REWARD_GRADIENT_SCALINGS}, got {self.reward_gradient_scaling!r}")
+        if self.reward_gradient_scaling == "saturating":
+            _check(self.reward_gradient_saturation_reward_scale is not None, "reward_gradient_saturation_reward_scale",
+                   "is required with reward_gradient_scaling='saturating' (the β at which the guess equals the 'squared' one)")
+        elif self.reward_gradient_saturation_reward_scale is not None:
+            warn_ignored("reward_gradient_saturation_reward_scale", "only used with reward_gradient_scaling='saturating'")
         _check(self.transition_loss_weighting in TRANSITION_LOSS_WEIGHTINGS, "transition_loss_weighting",
                f"must be one of {TRANSITION_LOSS_WEIGHTINGS}, got {self.transition_loss_weighting!r}")
         _check(bool(self.flow_block_out_channels) and all(int(c) > 0 for c in self.flow_block_out_channels), "flow_block_out_channels",

@@ -11,7 +11,8 @@ Variance-preserving diffusion (SD 1.x/2.x, SDXL) has signal = sqrt(ᾱ), noise =
 - Inversion-DPO's weight of a step's prediction error (:meth:`NoiseLevel.inversion_weight`): 1/(2ᾱ) on ε̂, and the
   same weight moved onto the velocity, ((1 − σ)² + σ²)/2, on flows;
 - Nabla-GFlowNet's flow-guess weight γ (:meth:`NoiseLevel.gamma`): signal² ("squared") or signal ("sqrt"), i.e. ᾱ or
-  sqrt(ᾱ) on VP schedules and (1 − σ)² or 1 − σ on flows (docs/flow_matching.md).
+  sqrt(ᾱ) on VP schedules and (1 − σ)² or 1 − σ on flows (docs/flow_matching.md), or the posterior-smoothing factor
+  signal² / (signal² + βc·noise²) ("saturating").
 
 The sampler's *prediction* is what its transition mean is linear in (``TransitionSchedule.coef_eps`` multiplies it):
 the noise prediction ε̂ for the UNet samplers (whatever the UNet outputs is converted to ε̂), the velocity v̂ for the
@@ -85,12 +86,28 @@ class NoiseLevel:
             return total / (2 * self.signal**2)
         return total / (2 * (self.signal + self.noise) ** 2)
 
-    def gamma(self, scaling: str = "squared") -> torch.Tensor:
-        """Nabla-GFlowNet's weight γ of the guessed flow gradient: signal² (``"squared"``) or signal (``"sqrt"``)."""
-        if scaling not in ("squared", "sqrt"):
-            raise ValueError(f"reward_gradient_scaling must be 'squared' or 'sqrt', got {scaling!r}")
-        return self.signal**2 if scaling == "squared" else self.signal
+    def gamma(self, scaling: str = "squared", saturation: float = 1.0) -> torch.Tensor:
+        """Nabla-GFlowNet's weight γ of the guessed flow gradient: signal² (``"squared"``), signal (``"sqrt"``) or
+        signal² / (signal² + saturation·noise²) (``"saturating"``).
 
+        ``"saturating"`` is the factor by which smoothing a log-reward of curvature c over the Gaussian posterior
+        N(x̂_0, noise²/signal²) shrinks β∇r at x̂_0: ∇ log E[exp(β r)] = β∇r(x̂_0) / (1 + βc·noise²/signal²), with
+        ``saturation`` = βc. At the noisy steps β·γ then tends to signal²/(c·noise²), independent of β, as the true
+        soft value of a confident reward does; on VP schedules ``saturation`` = 1 gives ᾱ exactly, the ``"squared"`` γ.
+        """
+        if scaling not in ("squared", "sqrt", "saturating"):
+            raise ValueError(f"reward_gradient_scaling must be 'squared', 'sqrt' or 'saturating', got {scaling!r}")
+        if scaling == "sqrt":
+            return self.signal
+        s2 = self.signal**2
+        if scaling == "squared":
+            return s2
+        if saturation < 0:
+            raise ValueError(f"saturation must be >= 0, got {saturation}")
+        n2 = self.noise**2
+        # signal² + noise² = 1 on VP schedules: written so that saturation = 1 returns signal² to the last bit there
+        total = 1.0 if self.parameterisation == "epsilon" else s2 + n2
+        return s2 / (total + (saturation - 1.0) * n2)
 
 def as_noise_level(level: NoiseLevel | torch.Tensor) -> NoiseLevel:
     """``level`` itself, or the variance-preserving :class:`NoiseLevel` of a tensor ᾱ (the older calling convention)."""

@@ -112,6 +112,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "nabla_gfn_importance_reference": (dict(importance_weighting="linearised", reverse_loss_type="reference"),
                                        "importance weights P*/P_old and the reference backup of the flow head's target"),
     "nabla_gfn_sqrt_gamma": (dict(reward_gradient_scaling="sqrt"), "γ_k = sqrt(ᾱ_k) in the guess instead of ᾱ_k (3.5–8.5× larger at the noisiest steps)"),
+    "nabla_gfn_saturating": (dict(reward_gradient_scaling="saturating", reward_gradient_saturation_reward_scale=30.0),
+                             "γ_k = ᾱ_k / (ᾱ_k + (β/30)(1 − ᾱ_k)): the default's guess at β = 30, saturating in β at the noisy steps"),
     "nabla_gfn_reference_flow": (dict(flow_head_trajectories="reference_resampled"),
                                  "flow head trained on reference trajectories resampled ∝ exp(βr(x_0)) (2 candidates per policy trajectory)"),
     "nabla_gfn_reference_flow_r4": (dict(flow_head_trajectories="reference_resampled", flow_reference_candidates=4),

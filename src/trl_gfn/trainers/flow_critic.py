@@ -62,7 +62,7 @@ class MonteCarloFlowCritic:
         x0 = predict_x0(latents.float(), epsilon.float(), a)
         rewards = torch.cat([self.score_no_grad(self.pipeline.decode(x0[i:i + chunk]), prompts[i:i + chunk], prompt_metadata[i:i + chunk])[0]
                              for i in range(0, len(x0), chunk)])
-        return c.reward_scale * self._gamma(a).flatten() * rewards.float()
+        return c.reward_scale * self._gamma(a, c.reward_scale).flatten() * rewards.float()
 
     def critic_loss(self, log_flow: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
         """Proper scoring loss of the log-flow critic, mean over states of (e^{y − V} + V)/β with y = β(r(x_0) − m): for

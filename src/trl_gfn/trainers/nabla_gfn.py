@@ -63,7 +63,7 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
     paper = "Liu et al., *Efficient Diversity-Preserving Diffusion Alignment via Gradient-Informed GFlowNets*, ICLR 2025, arXiv:2412.07775"
     citation = CITATION
     card_fields = [*TransitionTrainer.card_fields, "reward_scale", "unet_reg_scale", "unet_reg_reference_reward_scale", "reverse_loss_scale", "pretrained_strength",
-                   "use_flow_head", "train_timestep_fraction", "reward_gradient_scaling"]
+                   "use_flow_head", "train_timestep_fraction", "reward_gradient_scaling", "reward_gradient_saturation_reward_scale"]
 
     def __init__(self, config: NablaGFlowNetConfig, reward_function, pipeline, prompt_function: Any = None, image_samples_hook=None):
         self._previous_samples: Trajectories | None = None
@@ -188,10 +188,16 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         return self.pipeline.guided_epsilon(unet, latents, timesteps, pos, neg, self.config.sample_guidance_scale, alpha_bar,
                                             self.schedule.prediction_type)
 
-    def _gamma(self, level: NoiseLevel | torch.Tensor) -> torch.Tensor:
-        """γ_k of states at noise level ``level`` (a :class:`NoiseLevel`, or a tensor ᾱ): signal² or signal
-        (``reward_gradient_scaling``), i.e. ᾱ or sqrt(ᾱ) on the UNet samplers and (1 − σ)² or 1 − σ on the flow sampler."""
-        return as_noise_level(level).gamma(self.config.reward_gradient_scaling)
+    def _gamma(self, level: NoiseLevel | torch.Tensor, reward_scale: float | None = None) -> torch.Tensor:
+        """γ_k of states at noise level ``level`` (a :class:`NoiseLevel`, or a tensor ᾱ) under ``reward_gradient_scaling``:
+        signal², signal, or the saturating signal²/(signal² + (β/β_c)·noise²) at β = ``reward_scale`` (default: the
+        current update's β, :attr:`reward_scale_now`)."""
+        c = self.config
+        saturation = 1.0
+        if c.reward_gradient_scaling == "saturating":
+            beta = self.reward_scale_now if reward_scale is None else reward_scale
+            saturation = beta / c.reward_gradient_saturation_reward_scale
+        return as_noise_level(level).gamma(c.reward_gradient_scaling, saturation)
 
     @property
     def reward_scale_now(self) -> float:
