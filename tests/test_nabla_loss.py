@@ -344,6 +344,43 @@ def test_regulariser_weight_scales_with_the_reward_scale_squared(tmp_path, tiny_
     assert abs(loss.item() - (rest + 100.0 * terms["loss_reg"]).item()) > 1e-3 * loss.item()  # not the unscaled λ
 
 
+def test_saturating_guess_scales_the_regulariser_per_transition_by_the_guess_size(tmp_path, tiny_pipeline):
+    """With the saturating γ the trust region follows the guess's size step by step: λ·(β γ_k(β) / (β_λ γ_k(β_λ)))², γ_k at
+    the transition's next state. It is (β/β_λ)² on the last transition, larger on the noisy ones, and 1 at β = β_λ."""
+    beta, beta_l = 3.0, 30.0
+    trainer = make_trainer(tmp_path, tiny_pipeline, reward_scale=beta, unet_reg_scale=100.0, unet_reg_reference_reward_scale=beta_l,
+                           reward_gradient_scaling="saturating", reward_gradient_saturation_reward_scale=beta_l)
+    randomise(trainer)
+    samples = trainer.sample_epoch(0)
+    steps = torch.tensor([0, K - 1])  # one noisy transition, one last transition
+    batch = TransitionBatch.from_trajectories(samples, steps)
+    randomise(trainer, flow=False, seed=4)
+    loss, terms = trainer.compute_loss(batch)
+    a = trainer.schedule.alphas_cumprod[steps + 1].double()  # γ at x_{k-1}; ᾱ = 1 at x_0
+    a = torch.where(steps + 1 == K, torch.ones_like(a), a)
+
+    def gamma(b):
+        return a / (a + b / beta_l * (1 - a))
+
+    factor = (beta * gamma(beta) / (beta_l * gamma(beta_l))) ** 2
+    assert factor[1].item() == pytest.approx((beta / beta_l) ** 2, rel=1e-9) and factor[0] > 20 * factor[1]
+    with torch.no_grad():
+        eps = trainer._guided(trainer.pipeline.denoiser, batch.latents.float(), trainer.schedule.timesteps[steps], batch, None,
+                              trainer.schedule.level(steps, like=batch.latents.float()))
+    per_row = ((eps - batch.epsilons.float()) ** 2).flatten(1).mean(1).double()
+    expected_reg = 100.0 * (factor * per_row).mean()
+    rest = terms["loss_forward"] + terms["loss_reverse"] + terms["loss_terminal"]
+    torch.testing.assert_close((loss.detach() - rest).double(), expected_reg, rtol=1e-4, atol=0)
+    torch.testing.assert_close(terms["loss_reg"].double(), per_row.mean(), rtol=1e-4, atol=0)  # logged unweighted
+    # at β = β_λ the factor is exactly 1, and the loss is the squared γ's to the last bit
+    same = {}
+    for scaling in ("saturating", "squared"):
+        trainer.config.reward_scale = beta_l
+        trainer.config.reward_gradient_scaling = scaling
+        same[scaling] = trainer.compute_loss(batch)[0]
+    assert torch.equal(same["saturating"], same["squared"])
+
+
 def test_reference_reverse_needs_full_pretrained_strength():
     with pytest.raises(ValueError, match="pretrained_strength"):
         NablaGFlowNetConfig(reverse_loss_type="reference", pretrained_strength=0.5)

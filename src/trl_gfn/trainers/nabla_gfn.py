@@ -209,14 +209,40 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         return c.reward_scale * min(1.0, (self.state.global_step + 1) / c.reward_scale_warmup_updates)
 
     def _output_regularisers(self, eps: torch.Tensor, eps_ref: torch.Tensor, batch: TransitionBatch) -> tuple[torch.Tensor, ...]:
-        """``(weighted sum, loss_reg, loss_reg_anchor)``: the trust region mean‖ε̂_θ − ε̂_old‖² and the anchor mean‖ε̂_θ − ε̂_ref‖²,
-        each weighted by its λ times (β_u/β_λ)² at the current (possibly annealed) β_u, and 0 without a weight."""
+        """``(weighted sum, loss_reg, loss_anchor)``: the trust region mean‖ε̂_θ − ε̂_old‖² and the anchor mean‖ε̂_θ − ε̂_ref‖²
+        (logged unweighted), each weighted by its λ times :meth:`regulariser_scaling` at the current (possibly annealed) β_u."""
         c = self.config
-        scaling = c.regulariser_scaling(self.reward_scale_now)
+        scaling = self.regulariser_scaling(batch.step_index, like=eps)
         zero = eps.new_zeros(())
-        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
-        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.unet_anchor_reg_scale > 0 else zero
-        return scaling * (c.unet_reg_scale * loss_reg + c.unet_anchor_reg_scale * loss_anchor), loss_reg, loss_anchor
+        d_reg = eps - batch.epsilons.float() if c.unet_reg_scale > 0 else None
+        d_anchor = eps - eps_ref if c.unet_anchor_reg_scale > 0 else None
+        loss_reg = (d_reg**2).mean() if d_reg is not None else zero
+        loss_anchor = (d_anchor**2).mean() if d_anchor is not None else zero
+        if isinstance(scaling, float):
+            return scaling * (c.unet_reg_scale * loss_reg + c.unet_anchor_reg_scale * loss_anchor), loss_reg, loss_anchor
+        # per-transition weights (the rows have equal element counts, so this is the weighted mean over rows)
+        weighted = sum(lam * (scaling * d**2).mean() for lam, d in ((c.unet_reg_scale, d_reg), (c.unet_anchor_reg_scale, d_anchor)) if d is not None)
+        return weighted if torch.is_tensor(weighted) else zero, loss_reg, loss_anchor
+
+    def regulariser_scaling(self, step_index: torch.Tensor, *, like: torch.Tensor) -> float | torch.Tensor:
+        """Factor on λ (and λ_ref) of the transitions leaving positions ``step_index``: 1 without
+        ``unet_reg_reference_reward_scale`` β_λ; else the square of the guess's size at the current β relative to its size
+        at β_λ, (β γ_k(β) / (β_λ γ_k(β_λ)))², γ_k at the transition's next state x_{k-1} (whose flow gradient is the forward
+        target). For the ``squared`` and ``sqrt`` γ that is (β/β_λ)² at every step (a float); with ``saturating`` it
+        depends on the step (a tensor broadcast like ``like``): at the noisy steps the guess no longer grows with β, and
+        neither does the trust region that has to hold it."""
+        c = self.config
+        beta = self.reward_scale_now
+        if c.unet_reg_reference_reward_scale is None:
+            return 1.0
+        beta_l = c.unet_reg_reference_reward_scale
+        if c.reward_gradient_scaling != "saturating":
+            return (beta / beta_l) ** 2
+        level = self.schedule.level(step_index + 1, like=like)
+        ratio = (beta * self._gamma(level, beta)) / (beta_l * self._gamma(level, beta_l))
+        if bool((ratio == ratio.flatten()[0]).all()):
+            return float(ratio.flatten()[0]) ** 2
+        return ratio.to(like.dtype) ** 2
 
     def _input_gradient_unet(self):
         """The UNet call of a pass that only yields an input gradient pulled back from ∇r (the guess): checkpointed with
