@@ -109,6 +109,7 @@ class NoiseLevel:
         total = 1.0 if self.parameterisation == "epsilon" else s2 + n2
         return s2 / (total + (saturation - 1.0) * n2)
 
+
 def as_noise_level(level: NoiseLevel | torch.Tensor) -> NoiseLevel:
     """``level`` itself, or the variance-preserving :class:`NoiseLevel` of a tensor ᾱ (the older calling convention)."""
     return level if isinstance(level, NoiseLevel) else NoiseLevel.from_alpha_bar(level)
