@@ -214,15 +214,14 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         c = self.config
         scaling = self.regulariser_scaling(batch.step_index, like=eps)
         zero = eps.new_zeros(())
-        d_reg = eps - batch.epsilons.float() if c.unet_reg_scale > 0 else None
-        d_anchor = eps - eps_ref if c.unet_anchor_reg_scale > 0 else None
-        loss_reg = (d_reg**2).mean() if d_reg is not None else zero
-        loss_anchor = (d_anchor**2).mean() if d_anchor is not None else zero
+        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
+        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.unet_anchor_reg_scale > 0 else zero
         if isinstance(scaling, float):
             return scaling * (c.unet_reg_scale * loss_reg + c.unet_anchor_reg_scale * loss_anchor), loss_reg, loss_anchor
         # per-transition weights (the rows have equal element counts, so this is the weighted mean over rows)
-        weighted = sum(lam * (scaling * d**2).mean() for lam, d in ((c.unet_reg_scale, d_reg), (c.unet_anchor_reg_scale, d_anchor)) if d is not None)
-        return weighted if torch.is_tensor(weighted) else zero, loss_reg, loss_anchor
+        weighted_reg = (scaling * (eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
+        weighted_anchor = (scaling * (eps - eps_ref) ** 2).mean() if c.unet_anchor_reg_scale > 0 else zero
+        return c.unet_reg_scale * weighted_reg + c.unet_anchor_reg_scale * weighted_anchor, loss_reg, loss_anchor
 
     def regulariser_scaling(self, step_index: torch.Tensor, *, like: torch.Tensor) -> float | torch.Tensor:
         """Factor on λ (and λ_ref) of the transitions leaving positions ``step_index``: 1 without
@@ -232,16 +231,11 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         depends on the step (a tensor broadcast like ``like``): at the noisy steps the guess no longer grows with β, and
         neither does the trust region that has to hold it."""
         c = self.config
-        beta = self.reward_scale_now
-        if c.unet_reg_reference_reward_scale is None:
-            return 1.0
-        beta_l = c.unet_reg_reference_reward_scale
-        if c.reward_gradient_scaling != "saturating":
-            return (beta / beta_l) ** 2
+        beta, beta_l = self.reward_scale_now, c.unet_reg_reference_reward_scale
+        if beta_l is None or c.reward_gradient_scaling != "saturating" or beta == beta_l:
+            return c.regulariser_scaling(beta)
         level = self.schedule.level(step_index + 1, like=like)
         ratio = (beta * self._gamma(level, beta)) / (beta_l * self._gamma(level, beta_l))
-        if bool((ratio == ratio.flatten()[0]).all()):
-            return float(ratio.flatten()[0]) ** 2
         return ratio.to(like.dtype) ** 2
 
     def _input_gradient_unet(self):
