@@ -8,14 +8,18 @@ epoch), so both see the same machine load; the figures are medians and only thei
 
     python benchmarks/digits_epoch_cost.py [--threads 1] [--repeats 3] [--methods nabla_gfn_reference_forward]
 
-``--methods`` adds packed epochs of other digits-benchmark methods to the same alternation. For every variant the
-denoiser's evaluations per epoch are also counted (rows of its forward calls, each guided row counted once per CFG
-branch), which does not depend on the machine's load.
+A third variant, "packed, shared states off", is the packed trainer with every state evaluated as often as it appears
+(the batches lose their trajectory numbers): a state that is one transition's x_{k-1} and the next one's x_k then goes
+through the flow head twice and is decoded twice for the guess. ``--methods`` adds packed epochs of other
+digits-benchmark methods to the same alternation. For every variant the rows per epoch of the denoiser (each guided row
+counted once per CFG branch), of the flow head and of the VAE decoder are also counted; they do not depend on the
+machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -40,22 +44,35 @@ def main(argv=None) -> dict[str, float]:
     settings = BenchmarkSettings()
     reward_fn = load_reward(settings.target_digits)
     trainers = {name: build_trainer("nabla_gfn", 0, settings, reward_fn, train_pack_timesteps=pack)
-                for name, pack in (("unpacked", False), ("packed", True))}
+                for name, pack in (("unpacked", False), ("packed", True), ("packed, shared states off", True))}
+    unshared = trainers["packed, shared states off"]
+    unshared.compute_loss = lambda batch, _loss=unshared.compute_loss: _loss(dataclasses.replace(batch, trajectory=None))
     for method in filter(None, args.methods.split(",")):
         trainers[method] = build_trainer(method, 0, settings, reward_fn, train_pack_timesteps=True)
-    rows: dict[str, list[int]] = {name: [0] for name in trainers}
+    models = ("denoiser", "flow head", "VAE decoder")
+    rows: dict[str, dict[str, list[int]]] = {name: {m: [0] for m in models} for name in trainers}
+
+    def counter(count: list[int]):
+        def hook(module, inputs):
+            count[0] += inputs[0].shape[0]
+        return hook
+
     for name, trainer in trainers.items():
-        trainer.pipeline.denoiser.register_forward_pre_hook(lambda module, inputs, _n=name: rows[_n].__setitem__(0, rows[_n][0] + inputs[0].shape[0]))
+        trainer.pipeline.denoiser.register_forward_pre_hook(counter(rows[name]["denoiser"]))
+        trainer.pipeline.vae.decoder.register_forward_pre_hook(counter(rows[name]["VAE decoder"]))
+        if getattr(trainer, "flow_head", None) is not None:
+            trainer.flow_head.register_forward_pre_hook(counter(rows[name]["flow head"]))
     times: dict[str, list[float]] = {name: [] for name in (*trainers, "evaluation")}
     steps = {name: 0 for name in trainers}
     for epoch in range(args.repeats + 1):
         for name, trainer in trainers.items():
             t0 = time.perf_counter()
-            before = rows[name][0]
+            before = {m: count[0] for m, count in rows[name].items()}
             steps[name] = trainer.step(epoch, steps[name])
             if epoch > 0:
                 times[name].append(time.perf_counter() - t0)
-            rows[name].append(rows[name][0] - before)  # this epoch's; the last one is reported (every epoch makes the same calls)
+            for m, count in rows[name].items():  # this epoch's; the last one is reported (every epoch makes the same calls)
+                count.append(count[0] - before[m])
         t0 = time.perf_counter()
         sample_images(trainers["packed"].pipeline, trainers["packed"].schedule, settings, settings.eval_samples, settings.eval_seed)
         if epoch > 0:
@@ -65,13 +82,14 @@ def main(argv=None) -> dict[str, float]:
     unit = med["unpacked"]
     print(f"one epoch of the shipped digits configuration ({settings.samples_per_epoch} trajectories x {settings.sample_num_steps} "
           f"transitions, {steps['packed'] // (args.repeats + 1)} updates), {args.threads} thread(s), median of {args.repeats}:")
-    print("| part | time / unpacked training epoch | denoiser rows per epoch |")
-    print("|---|---|---|")
+    print(f"| part | time / unpacked training epoch | {' | '.join(f'{m} rows per epoch' for m in models)} |")
+    print("|---|---|" + "---|" * len(models))
     for name in times:
-        count = rows[name][-1] if name in rows else ""
-        print(f"| {name} | {med[name] / unit:.3f} | {count} |")
+        counts = [str(rows[name][m][-1]) if name in rows else "" for m in models]
+        print(f"| {name} | {med[name] / unit:.3f} | {' | '.join(counts)} |")
     print(f"speed-up of packing: {med['unpacked'] / med['packed']:.2f}x per training epoch; "
           f"training + evaluation epoch: {(med['unpacked'] + med['evaluation']) / (med['packed'] + med['evaluation']):.2f}x")
+    print(f"speed-up of evaluating each shared state once: {med['packed, shared states off'] / med['packed']:.2f}x per packed training epoch")
     return med
 
 

@@ -27,7 +27,8 @@ NABLA_CASES = {
 
 def _run(tmp_path, trainer_class, config_class, pack: bool, **overrides):
     """One epoch (one optimizer update over 2 micro-batches) on fixed samples; returns the gradient at the update, the
-    logged terms of that update, the number of policy-UNet forwards and the global step."""
+    logged terms of that update, the number of policy-UNet forwards, the global step, the number of trained transitions
+    per trajectory and the rows through the flow head and the VAE decoder."""
     reset_accelerate_state()
     paper = overrides.pop("paper", False)
     kwargs = dict(sample_num_steps=K, sample_batch_size=2, sample_num_batches_per_epoch=2, train_batch_size=2,
@@ -51,16 +52,27 @@ def _run(tmp_path, trainer_class, config_class, pack: bool, **overrides):
     trainer.optimizer.step = recording_step
     trainer.log = lambda logs, step=None: logged.append(dict(logs))
     # policy-UNet calls of the loss (with grad: not the trajectory-balance advantages' reference forwards)
-    handle = trainer.pipeline.unet.register_forward_pre_hook(lambda *a: calls.append(1) if torch.is_grad_enabled() else None)
+    handles = [trainer.pipeline.unet.register_forward_pre_hook(lambda *a: calls.append(1) if torch.is_grad_enabled() else None)]
+    rows = {"flow_head": 0, "decoder": 0}  # rows through the flow head and the VAE decoder in training
+
+    def counter(name):
+        def hook(module, inputs):
+            rows[name] += inputs[0].shape[0]
+        return hook
+
+    handles.append(trainer.pipeline.vae.decoder.register_forward_pre_hook(counter("decoder")))
+    if getattr(trainer, "flow_head", None) is not None:
+        handles.append(trainer.flow_head.register_forward_pre_hook(counter("flow_head")))
     global_step = trainer.train_on_samples(samples, 0, 0)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     updates = [entry for entry in logged if "loss" in entry]
-    return grads, updates, len(calls), global_step, trainer.config.num_train_timesteps
+    return grads, updates, len(calls), global_step, trainer.config.num_train_timesteps, rows
 
 
 def _compare(tmp_path, trainer_class, config_class, keys, **overrides):
-    ref_grads, ref_logs, ref_calls, ref_step, n = _run(tmp_path / "unpacked", trainer_class, config_class, False, **overrides)
-    grads, logs, calls, step, _ = _run(tmp_path / "packed", trainer_class, config_class, True, **overrides)
+    ref_grads, ref_logs, ref_calls, ref_step, n, _ = _run(tmp_path / "unpacked", trainer_class, config_class, False, **overrides)
+    grads, logs, calls, step, _, _ = _run(tmp_path / "packed", trainer_class, config_class, True, **overrides)
     assert step == ref_step == 1 and len(grads) == len(ref_grads) == 1
     ref, got = ref_grads[0], grads[0]
     assert ref.norm() > 0 and torch.isfinite(got).all()
@@ -79,6 +91,44 @@ def test_packed_nabla_gradient_equals_the_accumulated_one(tmp_path, case):
     overrides.setdefault("train_timestep_fraction", 1.0)
     _compare(tmp_path, NablaGFlowNetTrainer, NablaGFlowNetConfig, ("loss", "loss_forward", "loss_reverse", "loss_terminal", "loss_reg"),
              flow_block_out_channels=[8, 16], flow_attention_head_dim=4, reward_scale=30.0, unet_reg_scale=1.0, **overrides)
+
+
+@pytest.mark.parametrize("case", ["default", "reference_trajectories"])
+def test_packed_nabla_evaluates_each_shared_state_once(tmp_path, case):
+    """Packed, a state that is one transition's x_{k-1} and the next one's x_k goes through the flow head once and (for
+    the reference's guess) is decoded once: B(K + 1) rows per micro-batch of B trajectories, against 2BK unpacked."""
+    kw = dict(NABLA_CASES[case], train_timestep_fraction=1.0, flow_block_out_channels=[8, 16], flow_attention_head_dim=4, reward_scale=30.0,
+              memory_efficient_order=False, vae_gradient_checkpointing=False)  # no recomputing forward calls to count
+    micro_batches, B = 2, 2
+    *_, unpacked = _run(tmp_path / "unpacked", NablaGFlowNetTrainer, NablaGFlowNetConfig, False, **kw)
+    *_, packed = _run(tmp_path / "packed", NablaGFlowNetTrainer, NablaGFlowNetConfig, True, **kw)
+    # reference_trajectories: also g_φ at the policy's x_{k-1} for the forward target (no grad), B rows per transition
+    extra = B * K if case == "reference_trajectories" else 0
+    assert unpacked["flow_head"] == micro_batches * (2 * B * K + extra)
+    assert packed["flow_head"] == micro_batches * (B * (K + 1) + extra)
+    if case == "default":  # the guess at x_{k-1} for the forward target, at x_k for the reverse term
+        assert unpacked["decoder"] == micro_batches * 2 * B * K
+        assert packed["decoder"] == micro_batches * B * (K + 1)
+
+
+def test_next_and_previous_state_rows(tmp_path):
+    """next_state_rows pairs a row with the row of the same trajectory one step on, whose x_k is this row's x_{k-1}
+    (−1 for a trajectory's last step, and without trajectory numbers); previous_state_rows is its inverse."""
+    reset_accelerate_state()
+    config = DDPOConfig(sample_num_steps=K, sample_batch_size=3, sample_num_batches_per_epoch=1, train_batch_size=3, logdir=str(tmp_path),
+                        save_freq=0, log_image_freq=0)
+    trainer = DDPOTrainer(config, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion(seed=0)), prompt_function=PROMPTS)
+    samples = trainer.sample_epoch(0)
+    rows, steps = torch.tensor([2, 0, 2, 1, 0, 2, 1]), torch.tensor([1, 3, 2, 4, 4, 4, 0])
+    batch = TransitionBatch.from_trajectories(samples, steps, rows=rows)
+    nxt, prev = batch.next_state_rows(), batch.previous_state_rows()
+    assert nxt.tolist() == [2, 4, -1, -1, -1, -1, -1]  # trajectory 2: 1 → 2 (not 2 → 4: step 3 is absent); trajectory 0: 3 → 4
+    assert prev.tolist() == [-1, -1, 0, -1, 1, -1, -1]
+    for r, s in enumerate(nxt.tolist()):
+        if s >= 0:
+            assert torch.equal(batch.next_latents[r], batch.latents[s])
+    whole = TransitionBatch.from_trajectories(samples, torch.tensor([0, 1, 2]))
+    assert whole.trajectory is None and whole.next_state_rows().tolist() == [-1, -1, -1]
 
 
 def test_packed_ddpo_gradient_equals_the_accumulated_one(tmp_path):

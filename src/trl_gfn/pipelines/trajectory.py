@@ -85,6 +85,8 @@ class TransitionBatch:
 
     ``next_epsilons`` is the recorded ε̂_old at x_{k-1} (zeros where x_{k-1} is the final sample).
     ``extras`` carries the trajectories' per-sample ``extras`` (e.g. DDPO's advantages) unchanged.
+    ``trajectory`` numbers the trajectory of each row (rows of one trajectory share a number; None: every row its own),
+    so that a loss can evaluate a state once when it is one row's x_{k-1} and another's x_k (:meth:`next_state_rows`).
     """
 
     latents: torch.Tensor
@@ -97,6 +99,25 @@ class TransitionBatch:
     prompts: list[str]
     prompt_metadata: list[dict[str, Any]]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    trajectory: torch.Tensor | None = None
+
+    def next_state_rows(self) -> torch.Tensor:
+        """(B,) for each row the row whose x_k is this row's x_{k-1} (the same trajectory's next transition), −1 where the
+        batch has none (always so for the last transition, and without :attr:`trajectory`)."""
+        n = self.step_index.shape[0]
+        if self.trajectory is None:
+            return torch.full((n,), -1, dtype=torch.long, device=self.step_index.device)
+        traj = self.trajectory.to(self.step_index.device)
+        match = (traj[:, None] == traj[None, :]) & (self.step_index[:, None] + 1 == self.step_index[None, :])
+        return torch.where(match.any(1), match.long().argmax(1), torch.full_like(traj, -1))
+
+    def previous_state_rows(self) -> torch.Tensor:
+        """(B,) for each row the row whose x_{k-1} is this row's x_k (the inverse of :meth:`next_state_rows`), −1 where none."""
+        succ = self.next_state_rows()
+        prev = torch.full_like(succ, -1)
+        has = succ >= 0
+        prev[succ[has]] = has.nonzero().squeeze(1)
+        return prev
 
     @classmethod
     def from_trajectories(cls, traj: Trajectories, step_index: torch.Tensor, rows: torch.Tensor | None = None) -> TransitionBatch:
@@ -127,4 +148,5 @@ class TransitionBatch:
             prompts=per_row_list(traj.prompts),
             prompt_metadata=per_row_list(traj.prompt_metadata),
             extras={k: per_row(v) for k, v in traj.extras.items()},
+            trajectory=None if whole else rows,
         )

@@ -492,12 +492,8 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
             with torch.no_grad():
                 g_next = self.flow_head(x_next, t_next, emb)
         elif use_flow:
-            lat, ts, embs = [x_next], [t_next], [emb]
-            if use_reverse:
-                lat.append(x[rev]), ts.append(t[rev]), embs.append(emb[rev])
             head = self.wrapped("flow_head", checkpoint=True if c.memory_efficient_order else None)
-            g_all = head(torch.cat(lat), torch.cat(ts), torch.cat(embs))
-            g_next, g_cur = g_all[: x.shape[0]], g_all[x.shape[0]:]
+            g_next, g_cur = self.flow_head_at_states(head, batch, x, x_next, t, t_next, emb, rev if use_reverse else None)
         # ∇log F̃(x_{k-1}) with the flow head's value detached: what the reverse term carries back to x_k
         flow_next_detached = guess_next + g_next.detach() * inter_f if use_flow else guess_next
 
@@ -511,7 +507,15 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
             ref_side = None
             if use_reverse:
                 vector = ce * flow_next_detached if backup else strength * ce * v_ref
-                ref_side = self.reference_input_gradient(xr, eps_ref, a, vector, rev if guess_at_x == "reference" else None, batch)
+                guess_rows, borrowed, prev = rev if guess_at_x == "reference" else None, None, None
+                if guess_rows is not None and self.guess_next_is_guess_at_state:
+                    # a state x_k that is another row's x_{k-1} already has its guess in guess_next: no second decode
+                    prev = batch.previous_state_rows()
+                    borrowed, guess_rows = rev & (prev >= 0), rev & (prev < 0)
+                ref_side = self.reference_input_gradient(xr, eps_ref, a, vector, guess_rows if guess_rows is None or guess_rows.any() else None,
+                                                         batch)
+                if borrowed is not None and bool(borrowed.any()):
+                    ref_side = ref_side - borrowed.view(-1, 1, 1, 1) * guess_next[prev.clamp(min=0)]
         eps_ref = eps_ref.detach()
 
         # 4. policy at x_k through the prepared model (parameter gradients synchronised across processes). When the policy
@@ -591,6 +595,35 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         if c.reward_scale_warmup_updates > 0:
             terms["reward_scale_now"] = x.new_tensor(self.reward_scale_now)
         return loss, terms
+
+    def flow_head_at_states(self, head, batch: TransitionBatch, x: torch.Tensor, x_next: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+                            emb, cur: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(g_φ at every row's x_{k-1}, g_φ at x_k of the rows ``cur`` (None: none))`` from one call of ``head``, each state
+        once: a row's x_{k-1} that is the x_k of a row of ``cur`` (the same trajectory's next transition, packed in the same
+        batch by ``train_pack_timesteps``) is read from that row's output. The values are the same, and so are the
+        parameter gradients (the two uses of one output add up as the two outputs' would); the call is up to half the size."""
+        if cur is None:
+            return head(x_next, t_next, emb), None
+        n = x.shape[0]
+        cur_rows = cur.nonzero().squeeze(1)
+        slot = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        slot[cur_rows] = torch.arange(cur_rows.numel(), device=x.device)
+        succ = batch.next_state_rows().to(x.device)
+        shared = torch.where(succ >= 0, slot[succ.clamp(min=0)], slot.new_full((), -1))  # index in g_cur of the row's x_{k-1}
+        own = shared < 0
+        n_own = int(own.sum())
+        g = head(torch.cat([x_next[own], x[cur_rows]]), torch.cat([t_next[own], t[cur_rows]]), torch.cat([emb[own], emb[cur_rows]]))
+        index = torch.where(own, torch.cumsum(own.long(), 0) - 1, n_own + shared)
+        return g[index], g[n_own:]
+
+    @property
+    def guess_next_is_guess_at_state(self) -> bool:
+        """Whether the forward target's guess at x_{k-1} is the same computation as the reverse term's guess at that state as
+        x_k of the next transition (one sample of the guess model's x̂_0, no Jacobian-free shortcut, no clipping statistics),
+        so that a packed batch can reuse it."""
+        c = self.config
+        return (c.flow_target_rollouts == 0 and not c.jacobian_free_reward_gradient and c.guess_posterior_samples == 1
+                and c.guess_clip_quantile == 1)
 
     @torch.no_grad()
     def transition_importance_weights(self, x, x_next, idx, eps_old, eps_ref, flow_next, cx, ce, std) -> torch.Tensor:

@@ -107,8 +107,7 @@ class ReferenceFlowTraining:
         emb, neg = batch.prompt_embeds, batch.negative_prompt_embeds
         guess_next = self.reward_guess(x_next, idx + 1, emb, neg, batch.prompts, batch.prompt_metadata)
         head = self.wrapped("flow_head", checkpoint=True if c.memory_efficient_order else None)
-        g = head(torch.cat([x_next, x]), torch.cat([sched.next_timesteps[idx], t]), torch.cat([emb, emb]))
-        g_next, g_cur = g[: x.shape[0]], g[x.shape[0]:]
+        g_next, g_cur = self.flow_head_at_states(head, batch, x, x_next, t, sched.next_timesteps[idx], emb, torch.ones_like(last))
         flow_next = guess_next + g_next.detach() * inter_f
         xr = x.detach().requires_grad_(True)
         with self.pipeline.reference_mode(), torch.enable_grad():
