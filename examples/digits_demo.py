@@ -10,7 +10,7 @@ saves into ``--out`` (default ``outputs/digits_demo``):
 - ``curves.png``: reward, diversity, prior distance and TV vs update step and vs wall time;
 - ``metrics.json``: every figure of every epoch, the settings and the target histogram.
 
-    python examples/digits_demo.py            # about 3 minutes on 2 CPU cores
+    python examples/digits_demo.py            # 2-5 minutes on 2 CPU cores, depending on the CPU
     python examples/digits_demo.py --quick    # smoke run, well under a minute of training
 
 Settings and evaluation come from ``trl_gfn.evaluation.digits_benchmark`` (shared with
