@@ -16,6 +16,7 @@ NABLA_CASES = {
     "score_reverse": dict(reverse_loss_type="score"),  # the reverse term on interior rows only
     "reference_reverse": dict(reverse_loss_type="reference"),
     "subsampled": dict(train_timestep_fraction=0.4),
+    "no_flow_head": dict(use_flow_head=False),
     "importance": dict(importance_weighting="linearised"),  # weights normalised per step index of the batch
     "trajectory_balance": dict(trajectory_balance_scale=1.0),
     "reference_trajectories": dict(flow_head_trajectories="reference_resampled"),  # the flow head's terms on paired reference rows
