@@ -214,13 +214,15 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         c = self.config
         scaling = self.regulariser_scaling(batch.step_index, like=eps)
         zero = eps.new_zeros(())
-        loss_reg = ((eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
-        loss_anchor = ((eps - eps_ref) ** 2).mean() if c.unet_anchor_reg_scale > 0 else zero
+        sq_reg = (eps - batch.epsilons.float()) ** 2 if c.unet_reg_scale > 0 else None
+        sq_anchor = (eps - eps_ref) ** 2 if c.unet_anchor_reg_scale > 0 else None
+        loss_reg = sq_reg.mean() if sq_reg is not None else zero
+        loss_anchor = sq_anchor.mean() if sq_anchor is not None else zero
         if isinstance(scaling, float):
             return scaling * (c.unet_reg_scale * loss_reg + c.unet_anchor_reg_scale * loss_anchor), loss_reg, loss_anchor
         # per-transition weights (the rows have equal element counts, so this is the weighted mean over rows)
-        weighted_reg = (scaling * (eps - batch.epsilons.float()) ** 2).mean() if c.unet_reg_scale > 0 else zero
-        weighted_anchor = (scaling * (eps - eps_ref) ** 2).mean() if c.unet_anchor_reg_scale > 0 else zero
+        weighted_reg = (scaling * sq_reg).mean() if sq_reg is not None else zero
+        weighted_anchor = (scaling * sq_anchor).mean() if sq_anchor is not None else zero
         return c.unet_reg_scale * weighted_reg + c.unet_anchor_reg_scale * weighted_anchor, loss_reg, loss_anchor
 
     def regulariser_scaling(self, step_index: torch.Tensor, *, like: torch.Tensor) -> float | torch.Tensor:
@@ -512,8 +514,7 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
                     # a state x_k that is another row's x_{k-1} already has its guess in guess_next: no second decode
                     prev = batch.previous_state_rows()
                     borrowed, guess_rows = rev & (prev >= 0), rev & (prev < 0)
-                ref_side = self.reference_input_gradient(xr, eps_ref, a, vector, guess_rows if guess_rows is None or guess_rows.any() else None,
-                                                         batch)
+                ref_side = self.reference_input_gradient(xr, eps_ref, a, vector, guess_rows, batch)
                 if borrowed is not None and bool(borrowed.any()):
                     ref_side = ref_side - borrowed.view(-1, 1, 1, 1) * guess_next[prev.clamp(min=0)]
         eps_ref = eps_ref.detach()
@@ -660,11 +661,11 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
 
     def reference_input_gradient(self, xr: torch.Tensor, eps_ref: torch.Tensor, level, vector: torch.Tensor, guess_rows: torch.Tensor | None,
                                  batch: TransitionBatch) -> torch.Tensor:
-        """∇_x of Σ ε̂_ref(x)·``vector`` minus, on ``guess_rows`` (None: none), the guess β γ ∇r(decode(x̂_0^ref(x))): one VJP
+        """∇_x of Σ ε̂_ref(x)·``vector`` minus, on ``guess_rows`` (None or all False: none), the guess β γ ∇r(decode(x̂_0^ref(x))): one VJP
         through the reference call that made ``eps_ref`` from ``xr`` (noise level ``level``), the guess's VAE and reward
         graphs freed before it."""
         surrogate = (eps_ref * vector).sum()
-        if guess_rows is not None:
+        if guess_rows is not None and bool(guess_rows.any()):
             x0 = predict_x0(xr, eps_ref, level)
             g0, _ = self.reward_guess_at_x0(x0, guess_rows, batch)
             surrogate = surrogate - (g0 * x0).sum()
