@@ -164,23 +164,54 @@ def test_target_feasibility_script(tmp_path):
 
 
 def test_guess_mode_bias_script(tmp_path):
-    """benchmarks/guess_mode_bias.py: per sampling position, the guessed log-flow's gap between the digits of S; on the x_0
-    row (exact reward) the gap is the target's own tilt log(target_c / base_c) − log(target_S / base_S), by SNIS."""
+    """benchmarks/guess_mode_bias.py: per sampling position, the guessed log-flow's gap between the digits of S and of the
+    trajectories heading outside S; on the x_0 row (exact reward) the gap is the target's own tilt
+    log(target_c / base_c) − log(target_S / base_S), by SNIS, and the Monte-Carlo truth's gap equals it there."""
     gmb = _load(ROOT / "benchmarks" / "guess_mode_bias.py", "guess_mode_bias")
     torch.set_num_threads(1)
     out = gmb.main(["--targets", "2,5,6", "--samples", "48", "--out", str(tmp_path)])
     t = out["targets"]["2,5,6"]
     K = len(out["gamma"]) - 1
     assert K == BenchmarkSettings().sample_num_steps and out["gamma"][-1] == 1.0
-    assert all(a < b for a, b in zip(out["gamma"][:-1], out["gamma"][1:]))  # γ_k = ᾱ_k rises towards x_0
+    assert all(a < b for a, b in zip(out["gamma"][:-1], out["gamma"][1:]))  # γ_k rises towards x_0
+    assert t["groups"] == ["2", "5", "6", "outside S"] and sum(t["counts"]) == 48
     rows = t["rows"]
     assert [r["position"] for r in rows] == list(range(K + 1))
-    target_s, base_s = sum(t["target"]), sum(t["base"])
-    for c, (gap, tgt, base, count) in enumerate(zip(rows[-1]["gap"], t["target"], t["base"], t["counts"])):
+    target_s, base_s = sum(t["target"][:3]), sum(t["base"][:3])
+    assert sum(t["target"]) == pytest.approx(1.0) and sum(t["base"]) == pytest.approx(1.0)
+    for gap, tgt, base, count in zip(rows[-1]["gap"], t["target"], t["base"], t["counts"]):
         if count:
             assert gap == pytest.approx(math.log(tgt / base) - math.log(target_s / base_s), abs=1e-6)
-    assert all(0 <= p <= 1 for r in rows for p in r["p_S"])
+    assert rows[-1]["gap"][3] < -5  # at β = 30 the target all but removes the trajectories ending outside S
+    assert all(0 <= p <= 1 for r in rows for p in r["p_S"] if p == p)
     assert (tmp_path / "guess_mode_bias.md").read_text().count("| x_0 (exact r) |") == 1
+    assert "truth_gap" not in rows[0]
+
+
+def test_guess_mode_bias_truth_and_gamma_rules(tmp_path):
+    """--rollouts: the Monte-Carlo log-flow's gaps (positions 1 … K−1; exact on the x_0 row, equal to the guess's there);
+    --gamma: the shipped configuration's γ_k saturates in β (larger than ᾱ_k at β = 3 on the noisy steps), equal to ᾱ_k
+    at β = 30."""
+    gmb = _load(ROOT / "benchmarks" / "guess_mode_bias.py", "guess_mode_bias")
+    torch.set_num_threads(1)
+    out = gmb.main(["--targets", "0,8", "--samples", "24", "--rollouts", "2", "--beta", "3", "--out", str(tmp_path)])
+    rows = out["targets"]["0,8"]["rows"]
+    K = len(rows) - 1
+    assert all(g != g for g in rows[0]["truth_gap"])  # position 0 (the initial noise) is not rolled out
+    counts = out["targets"]["0,8"]["counts"]
+    assert counts[0] + counts[1] > 0 and counts[2] > 0  # these seeds give trajectories into S and outside it
+    for k in range(1, K + 1):
+        for g, c in zip(rows[k]["truth_gap"], counts):
+            assert (g == g) == (c > 0 and counts[0] + counts[1] > 0)
+    assert rows[-1]["truth_gap"] == pytest.approx(rows[-1]["gap"], nan_ok=True)
+    assert "truth" in (tmp_path / "guess_mode_bias.md").read_text()
+    squared = gmb.main(["--targets", "0,8", "--samples", "2", "--beta", "3", "--gamma", "squared", "--out", str(tmp_path / "sq")])
+    assert all(s < g for s, g in zip(squared["gamma"][:5], out["gamma"][:5]))
+    at_30 = gmb.main(["--targets", "0,8", "--samples", "2", "--out", str(tmp_path / "b30")])
+    at_30_sq = gmb.main(["--targets", "0,8", "--samples", "2", "--gamma", "squared", "--out", str(tmp_path / "b30sq")])
+    assert at_30["gamma"] == at_30_sq["gamma"]
+    with pytest.raises(SystemExit):
+        gmb.parse_args(["--rollouts", "-1"])
 
 
 def test_timestep_spacing_setting_reaches_every_sampler(tmp_path):
