@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def parse_args(argv=None):
                    help="γ_k of the guess: the shipped digits configuration's (default; saturating, ᾱ_k at β = 30) or ᾱ_k at every β")
     p.add_argument("--samples", type=int, default=512, help="base trajectories")
     p.add_argument("--rollouts", type=int, default=0,
-                   help="Monte-Carlo reference rollouts per state for the true log-flow (0: none; each state costs R x remaining steps)")
+                   help="Monte-Carlo reference rollouts per state for the true log-flow (0: none; each state costs R x remaining steps, "
+                        "and they are drawn again for each target set: give one --targets with it)")
     p.add_argument("--seed", type=int, default=30_000_000, help="first sample seed (disjoint from the benchmark's evaluation and reference seeds)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="outputs/guess_mode_bias")
@@ -55,7 +57,7 @@ def parse_args(argv=None):
 
 def _fmt(value: float, signed: bool) -> str:
     """A table cell: "–" where a group has no trajectory or a position has no estimate."""
-    if value != value:
+    if math.isnan(value):
         return "–"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
