@@ -242,3 +242,35 @@ def test_eval_every_evaluates_before_every_nth_and_last_epoch(tiny_run):
     assert run["epochs"][1]["wall_time"] < run["epochs"][2]["wall_time"]  # training time of every epoch counted
     with pytest.raises(ValueError, match="eval_every"):
         BenchmarkSettings(eval_every=0)
+
+
+def test_gaussian_transition_limit_script(tmp_path):
+    """benchmarks/gaussian_transition_limit.py, exact on a grid: the exact tilted transitions from the target's first marginal
+    reproduce the target (a check of the backward flow recursion); at β = 0 every sampler is the reference; at β = 3 the
+    Gaussian samplers move most of the mass into S but less than the exact chain, and bad arguments are refused."""
+    gtl = _load(ROOT / "benchmarks" / "gaussian_transition_limit.py", "gaussian_transition_limit")
+    results = gtl.main(["--betas", "0,3,30", "--steps", "4", "--grid", "301", "--flow_scales", "0.5", "--threads", "1",
+                        "--out", str(tmp_path)])
+    flat, tilted, steep = results
+    # at β = 30 the flows reach e^-1000 far from S: computed in log space, the check holds there too
+    assert steep["tilted_chain_from_tilted_start"] == pytest.approx(steep["target_mass_on_S"], abs=1e-9)
+    assert all(math.isfinite(v) for v in steep["mass_on_S"].values())
+    assert flat["steps"] == tilted["steps"] == 4
+    assert list(flat["mass_on_S"]) == [*gtl.ROWS, "local fit, exact flow × 0.5"]
+    for name in flat["mass_on_S"]:
+        assert flat["mass_on_S"][name] == pytest.approx(flat["mass_on_S"]["reference"], abs=2e-3)
+    assert flat["target_mass_on_S"] == pytest.approx(flat["mass_on_S"]["reference"], abs=1e-9)
+    m = tilted["mass_on_S"]
+    assert tilted["tilted_chain_from_tilted_start"] == pytest.approx(tilted["target_mass_on_S"], abs=1e-9)
+    # from N(0, 1) the exact chain misses only what the initial noise already knows (little, even at K = 4)
+    assert 0 < tilted["target_mass_on_S"] - m["exact tilted transitions"] < 0.01
+    assert tilted["target_mass_on_S"] > 0.99 and 0.1 < m["reference"] < 0.3
+    for name in ("local fit, exact flow", "ideal transition's mean", "path-KL optimum", "local fit, shipped guess"):
+        assert 0.75 < m[name] < m["exact tilted transitions"], name
+        assert tilted["tv"][name] == pytest.approx(tilted["target_mass_on_S"] - m[name])
+    assert m["reference"] < m["local fit, exact flow × 0.5"] < m["local fit, exact flow"]  # half the flow moves less mass
+    assert (tmp_path / "table.md").read_text().count("\n| 4 |") == 3
+    assert json.loads((tmp_path / "results.json").read_text())["results"][1]["beta"] == 3.0
+    for bad in (["--grid", "50"], ["--mass_s", "1.5"], ["--steps", "0"], ["--betas", "-1"], ["--width", "0"], ["--flow_scales", "x"]):
+        with pytest.raises(SystemExit):
+            gtl.parse_args(bad)
