@@ -26,8 +26,8 @@ Each row is a sampler whose step k is N(μ_k(x_k), σ_k²) with the reference's 
 
 Printed per K and β: each sampler's mass on S and its TV to the target (|mass on S − the target's|, two classes).
 
-    python benchmarks/gaussian_transition_limit.py                       # β = 3, 10, 30; K = 10, 20; ~15 min on 2 cores
-    python benchmarks/gaussian_transition_limit.py --betas 3 --steps 10  # one setting, ~1 min
+    python benchmarks/gaussian_transition_limit.py                       # β = 3, 10, 30; K = 10, 20; ~5 min on 2 cores
+    python benchmarks/gaussian_transition_limit.py --betas 3 --steps 10  # one setting, ~30 s
 """
 
 from __future__ import annotations
