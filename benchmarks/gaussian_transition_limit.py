@@ -97,6 +97,7 @@ class Chain:
 
         from trl_gfn.assets import BUNDLED_DIGITS_MODEL
         from trl_gfn.diffusion import make_scheduler, transition_schedule
+        from trl_gfn.diffusion.gaussian import step_mean
 
         base = DDIMScheduler.from_pretrained(BUNDLED_DIGITS_MODEL, subfolder="scheduler")
         self.schedule = transition_schedule(make_scheduler(base, "ddpm", eta=1.0), num_steps, eta=1.0)
@@ -105,7 +106,7 @@ class Chain:
         self.dx = float(self.x[1] - self.x[0])
         self.log_reward = -torch.nn.functional.softplus(args.sharpness * self.x)  # log σ(−c x) = log p(S | x)
         s = self.schedule
-        self.ref_means = [s.coef_x[i] * self.x + s.coef_eps[i] * self.eps_hat(s.alphas_cumprod[i]) for i in range(num_steps)]
+        self.ref_means = [step_mean(self.x, self.eps_hat(s.alphas_cumprod[i]), s.coef_x[i], s.coef_eps[i]) for i in range(num_steps)]
         self.stds = [float(v) for v in s.std]
         # log F̃ of the state each step lands on: log_flow[i] belongs to x after step i; log_flow[K-1] = β r(x_0)
         log_flow = [beta * self.log_reward]
@@ -113,6 +114,7 @@ class Chain:
             log_flow.insert(0, self.smooth_log(self.ref_means[i], self.stds[i], log_flow[0]))
         self.log_flow = log_flow
         self.in_s = self.x < 0
+        self.log_initial = -0.5 * self.x**2  # x_K ~ N(0, 1), unnormalised
 
     def eps_hat(self, alpha_bar):
         """The exact noise prediction −sqrt(1 − ᾱ)·∇ log p_t of the two-class mixture at ᾱ, on the grid."""
@@ -142,32 +144,30 @@ class Chain:
         below float64's exp range at β = 30)."""
         return (self.log_kernel(means, std) + log_values[None, :]).logsumexp(dim=1)
 
-    def propagate(self, kernels, start=None) -> float:
-        """Mass on S of the final marginal of the chain with these K transition matrices, from x_K ~ N(0, 1) (or
-        ``start``, a distribution on the grid)."""
-        q = self.torch.softmax(-0.5 * self.x**2, dim=0) if start is None else start
+    def marginal(self, kernels, log_start=None):
+        """Final marginal on the grid of the chain with these K transition matrices, from x_K ~ N(0, 1) (or from
+        softmax(``log_start``))."""
+        q = self.torch.softmax(self.log_initial if log_start is None else log_start, dim=0)
         for kernel in kernels:
             q = q @ kernel
+        return q
+
+    def mass_on_s(self, q) -> float:
         return float(q[self.in_s].sum())
 
-    def gaussian(self, means) -> float:
-        return self.propagate([self.kernel(m, s) for m, s in zip(means, self.stds)])
+    def gaussian_marginal(self, means):
+        return self.marginal([self.kernel(m, s) for m, s in zip(means, self.stds)])
 
-    def target_mass(self) -> float:
-        q = self.torch.softmax(-0.5 * self.x**2, dim=0)
-        for m, s in zip(self.ref_means, self.stds):
-            q = q @ self.kernel(m, s)
-        tilted = q * (self.beta * self.log_reward - (self.beta * self.log_reward).max()).exp()
-        return float(tilted[self.in_s].sum() / tilted.sum())
+    def target_mass(self, reference_marginal) -> float:
+        """Mass on S of the reference chain's final marginal times exp(β r), normalised."""
+        return self.mass_on_s(self.torch.softmax(reference_marginal.log() + self.beta * self.log_reward, dim=0))
 
     def tilted_transitions(self, tilted_start: bool = False) -> float:
         """The exact tilted chain from x_K ~ N(0, 1), as a sampler must start; with ``tilted_start`` from N(0, 1)·F̃(x_K),
         the target's own first marginal, where it reproduces the target exactly (a check of the flows)."""
         kernels = [self.kernel(m, s, lf) for m, s, lf in zip(self.ref_means, self.stds, self.log_flow)]
-        if not tilted_start:
-            return self.propagate(kernels)
-        log_start = -0.5 * self.x**2 + self.smooth_log(self.ref_means[0], self.stds[0], self.log_flow[0])
-        return self.propagate(kernels, start=self.torch.softmax(log_start, dim=0))
+        log_start = self.log_initial + self.smooth_log(self.ref_means[0], self.stds[0], self.log_flow[0]) if tilted_start else None
+        return self.mass_on_s(self.marginal(kernels, log_start))
 
     def local_fit(self, gradients, iterations: int = 48) -> list:
         """Per step and grid state, the root of μ − μ_ref − σ²·E_{N(μ, σ²)}[g] for the target gradient g on the grid, by
@@ -230,17 +230,23 @@ class Chain:
 
 def measure(args: argparse.Namespace, num_steps: int, beta: float, saturation_reward_scale: float) -> dict:
     chain = Chain(args, num_steps, beta)
-    target = chain.target_mass()
+    reference = chain.gaussian_marginal(chain.ref_means)
+    target = chain.target_mass(reference)
+    flow = chain.flow_gradients()
+
+    def gaussian(means) -> float:
+        return chain.mass_on_s(chain.gaussian_marginal(means))
+
     mass = {
-        "reference": chain.gaussian(chain.ref_means),
+        "reference": chain.mass_on_s(reference),
         "exact tilted transitions": chain.tilted_transitions(),
-        "local fit, exact flow": chain.gaussian(chain.local_fit(chain.flow_gradients())),
-        "ideal transition's mean": chain.gaussian(chain.ideal_means()),
-        "path-KL optimum": chain.gaussian(chain.path_kl_means()),
-        "local fit, shipped guess": chain.gaussian(chain.local_fit(chain.guess_gradients(saturation_reward_scale))),
+        "local fit, exact flow": gaussian(chain.local_fit(flow)),
+        "ideal transition's mean": gaussian(chain.ideal_means()),
+        "path-KL optimum": gaussian(chain.path_kl_means()),
+        "local fit, shipped guess": gaussian(chain.local_fit(chain.guess_gradients(saturation_reward_scale))),
     }
     for f in args.flow_scales:
-        mass[scaled_row(f)] = chain.gaussian(chain.local_fit([f * g for g in chain.flow_gradients()]))
+        mass[scaled_row(f)] = gaussian(chain.local_fit([f * g for g in flow]))
     return {"steps": num_steps, "beta": beta, "target_mass_on_S": target, "mass_on_S": mass,
             "tilted_chain_from_tilted_start": chain.tilted_transitions(tilted_start=True),
             "tv": {name: abs(m - target) for name, m in mass.items()}}
@@ -275,7 +281,7 @@ def main(argv=None) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     table = markdown(results)
     Path(args.out, "table.md").write_text(table)
-    Path(args.out, "results.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "results": results}, indent=1))
+    Path(args.out, "results.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=1))
     print(table)
     return results
 
