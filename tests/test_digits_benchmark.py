@@ -214,6 +214,26 @@ def test_guess_mode_bias_truth_and_gamma_rules(tmp_path):
         gmb.parse_args(["--rollouts", "-1"])
 
 
+def test_forward_target_fit_script(tmp_path):
+    """benchmarks/forward_target_fit.py: the untrained policy makes none of its forward target (its residual is exactly 0);
+    after one epoch it makes some, and every position's groups, norms and the one-draw spread are reported."""
+    fit = _load(ROOT / "benchmarks" / "forward_target_fit.py", "forward_target_fit")
+    torch.set_num_threads(1)
+    untrained = fit.main(["--epochs", "0", "--states", "6", "--next_states", "2", "--reward_scale", "3", "--out", str(tmp_path / "u")])
+    K = BenchmarkSettings().sample_num_steps
+    assert [r["position"] for r in untrained["rows"]] == list(range(K)) and untrained["updates"] == 0
+    groups = [g for r in untrained["rows"] for g in (r.get("in_S"), r.get("outside_S")) if g]
+    assert len(groups) >= K and all(g["residual_norm"] == 0 and g["along"] == 0 and g["target_norm"] > 0 for g in groups)
+    assert all(r["spread"] > 0 for r in untrained["rows"])  # two draws of x' never give the same target
+    trained = fit.main(["--epochs", "1", "--states", "4", "--next_states", "2", "--out", str(tmp_path / "t")])
+    assert trained["updates"] == 4
+    moved = [g for r in trained["rows"] for g in (r.get("in_S"), r.get("outside_S")) if g]
+    assert all(g["residual_norm"] > 0 for g in moved) and any(g["along"] > 0 for g in moved)
+    assert (tmp_path / "t" / "forward_target_fit.md").read_text().count("\n| ") == K + 1
+    with pytest.raises(SystemExit):
+        fit.parse_args(["--next_states", "0"])
+
+
 def test_timestep_spacing_setting_reaches_every_sampler(tmp_path):
     """--timestep_spacing trailing: the trainer's schedule starts from pure noise (τ = 999 … 99), the reference target is
     sampled with it and cached under its own key; an unknown spacing is refused by name."""
