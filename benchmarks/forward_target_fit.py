@@ -72,25 +72,20 @@ def main(argv=None) -> dict:
         step = trainer.step(epoch, step)
     train_seconds = time.perf_counter() - t0
 
-    pipe, sched, c = trainer.pipeline, trainer.schedule, trainer.config
+    pipe, sched = trainer.pipeline, trainer.schedule
     n, K = args.states, trainer.schedule.num_steps
     prompts = [settings.prompt] * n
     traj = pipe.sample(prompts, sched, guidance_scale=settings.guidance_scale,
                        generators=[torch.Generator().manual_seed(4242 + i) for i in range(n)])
     logits, _, _ = score(traj.images.float().cpu(), reward)
     in_s = torch.tensor([int(d) in settings.target_digits for d in logits.argmax(1).tolist()])
-    emb = pipe.encode_prompts(prompts)
-    neg = pipe.encode_negative_prompt(c.negative_prompts, n)
     gen = torch.Generator().manual_seed(args.seed + 5)
     rows = []
     for p in range(K):
         x = traj.latents[:, p].float()
         idx = torch.full((n,), p, dtype=torch.long)
         cx, ce, std = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
-        with torch.no_grad():
-            eps = pipe.guided_epsilon(pipe.denoiser, x, sched.timesteps[idx], emb, neg, guidance_scale=c.sample_guidance_scale,
-                                      alpha_bar=sched.level(idx, like=x), prediction_type=sched.prediction_type)
-        mean = step_mean(x, eps, cx, ce)
+        mean = step_mean(x, traj.epsilons[:, p].float(), cx, ce)  # the policy's step: its ε̂ was recorded while sampling
         draws = torch.stack([trainer.flow_gradient(mean + std * torch.randn(mean.shape, generator=gen), p + 1, prompts)
                              for _ in range(args.next_states)]).flatten(2)
         t_bar = draws.mean(0)
