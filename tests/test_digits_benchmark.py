@@ -234,6 +234,48 @@ def test_forward_target_fit_script(tmp_path):
         fit.parse_args(["--next_states", "0"])
 
 
+def test_forward_target_sampler_solves_the_gaussian_tilt_exactly():
+    """benchmarks/forward_target_sampler.py: with log F̃ = −‖x‖²/2 (f(x') = −x') the fixed point T = E_{N(μ + σ²T, σ²)}[f] is
+    −μ/(1 + σ²), i.e. the step N(μ + σ²T, σ²) is the exact tilted transition N(μ, σ²)·F̃ ∝ N(μ/(1 + σ²), σ²/(1 + σ²)) in its
+    mean; one round from T = 0 gives −μ (the reference step's average) and damping only slows the approach."""
+    sampler = _load(ROOT / "benchmarks" / "forward_target_sampler.py", "forward_target_sampler")
+
+    class GaussianFlow:
+        @staticmethod
+        def flow_gradient(x, position, prompts, include_flow_head=True):
+            assert include_flow_head is False  # the guess only
+            return -x
+
+    mu, std = torch.full((2, 1, 3, 3), 1.5), torch.full((2, 1, 1, 1), 0.7)
+    gen = torch.Generator().manual_seed(0)
+    one, change = sampler.realised_target(GaussianFlow, mu, std, 0, ["p"] * 2, 1, 4000, 0.0, gen)
+    assert change == 1.0 and torch.allclose(one, -mu, atol=0.05)
+    for damping in (0.0, 0.5):
+        T, change = sampler.realised_target(GaussianFlow, mu, std, 0, ["p"] * 2, 40, 4000, damping, gen)
+        assert torch.allclose(T, -mu / (1 + std**2), atol=0.05), (damping, T.mean())
+        assert change < 0.05
+    zero, change = sampler.realised_target(GaussianFlow, mu, std, 0, ["p"] * 2, 0, 8, 0.0, gen)
+    assert change == 0.0 and not zero.any()
+
+
+def test_forward_target_sampler_script(tmp_path):
+    """benchmarks/forward_target_sampler.py on the bundled model: the base pass makes no shift; realising the β = 30 forward
+    target moves mass onto S from the same noises; figures, histograms and the per-position table are written."""
+    sampler = _load(ROOT / "benchmarks" / "forward_target_sampler.py", "forward_target_sampler")
+    torch.set_num_threads(1)
+    out = sampler.main(["--samples", "16", "--iterations", "1", "--draws", "2", "--reward_scale", "30", "--reference_samples", "64",
+                        "--sample_num_steps", "4", "--out", str(tmp_path)])
+    assert [r["position"] for r in out["realised"]["rows"]] == [0, 1, 2, 3]
+    assert all(r["target_norm"] == 0 and r["shift_in_std"] == 0 for r in out["base"]["rows"])
+    assert all(r["target_norm"] > 0 and r["last_change"] == 1.0 for r in out["realised"]["rows"])
+    assert out["realised"]["mass_on_S"] > out["base"]["mass_on_S"] + 0.2 and out["realised"]["tv"] < out["base"]["tv"] - 0.2
+    assert abs(sum(out["realised"]["hist"]) - 1) < 1e-6
+    assert (tmp_path / "forward_target_sampler.md").read_text().count("\n| ") == 2 + 4 + 2
+    for bad in (["--draws", "0"], ["--iterations", "-1"], ["--damping", "1"]):
+        with pytest.raises(SystemExit):
+            sampler.parse_args(bad)
+
+
 def test_timestep_spacing_setting_reaches_every_sampler(tmp_path):
     """--timestep_spacing trailing: the trainer's schedule starts from pure noise (τ = 999 … 99), the reference target is
     sampled with it and cached under its own key; an unknown spacing is refused by name."""
