@@ -71,18 +71,21 @@ def settings_from_args(args):
     return BenchmarkSettings(**kw)
 
 
-def realised_target(trainer, mean_ref, std, position: int, prompts: list[str], iterations: int, draws: int, damping: float,
-                    generator):
+def realised_target(trainer, mean_ref, std, position: int, prompt_embeds, negative_prompt_embeds, prompts: list[str], iterations: int,
+                    draws: int, damping: float, generator):
     """The fixed point T = E_{x'~N(mean_ref + σ²T, σ²)}[f(x')] at one sampling position, per state, and the relative
-    change of its last round (T_0 = 0; ``iterations`` = 0 returns zeros)."""
+    change of its last round (T_0 = 0; ``iterations`` = 0 returns zeros). f is the trainer's ``reward_guess`` at the next
+    position, given the prompts' embeddings once instead of re-encoding them for every draw."""
     import torch
 
     T = torch.zeros_like(mean_ref)
     change = 0.0
+    next_position = torch.full((mean_ref.shape[0],), position + 1, dtype=torch.long, device=mean_ref.device)
+    metadata = [{} for _ in prompts]
     for i in range(iterations):
         mean = mean_ref + std**2 * T
-        f = torch.stack([trainer.flow_gradient(mean + std * torch.randn(mean.shape, generator=generator), position + 1, prompts,
-                                               include_flow_head=False) for _ in range(draws)]).mean(0)
+        f = torch.stack([trainer.reward_guess(mean + std * torch.randn(mean.shape, generator=generator), next_position, prompt_embeds,
+                                              negative_prompt_embeds, prompts, metadata) for _ in range(draws)]).mean(0)
         new = f if i == 0 else (1 - damping) * f + damping * T
         change = float((new - T).flatten(1).norm(dim=1).mean() / new.flatten(1).norm(dim=1).mean().clamp(min=1e-30))
         T = new
@@ -106,11 +109,11 @@ def sample(trainer, settings, iterations: int, draws: int, damping: float, seed:
     for p in range(K):
         idx = torch.full((n,), p, dtype=torch.long)
         cx, ce, std = (sched.gather(name, idx, like=x) for name in ("coef_x", "coef_eps", "std"))
-        with torch.no_grad():
+        with torch.no_grad(), pipe.reference_mode():
             eps_ref = pipe.guided_epsilon(pipe.denoiser, x, sched.timesteps[idx], emb, neg, settings.guidance_scale, sched.level(idx, like=x),
                                           sched.prediction_type)
         mean_ref = step_mean(x, eps_ref, cx, ce)
-        T, change = realised_target(trainer, mean_ref, std, p, prompts, iterations, draws, damping, draw)
+        T, change = realised_target(trainer, mean_ref, std, p, emb, neg, prompts, iterations, draws, damping, draw)
         rows.append({"position": p, "timestep": int(sched.timesteps[p]), "target_norm": float(T.flatten(1).norm(dim=1).mean()),
                      "shift_in_std": float((std * T).flatten(1).norm(dim=1).mean()), "last_change": change})
         x = (mean_ref + std**2 * T + std * torch.randn(x.shape, generator=noise)).detach()

@@ -242,19 +242,20 @@ def test_forward_target_sampler_solves_the_gaussian_tilt_exactly():
 
     class GaussianFlow:
         @staticmethod
-        def flow_gradient(x, position, prompts, include_flow_head=True):
-            assert include_flow_head is False  # the guess only
+        def reward_guess(x, step_index, prompt_embeds, negative_prompt_embeds, prompts, prompt_metadata):
+            assert step_index.tolist() == [1, 1]  # the guess at the next state's position
             return -x
 
     mu, std = torch.full((2, 1, 3, 3), 1.5), torch.full((2, 1, 1, 1), 0.7)
     gen = torch.Generator().manual_seed(0)
-    one, change = sampler.realised_target(GaussianFlow, mu, std, 0, ["p"] * 2, 1, 4000, 0.0, gen)
+    args = (None, None, ["p"] * 2)
+    one, change = sampler.realised_target(GaussianFlow, mu, std, 0, *args, 1, 4000, 0.0, gen)
     assert change == 1.0 and torch.allclose(one, -mu, atol=0.05)
     for damping in (0.0, 0.5):
-        T, change = sampler.realised_target(GaussianFlow, mu, std, 0, ["p"] * 2, 40, 4000, damping, gen)
+        T, change = sampler.realised_target(GaussianFlow, mu, std, 0, *args, 40, 4000, damping, gen)
         assert torch.allclose(T, -mu / (1 + std**2), atol=0.05), (damping, T.mean())
         assert change < 0.05
-    zero, change = sampler.realised_target(GaussianFlow, mu, std, 0, ["p"] * 2, 0, 8, 0.0, gen)
+    zero, change = sampler.realised_target(GaussianFlow, mu, std, 0, *args, 0, 8, 0.0, gen)
     assert change == 0.0 and not zero.any()
 
 
