@@ -32,7 +32,8 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-FIGURES = ("tv", "mass_on_S", "reward_mean", "diversity_vs_target", "target_fd")
+FIGURES = ("tv", "mass_on_S", "reward_mean", "diversity_vs_target", "target_fd",
+           "tv_judge_cnn", "mass_on_S_judge_cnn", "tv_pixel_knn", "mass_on_S_pixel_knn")  # judges: is the realised target reward hacking?
 
 
 def parse_args(argv=None):

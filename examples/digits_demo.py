@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     bar.close()
     before, after = run["epochs"][0], run["epochs"][-1]
     rows = [("reward  log p(y∈S|x)", "reward_mean", "↑"), ("mass on S", "mass_on_S", "↑"), ("TV to ideal target", "tv", "↓"),
-            ("FD to ideal target", "target_fd", "↓"), ("diversity / target's", "diversity_vs_target", "→ 1"),
+            ("TV, judge CNN", "tv_judge_cnn", "↓"), ("FD to ideal target", "target_fd", "↓"), ("diversity / target's", "diversity_vs_target", "→ 1"),
             ("FD to base model", "prior_fd", ""), ("class entropy", "entropy", "")]
     print(f"\n{'metric':<24}{'before':>10}{'after':>10}")
     for name, key, arrow in rows:

@@ -41,6 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from trl_gfn.data.uci_digits import load_digit_images  # noqa: E402  (also imported from here by train_digit_classifier.py)
+
 GENERIC_PROMPT = "a handwritten digit"
 PROMPT_TEMPLATE = "a handwritten digit {}"
 
@@ -83,21 +86,6 @@ def seed_everything(seed: int):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def load_digit_images(seed: int, test_fraction: float):
-    """Return ``(x_train, y_train, x_test, y_test)``: images (N, 3, 16, 16) in [0, 1], labels (N,)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=data.target)
-    tr, te = torch.as_tensor(np.sort(tr)), torch.as_tensor(np.sort(te))
-    return x[tr], y[tr], x[te], y[te]
 
 
 def build_tokenizer(max_length: int = 8):

@@ -53,6 +53,8 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--width", type=int, default=16, help="channels of the first convolutions (default 16, the reward's)")
+    p.add_argument("--feature_dim", type=int, default=64, help="penultimate features (default 64, the reward's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -62,7 +64,7 @@ def main(argv=None):
     log(f"args: {json.dumps(vars(args))}")
     x_tr, y_tr, x_te, y_te = load_digit_images(args.seed, args.test_fraction)
     log(f"data: train {len(y_tr)}, held-out {len(y_te)}")
-    model = DigitClassifier()
+    model = DigitClassifier(width=args.width, feature_dim=args.feature_dim)
     log(f"params: {sum(q.numel() for q in model.parameters()):,}; config {json.dumps(model._hub_mixin_config)}")
     steps_per_epoch = (len(y_tr) + args.batch_size - 1) // args.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-3)

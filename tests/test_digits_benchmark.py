@@ -66,8 +66,26 @@ def test_run_structure_and_finite_figures(tiny_run):
                     "wall_time"):
             assert math.isfinite(rec[key]), key
         assert len(rec["class_histogram"]) == 10 and 0 <= rec["tv"] <= 1
+        for judge in ("judge_cnn", "pixel_knn"):  # the independent judges' figures (tests/test_judges.py)
+            assert all(0 <= rec[f"{k}_{judge}"] <= 1 for k in ("tv", "mass_on_S", "agreement"))
     assert run["images_after"].shape == (settings.eval_samples, 3, 16, 16)
     json.dumps(strip_images(run))  # JSON-serialisable without the images
+
+
+def test_reference_holds_the_target_as_each_judge_sees_it(tiny_run):
+    from trl_gfn.evaluation.digits_benchmark import evaluate_images
+    from trl_gfn.evaluation.judges import judged_target_histogram, load_digit_judges
+
+    settings, reference, run, _ = tiny_run
+    assert set(reference["judge_target_hists"]) == set(load_digit_judges())
+    for hist in reference["judge_target_hists"].values():
+        assert len(hist) == 10 and math.isclose(float(sum(hist)), 1.0, rel_tol=1e-9)
+    # with the reward's own classes the judged target is the benchmark's target
+    same = judged_target_histogram(reference["labels"], reference["rewards"], settings.reward_scale)
+    assert same.tolist() == pytest.approx(list(reference["target_hist"]), abs=1e-12)
+    old = {k: v for k, v in reference.items() if k != "judge_target_hists"}
+    with pytest.raises(ValueError, match="judges' target histograms"):
+        evaluate_images(run["images_after"], None, old, settings.target_digits)
 
 
 def test_table_plot_grid(tiny_run, tmp_path):
@@ -81,6 +99,10 @@ def test_table_plot_grid(tiny_run, tmp_path):
     row = next(line for line in markdown_table(fake).splitlines() if line.startswith("| nabla_gfn"))
     assert "| 0.200 ± 0.141 |" in row  # final TV (0.3, 0.1)
     assert row.endswith("| 0.300 ± 0.000 |")  # mean of the (here 3) trained evaluations per seed: 0.3 and 0.3
+    assert "TV, judge CNN" in table
+    # runs written before the judges existed: their judge columns read "–"
+    old = [dict(strip_images(run), epochs=[{k: v for k, v in e.items() if "judge" not in k and "knn" not in k} for e in run["epochs"]])]
+    assert "| – | – |" in next(line for line in markdown_table(old).splitlines() if line.startswith("| nabla_gfn"))
     plot_curves(runs, str(tmp_path / "curves.png"))
     save_grid([run["images_before"], run["images_after"]], str(tmp_path / "grid.png"))
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0

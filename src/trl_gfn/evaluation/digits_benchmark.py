@@ -18,7 +18,11 @@ method, epoch and seed, no gradient) with :func:`evaluate_images`:
   ``target_fd``, not by ``prior_fd``;
 - ``class_histogram`` / ``entropy`` / ``mass_on_S``;
 - ``tv``: total variation between the class histogram and the class histogram of the ideal target
-  ``p_base · exp(β r)`` (SNIS from the reference sample, ``β`` = Nabla-GFlowNet's ``reward_scale``).
+  ``p_base · exp(β r)`` (SNIS from the reference sample, ``β`` = Nabla-GFlowNet's ``reward_scale``);
+- ``tv_<judge>``, ``mass_on_S_<judge>``, ``agreement_<judge>``: the same with the classes of an independent judge that
+  gives no reward (``judge_cnn``, ``pixel_knn``; :mod:`trl_gfn.evaluation.judges`), against the target as that judge sees
+  it, and the fraction of samples on which the judge and the reward's classifier agree: a sampler that hacks the reward's
+  classifier reads a good ``tv`` and a bad ``tv_judge_cnn``.
 
 Wall time counts training (``trainer.step``) only, not the evaluation passes.
 """
@@ -48,6 +52,7 @@ from .metrics import (
     target_features,
     tv_noise_floor,
 )
+from .judges import judged_target_histogram, load_digit_judges
 
 # the shipped Nabla-GFlowNet configuration for the digits model. Every transition of each sampled trajectory is trained
 # (f = 1, as DDPO here): with f = 0.2 (3 of 10) the 3 tuning seeds reached the target but all 3 held-out seeds stalled with
@@ -238,7 +243,7 @@ def compute_reference(settings: BenchmarkSettings, reward_fn=None, cache: str | 
     SNIS target histogram of ``p_base · exp(β r)`` with its Monte-Carlo error and ESS. Cached in ``cache`` (a .pt)."""
     key = {k: getattr(settings, k) for k in ("target_digits", "prompt", "sample_num_steps", "guidance_scale", "reward_scale",
                                               "reference_samples", "reference_seed", "eval_samples")}
-    key["version"] = 2  # bump when the reference's contents change
+    key["version"] = 3  # bump when the reference's contents change
     if settings.timestep_spacing != "leading":  # (caches of the default spacing stay valid)
         key["timestep_spacing"] = settings.timestep_spacing
     if cache and os.path.exists(cache):
@@ -253,6 +258,7 @@ def compute_reference(settings: BenchmarkSettings, reward_fn=None, cache: str | 
     images = sample_images(pipeline, schedule, settings, settings.reference_samples, settings.reference_seed)
     logits, feats, rewards = score(images, reward_fn)
     target = ideal_target_histogram(logits, rewards, settings.reward_scale, n_bootstrap=200, min_ess=0)
+    judge_hists = {name: judged_target_histogram(judge(images), rewards, settings.reward_scale) for name, judge in load_digit_judges().items()}
     half = settings.reference_samples // 2
     ref = {
         "key": key,
@@ -262,6 +268,7 @@ def compute_reference(settings: BenchmarkSettings, reward_fn=None, cache: str | 
         "base_histogram": class_histogram(logits),
         "target": target.to_dict(),
         "target_hist": target.hist,
+        "judge_target_hists": judge_hists,  # the target's class histogram as each judge sees it
         "seconds": time.perf_counter() - t0,
         # Fréchet floor: base vs base with disjoint seeds at the evaluation size
         "fd_floor_eval_size": frechet_distance(feats[:settings.eval_samples].double().numpy(), feats[half:].double().numpy())
@@ -277,10 +284,19 @@ def compute_reference(settings: BenchmarkSettings, reward_fn=None, cache: str | 
 
 def evaluate_images(images: torch.Tensor, reward_fn, reference: dict[str, Any], target_digits) -> dict[str, Any]:
     """All figures of one evaluation pass (see the module docstring)."""
+    if "judge_target_hists" not in reference:
+        raise ValueError("the reference has no judges' target histograms: build it with compute_reference (cache version >= 3)")
     logits, feats, rewards = score(images, reward_fn)
     hist = class_histogram(logits)
     target = TargetFeatures(**reference["target_features"])
     diversity = pairwise_diversity(feats)
+    judged: dict[str, float] = {}
+    for name, judge in load_digit_judges().items():
+        classes = judge(images)
+        judge_hist = class_histogram(classes)
+        judged[f"mass_on_S_{name}"] = float(judge_hist[list(target_digits)].sum())
+        judged[f"tv_{name}"] = total_variation(judge_hist, reference["judge_target_hists"][name])
+        judged[f"agreement_{name}"] = float((classes.numpy() == logits.argmax(-1).numpy()).mean())
     return {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std(ddof=1)),
@@ -292,6 +308,7 @@ def evaluate_images(images: torch.Tensor, reward_fn, reference: dict[str, Any], 
         "entropy": histogram_entropy(hist),
         "mass_on_S": float(hist[list(target_digits)].sum()),
         "tv": total_variation(hist, reference["target_hist"]),
+        **judged,
     }
 
 
@@ -375,7 +392,8 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 CURVE_KEYS = [("reward_mean", "reward  log p(y∈S|x)"), ("diversity_vs_target", "diversity / target's diversity"),
               ("target_fd", "Fréchet distance to the target"), ("tv", "TV to ideal target p_base·e^{βr}")]
 TABLE_KEYS = [("reward_mean", "reward"), ("tv", "TV to target"), ("target_fd", "FD to target"), ("diversity_vs_target", "diversity / target's"),
-              ("diversity", "diversity"), ("prior_fd", "FD to base"), ("mass_on_S", "mass on S")]
+              ("diversity", "diversity"), ("prior_fd", "FD to base"), ("mass_on_S", "mass on S"),
+              ("tv_judge_cnn", "TV, judge CNN"), ("tv_pixel_knn", "TV, pixel kNN")]
 #: the table's last column averages TV over this many final evaluations (per seed, then mean ± std over seeds)
 LAST_EVALS = 5
 
@@ -388,7 +406,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {}
     for m, rs in by.items():
         n = min(len(r["epochs"]) for r in rs)
-        agg = {k: np.array([[e[k] for e in r["epochs"][:n]] for r in rs], dtype=float)
+        # (runs written before the judges existed have no judge figures: nan, printed as "–")
+        agg = {k: np.array([[e.get(k, np.nan) for e in r["epochs"][:n]] for r in rs], dtype=float)
                for k in dict.fromkeys(["update_step", "wall_time", "entropy"] + [k for k, _ in CURVE_KEYS + TABLE_KEYS])}
         agg["seeds"] = [r["seed"] for r in rs]
         out[m] = agg
@@ -397,6 +416,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def fmt(values: np.ndarray, digits: int = 3) -> str:
     values = np.asarray(values, dtype=float)
+    if values.size and np.isnan(values).all():
+        return "–"
     if values.size > 1:
         return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
     return f"{values.mean():.{digits}f}"
