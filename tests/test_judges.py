@@ -98,3 +98,12 @@ def test_judged_target_histogram_is_snis_with_the_judges_classes():
     expected = np.bincount(classes, weights=w, minlength=10) / w.sum()
     np.testing.assert_allclose(judged_target_histogram(classes, rewards, beta), expected, rtol=1e-12)
     np.testing.assert_allclose(judged_target_histogram(torch.as_tensor(classes), rewards, 0.0), np.bincount(classes, minlength=10) / 500)
+
+
+def test_loading_the_judges_leaves_the_global_random_stream_alone():
+    load_digit_judges.cache_clear()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_digit_judges()
+    assert torch.equal(torch.rand(3), expected)

@@ -76,7 +76,10 @@ def load_digit_judges() -> dict[str, Judge]:
     from ..data.uci_digits import load_digit_images
     from ..rewards.digits import DigitClassifier
 
-    cnn = DigitClassifier.from_pretrained(BUNDLED_DIGIT_JUDGE).eval().requires_grad_(False)
+    # building the network draws its (then overwritten) initial weights from torch's global generator: fork it, so that
+    # loading the judges in the first evaluation does not change a training run's random stream
+    with torch.random.fork_rng(devices=[]):
+        cnn = DigitClassifier.from_pretrained(BUNDLED_DIGIT_JUDGE).eval().requires_grad_(False)
     x_train, y_train, _, _ = load_digit_images(seed=0)  # the split the diffusion model and the reward were trained on
 
     @torch.no_grad()
