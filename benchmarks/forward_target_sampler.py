@@ -32,8 +32,10 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-FIGURES = ("tv", "mass_on_S", "reward_mean", "diversity_vs_target", "target_fd",
-           "tv_judge_cnn", "mass_on_S_judge_cnn", "tv_pixel_knn", "mass_on_S_pixel_knn")  # judges: is the realised target reward hacking?
+# figure -> column of the table; the judges' figures say whether the realised target hacks the reward's classifier
+FIGURES = {"tv": "TV to target", "mass_on_S": "mass on S", "reward_mean": "reward", "diversity_vs_target": "diversity / target's",
+           "target_fd": "FD to target", "tv_judge_cnn": "TV, judge CNN", "mass_on_S_judge_cnn": "mass on S, judge CNN",
+           "tv_pixel_knn": "TV, pixel kNN", "mass_on_S_pixel_knn": "mass on S, pixel kNN"}
 
 
 def parse_args(argv=None):
@@ -157,7 +159,7 @@ def markdown(result: dict) -> str:
     a = result["args"]
     head = (f"β = {result['settings']['reward_scale']:g}, S = {result['settings']['target_digits']}, {result['settings']['eval_samples']} samples; "
             f"{a['iterations']} round(s) of {a['draws']} draws per state, damping {a['damping']:g}\n\n"
-            "| sampler | TV to target | mass on S | reward | diversity / target's | FD to target |\n|---|---|---|---|---|---|\n")
+            "| sampler | " + " | ".join(FIGURES.values()) + " |\n|---|" + "---|" * len(FIGURES) + "\n")
     lines = [f"| {name} | " + " | ".join(f"{result[name][k]:.3f}" for k in FIGURES) + " |" for name in ("base", "realised")]
     per = ("\n\n| position | τ | ‖T‖ | mean shift / σ | last round's relative change |\n|---|---|---|---|---|\n"
            + "\n".join(f"| {r['position']} | {r['timestep']} | {r['target_norm']:.2f} | {r['shift_in_std']:.2f} | {r['last_change']:.2f} |"
