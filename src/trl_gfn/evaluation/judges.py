@@ -76,10 +76,9 @@ def load_digit_judges() -> dict[str, Judge]:
     from ..data.uci_digits import load_digit_images
     from ..rewards.digits import DigitClassifier
 
-    # building the network draws its (then overwritten) initial weights from torch's global generator: fork it, so that
-    # loading the judges in the first evaluation does not change a training run's random stream
-    with torch.random.fork_rng(devices=[]):
-        cnn = DigitClassifier.from_pretrained(BUNDLED_DIGIT_JUDGE).eval().requires_grad_(False)
+    # (from_pretrained leaves torch's global generator alone: loading the judges in a run's first evaluation does not
+    # change its random stream)
+    cnn = DigitClassifier.from_pretrained(BUNDLED_DIGIT_JUDGE).eval().requires_grad_(False)
     x_train, y_train, _, _ = load_digit_images(seed=0)  # the split the diffusion model and the reward were trained on
 
     @torch.no_grad()

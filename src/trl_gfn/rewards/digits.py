@@ -108,11 +108,13 @@ class DigitClassifier(nn.Module, PyTorchModelHubMixin, library_name="trl-gfn", t
         Keyword arguments override the stored config (for the reward: ``target_digits=...`` or
         ``prompt_aware=True``). Loading is strict (missing or unexpected keys raise) and a local
         directory without weights raises ``FileNotFoundError``: a pretrained classifier is never
-        silently replaced by random weights.
+        silently replaced by random weights. Building the network draws its (then overwritten) initial weights from torch's
+        global generator on a fork of it: loading a classifier leaves a caller's random stream as it was.
         """
         _check_local_weights(pretrained_model_name_or_path)
         kwargs.setdefault("strict", True)  # every parameter must come from the checkpoint
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def parse_digit(prompt: str) -> int:
