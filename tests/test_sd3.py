@@ -30,6 +30,10 @@ SETTINGS = {
                                                                    train_timestep_fraction=0.34, train_learning_rate=5e-2), 3),
     "ddpo": (DDPOConfig, DDPOTrainer, dict(sample_num_steps=6, sample_batch_size=8, train_learning_rate=3e-2, train_clip_range=0.5,
                                            sample_noise_level=1.4), 6),
+    # Flow-GRPO: DDPO's settings with groups of 4 samples per prompt, group-relative advantages and a weak KL to the reference
+    "flow_grpo": (DDPOConfig, DDPOTrainer, dict(sample_num_steps=6, sample_batch_size=8, train_learning_rate=3e-2, train_clip_range=0.5,
+                                                sample_noise_level=1.4, sample_group_size=4, group_relative_advantages=True,
+                                                kl_reference_scale=0.01), 6),
     "draft": (DRaFTConfig, DRaFTTrainer, dict(sample_num_steps=5, sample_num_batches_per_epoch=2, train_learning_rate=5e-2), 3),
     # DRaFT through the deterministic Euler ODE (noise level 0), as reward backpropagation is usually run on flow models
     "draft_ode": (DRaFTConfig, DRaFTTrainer, dict(sample_num_steps=5, sample_num_batches_per_epoch=2, train_learning_rate=5e-2,

@@ -11,6 +11,10 @@ chosen transitions of each trajectory with the clipped surrogate
 where, as in TRL and ddpo-pytorch, the log-probability is the Gaussian log-density **averaged** over the
 latent's elements. The reward is never differentiated, so any reward works (e.g. JPEG compressibility).
 Cost per trained transition: one guided UNet forward and backward (≈ 3 units of a sampling step).
+
+Flow-GRPO (Liu et al., 2025) on the same code: ``sample_group_size`` G samples per prompt, advantages
+normalised within each group (``group_relative_advantages``) and, with ``kl_reference_scale`` = β_KL > 0, the
+loss plus β_KL · KL(π_θ(·|x_k) ‖ π_ref(·|x_k)), the closed form of two Gaussian steps with the same σ_k.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ CITATION = """@inproceedings{black2024training,
   eprint    = {2305.13301}
 }"""
 
-LOSS_KEYS = ("loss", "approx_kl", "clipfrac", "ratio_mean", "advantage_abs_mean")
+LOSS_KEYS = ("loss", "approx_kl", "clipfrac", "ratio_mean", "advantage_abs_mean", "kl_reference")
+GROUP_STD_EPSILON = 1e-4  # Flow-GRPO's: a group whose rewards are all equal gets advantage 0
 
 
 class PerPromptStatTracker:
@@ -83,6 +88,18 @@ class PerPromptStatTracker:
         self.stats = {k: deque(map(float, v), maxlen=self.buffer_size) for k, v in stats.items()}
 
 
+def group_relative_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """GRPO's advantages: each reward minus its group's mean, over its group's std (population) + 1e-4. In float64: a
+    group's rewards can differ in their last float32 digits."""
+    values = rewards.double()
+    advantages = torch.empty_like(values)
+    for group in torch.unique(groups):
+        rows = groups == group
+        r = values[rows]
+        advantages[rows] = (r - r.mean()) / (r.std(unbiased=False) + GROUP_STD_EPSILON)
+    return advantages.to(rewards.dtype)
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
@@ -106,7 +123,8 @@ class DDPOTrainer(TransitionTrainer):
     citation = CITATION
     needs_reward_gradient = False
     card_fields = [*TransitionTrainer.card_fields, "train_timestep_fraction", "train_clip_range", "train_adv_clip_max", "train_cfg",
-                   "per_prompt_stat_tracking", "train_num_inner_epochs"]
+                   "per_prompt_stat_tracking", "train_num_inner_epochs", "sample_group_size", "group_relative_advantages",
+                   "kl_reference_scale"]
 
     def __init__(self, config: DDPOConfig, reward_function, pipeline=None, prompt_function: Any = None, image_samples_hook=None, **kwargs):
         self.stat_tracker: PerPromptStatTracker | None = None
@@ -130,6 +148,18 @@ class DDPOTrainer(TransitionTrainer):
             return super().start_scoring(traj)
         return self.executor.submit(self.score_no_grad, traj.images, traj.prompts, traj.prompt_metadata).result
 
+    # ------------------------------------------------------------------ prompts in groups (GRPO)
+    def draw_prompts(self, ids, epoch: int) -> tuple[list[str], list[dict]]:
+        """One prompt per group of ``sample_group_size`` consecutive sample ids (group id = sample id // G), shared by
+        the group's samples: the group's draw depends on (seed, epoch, group id) only, as a sample's does."""
+        size = self.config.sample_group_size
+        if size == 1:
+            return super().draw_prompts(ids, epoch)
+        groups = list(dict.fromkeys(int(i) // size for i in ids))
+        prompts, metadata = self.prompt_source(groups, epoch)
+        drawn = dict(zip(groups, zip(prompts, metadata)))
+        return [drawn[int(i) // size][0] for i in ids], [dict(drawn[int(i) // size][1]) for i in ids]
+
     # ------------------------------------------------------------------ advantages
     def compute_advantages(self, samples: Trajectories) -> torch.Tensor:
         """Advantages of this process's samples, normalised over the samples of all processes (as TRL did).
@@ -146,6 +176,8 @@ class DDPOTrainer(TransitionTrainer):
             prompts = gather_object(list(samples.prompts)) if acc.num_processes > 1 else list(samples.prompts)
             prompts = [prompts[i] for i in order.tolist()]
             advantages = torch.as_tensor(self.stat_tracker.update(prompts, rewards.cpu().numpy()), dtype=torch.float32, device=rewards.device)
+        elif self.config.group_relative_advantages:
+            advantages = group_relative_advantages(rewards, ids // self.config.sample_group_size)
         else:
             advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
         position = {int(i): n for n, i in enumerate(ids.tolist())}
@@ -175,13 +207,27 @@ class DDPOTrainer(TransitionTrainer):
         mean = step_mean(x, epsilon, cx, ce)
         return log_prob(batch.next_latents.float(), mean, std) / x[0].numel()
 
-    def policy_epsilon(self, batch: TransitionBatch) -> torch.Tensor:
-        """The policy's noise prediction at x_k through the prepared model: guided if ``train_cfg``, else conditional only."""
+    def policy_epsilon(self, batch: TransitionBatch, model=None) -> torch.Tensor:
+        """The policy's noise prediction at x_k through the prepared model (or ``model``): guided if ``train_cfg``, else
+        conditional only."""
         c, sched, x = self.config, self.schedule, batch.latents.float()
         idx = batch.step_index
         scale = c.sample_guidance_scale if c.train_cfg else 1.0
-        return self.pipeline.guided_epsilon(self.wrapped("unet"), x, sched.timesteps[idx], batch.prompt_embeds, batch.negative_prompt_embeds,
-                                            scale, sched.level(idx, like=x), sched.prediction_type)
+        return self.pipeline.guided_epsilon(model if model is not None else self.wrapped("unet"), x, sched.timesteps[idx], batch.prompt_embeds,
+                                            batch.negative_prompt_embeds, scale, sched.level(idx, like=x), sched.prediction_type)
+
+    def reference_kl(self, batch: TransitionBatch, epsilon: torch.Tensor) -> torch.Tensor:
+        """Per-sample KL(π_θ(·|x_k) ‖ π_ref(·|x_k)) of the policy's step (noise prediction ``epsilon``) to the reference's
+        (adapter off, the same guidance), averaged over the latent's elements like the log-probabilities.
+
+        Both steps are N(μ, σ_k² I) with the same σ_k, so the KL is ‖μ_θ − μ_ref‖² / (2σ_k²), and μ_θ − μ_ref =
+        coef_eps · (ε̂_θ − ε̂_ref) is taken from the noise difference (no cancellation of two large means).
+        """
+        with torch.no_grad(), self.pipeline.reference_mode():
+            eps_ref = self.policy_epsilon(batch, model=self.local("unet"))
+        idx, x = batch.step_index, batch.latents.float()
+        ce, std = (self.schedule.gather(name, idx, like=x) for name in ("coef_eps", "std"))
+        return ((ce * (epsilon.float() - eps_ref.float())) ** 2 / (2 * std**2)).flatten(1).mean(1)
 
     def compute_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """PPO-clip loss of a batch of transitions; ``batch.extras["advantages"]`` holds the advantages.
@@ -192,17 +238,23 @@ class DDPOTrainer(TransitionTrainer):
         c = self.config
         with torch.no_grad():
             old = self.transition_log_prob(batch, batch.epsilons.float())
-        new = self.transition_log_prob(batch, self.policy_epsilon(batch))
+        epsilon = self.policy_epsilon(batch)
+        new = self.transition_log_prob(batch, epsilon)
         advantages = batch.extras["advantages"].float().clamp(-c.train_adv_clip_max, c.train_adv_clip_max)
         ratio = torch.exp(new - old)
         unclipped = -advantages * ratio
         clipped = -advantages * ratio.clamp(1.0 - c.train_clip_range, 1.0 + c.train_clip_range)
         loss = torch.maximum(unclipped, clipped).mean()
+        kl_reference = torch.zeros_like(loss)
+        if c.kl_reference_scale > 0:
+            kl_reference = self.reference_kl(batch, epsilon).mean()
+            loss = loss + c.kl_reference_scale * kl_reference
         with torch.no_grad():
             approx_kl = 0.5 * ((new - old) ** 2).mean()
             clipfrac = ((ratio - 1.0).abs() > c.train_clip_range).float().mean()
-        terms = dict(zip(LOSS_KEYS, (loss.detach(), approx_kl, clipfrac, ratio.detach().mean(), advantages.abs().mean())))
+        terms = dict(zip(LOSS_KEYS, (loss.detach(), approx_kl, clipfrac, ratio.detach().mean(), advantages.abs().mean(),
+                                     kl_reference.detach())))
         return loss, terms
 
 
-__all__ = ["DDPOTrainer", "PerPromptStatTracker"]
+__all__ = ["DDPOTrainer", "PerPromptStatTracker", "group_relative_advantages"]

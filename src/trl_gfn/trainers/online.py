@@ -194,12 +194,17 @@ class DiffusionRLTrainer(BaseDiffusionTrainer):
         """One generator per sample, seeded by (seed, epoch, sample id) only."""
         return [torch.Generator(device=self.accelerator.device).manual_seed(sample_seed(self.config.seed, epoch, i)) for i in ids]
 
+    def draw_prompts(self, ids: Sequence[int], epoch: int) -> tuple[list[str], list[dict]]:
+        """Prompts and metadata of the samples ``ids`` of ``epoch`` (one draw each; DDPO's ``sample_group_size`` draws
+        one per group of samples instead)."""
+        return self.prompt_source(ids, epoch)
+
     def sample_batch(self, epoch: int, batch_index: int, decode: bool = True) -> Trajectories:
         """Sample (no gradient, not scored) this process's ``batch_index``-th batch of the epoch, with ``sample_ids`` set
         (and ``images`` if ``decode``)."""
         c, acc = self.config, self.accelerator
         ids = self.batch_sample_ids(batch_index, c.sample_batch_size)
-        prompts, metadata = self.prompt_source(ids, epoch)
+        prompts, metadata = self.draw_prompts(ids, epoch)
         self.note_prompts(prompts)
         traj = self.pipeline.sample(prompts, self.schedule, guidance_scale=c.sample_guidance_scale, negative_prompt=c.negative_prompts,
                                     prompt_metadata=metadata, generators=self.sample_generators(epoch, ids), decode=decode)
