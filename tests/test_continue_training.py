@@ -114,3 +114,36 @@ def test_mismatches_and_misuse_name_the_field(trained, tmp_path):
                       logdir=str(tmp_path), run_name="f", save_freq=0, log_image_freq=0, lora_rank=4, lora_alpha=8, init_from=old.output_dir)
     with pytest.warns(UserWarning, match=r"also holds \['flow_head'\], which DDPOTrainer does not train"):
         DDPOTrainer(ddpo, BrightnessReward(), DiffusionPipelineForRL(tiny_stable_diffusion()), prompt_function=PROMPTS)
+
+
+def test_a_hub_module_that_cannot_be_fetched_is_an_error_and_only_a_module_the_repo_lacks_is_skipped(trained, tmp_path, monkeypatch):
+    """Offline with only the LoRA cached, the flow head's files cannot be read: an error naming the file, not a fresh flow
+    head. Only when the Hub answers that the repo has no flow_head/ does the run start the flow head from its
+    initialisation (with a warning)."""
+    import huggingface_hub
+    import httpx2
+    from huggingface_hub import constants, errors
+
+    old, samples, flow = trained
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = tmp_path / "hub" / "models--me--lora-only" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--me--lora-only" / "refs").mkdir()
+    (tmp_path / "hub" / "models--me--lora-only" / "refs" / "main").write_text(COMMIT)
+    shutil.copy(os.path.join(old.output_dir, "pytorch_lora_weights.safetensors"), snapshot)
+    with pytest.raises(FileNotFoundError, match=r"could not get flow_head/config\.json of the Hub repo 'me/lora-only'"):
+        nabla(tmp_path, "g", init_from="me/lora-only")
+
+    real = huggingface_hub.hf_hub_download
+
+    def download(repo, filename, **kwargs):  # the Hub answers 404 for the flow head's files
+        if filename.startswith("flow_head/"):
+            response = httpx2.Response(404, request=httpx2.Request("GET", f"https://huggingface.co/{repo}/resolve/main/{filename}"))
+            raise errors.RemoteEntryNotFoundError(f"404 {filename}", response=response)
+        return real(repo, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.warns(UserWarning, match="flow_head"):
+        new = nabla(tmp_path, "h", init_from="me/lora-only")
+    assert torch.equal(first_samples(new), samples)  # the LoRA was loaded

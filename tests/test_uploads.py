@@ -93,3 +93,14 @@ def test_run_and_exp_names_cannot_leave_logdir(tmp_path, name):
         with pytest.raises(ValueError, match=rf"^{field}: must be a plain folder name"):
             NablaGFlowNetConfig(logdir=str(tmp_path), **{field: name})
     assert os.listdir(tmp_path) == []
+
+
+def test_every_field_that_names_a_local_folder_is_stripped_from_the_public_config():
+    from trl_gfn.configs import DDPOConfig, PPDConfig
+
+    public = PPDConfig(ppd_embedding_provider="/home/alice/secret_project/provider").to_public_dict()
+    assert public["ppd_embedding_provider"] == "<local>/provider"
+    # prompt text is kept as written
+    assert DDPOConfig(negative_prompts="/not a path, a prompt").to_public_dict()["negative_prompts"] == "/not a path, a prompt"
+    assert PPDConfig(ppd_embedding_provider="me/provider").to_public_dict()["ppd_embedding_provider"] == "me/provider"
+    assert "alice" not in str(public)

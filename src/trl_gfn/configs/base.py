@@ -158,12 +158,13 @@ class BaseDiffusionConfig:
     def to_public_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` safe to upload or log (what the trainers write to ``training_config.json``, model cards,
         trackers and checkpoint manifests): credential-like entries of the kwargs dicts redacted, local absolute
-        paths reduced to ``<local>/<last component>``."""
+        paths reduced to ``<local>/<last component>`` in every field (the path fields, and any other field that names a
+        file or folder, such as a reward or provider folder), except the prompt text fields."""
         out = self.to_dict()
         for name, value in out.items():
             if isinstance(value, dict):
                 out[name] = strip_local_path(redact(value))
-            elif name in PATH_FIELDS:
+            elif name in PATH_FIELDS or "prompt" not in name:
                 out[name] = strip_local_path(value)
         return out
 

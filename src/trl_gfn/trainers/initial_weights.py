@@ -66,11 +66,27 @@ def resolve_weights_source(source: str, module_names: list[str], *, token: str |
         for filename in module_files(name):
             try:
                 hf_hub_download(repo, filename, revision=revision or None, token=token)
-            except (EntryNotFoundError, HfHubHTTPError, OSError):
-                if filename.endswith(".json"):
-                    break  # the repo has no such module: init_weights warns
-                raise
+            except (EntryNotFoundError, HfHubHTTPError, OSError) as err:
+                if filename.endswith(".json") and _absent_from_repo(err):
+                    break  # the Hub says the repo has no such module: init_weights warns
+                # offline without the file cached, a network or permission error, or a module with its config but not its
+                # weights: never train on from a fresh module as if the repo had none
+                raise FileNotFoundError(f"init_from: could not get {filename} of the Hub repo {source!r} "
+                                        f"({type(err).__name__}: {err})") from err
     return os.path.dirname(lora)
+
+
+def _absent_from_repo(err: BaseException) -> bool:
+    """Whether a download error means the Hub answered that the file does not exist in the repo (not: offline, not cached,
+    unreachable, unauthorised)."""
+    from huggingface_hub import errors
+
+    if isinstance(err, errors.LocalEntryNotFoundError):
+        return False
+    remote = getattr(errors, "RemoteEntryNotFoundError", None)
+    if remote is not None:
+        return isinstance(err, remote)
+    return isinstance(err, errors.EntryNotFoundError)
 
 
 def load_module(module: torch.nn.Module, folder: str, name: str) -> None:
