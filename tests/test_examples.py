@@ -61,6 +61,20 @@ def test_reward_preset_fills_fields_left_at_defaults():
     assert build_prompts(args, config) == "simple_animals"
 
 
+def test_prompts_on_the_command_line_are_a_set_name_one_prompt_or_a_list():
+    from trl_gfn import NablaGFlowNetConfig
+    from trl_gfn.cli import ScriptArguments, build_prompts
+    from trl_gfn.prompts import PromptSource
+
+    config = NablaGFlowNetConfig()
+    assert build_prompts(ScriptArguments(prompts="simple_animals"), config) == "simple_animals"
+    assert build_prompts(ScriptArguments(prompts="a photo of a cat"), config) == ["a photo of a cat"]
+    assert build_prompts(ScriptArguments(prompts="a cat|a dog|"), config) == ["a cat", "a dog"]
+    # in Python a bare string is a set name; anything else is named as a prompt, with the fix
+    with pytest.raises(ValueError, match=r"^prompts .*'a photo of a cat' is not a prompt-set name.*\['a photo of a cat'\]"):
+        PromptSource("a photo of a cat")
+
+
 def test_config_tables_in_docs_are_up_to_date():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "config_docs.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -64,3 +64,15 @@ def test_base_model_hub_id():
     assert base_model_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert base_model_hub_id(f"/c/hub/models--org--name.v2/snapshots/{SNAPSHOT}") == "org/name.v2"
     assert base_model_hub_id("/home/me/models/sd") is None and base_model_hub_id("./sd") is None and base_model_hub_id("") is None
+
+
+def test_the_licenses_of_the_sdxl_and_sd3_bases_of_the_example_configs_are_known_offline():
+    from trl_gfn.trainers.hub import base_model_license, build_model_card
+
+    common = dict(repo_id="me/lora", base_model="", method="DDPO", method_tag="ddpo", paper="p", citation="", reward="r", config={},
+                  key_fields=[], metrics={}, prompts=["a cat"])
+    sdxl, sd3 = "stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-3-medium-diffusers"
+    assert base_model_license(sdxl, sdxl) == "openrail++"
+    data = ModelCard(str(build_model_card(base_model_id=sd3, license=base_model_license(sd3, sd3), **common))).data
+    assert data.license == "other" and data.license_name == "stabilityai-ai-community"
+    assert data.license_link.endswith("stable-diffusion-3-medium/blob/main/LICENSE.md")

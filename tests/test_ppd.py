@@ -71,6 +71,19 @@ def test_provider_loader_refuses_missing_weights_and_unknown_classes(tmp_path):
     (tmp_path / "p" / "provider.json").write_text('{"provider_class": "Nope"}')
     with pytest.raises(ValueError, match="not a registered provider class"):
         load_user_embedding_provider(str(tmp_path / "p"))
+    # a path that does not exist is named as such, not sent to the Hub as a repo id
+    for missing in ("./my-provider", str(tmp_path / "nonexistent"), "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=r"ppd_embedding_provider: .* is neither an existing folder nor a Hub repo id"):
+            load_user_embedding_provider(missing)
+
+
+def test_a_provider_hub_id_that_cannot_be_fetched_names_the_field(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"ppd_embedding_provider: could not get provider\.json of the Hub repo 'me/provider'"):
+        load_user_embedding_provider("me/provider")
 
 
 def test_one_user_reduces_to_diffusion_dpo(tmp_path):
@@ -205,3 +218,22 @@ def test_push_to_hub_uploads_lora_user_layers_provider_and_embeddings(tmp_path, 
                                      "user_attention/diffusion_pytorch_model.safetensors", "user_embeddings.safetensors",
                                      "user_embedding_provider/provider.json", "user_embedding_provider/model.safetensors",
                                      "user_embedding_provider/config.json"])
+
+
+def test_the_model_card_shows_how_to_load_the_user_layers_and_its_code_runs(tmp_path):
+    import re
+
+    data = with_users(brightness_preferences(8), [0] * 4 + [1] * 4)
+    c = PPDConfig(logdir=str(tmp_path), run_name="card", **dict(COMMON, num_epochs=1, save_freq=0))
+    trainer = PPDTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+    trainer.train()
+    final = trainer.save_pretrained()
+    card = trainer.create_model_card("me/ppd-lora")
+    extra = card.split("The LoRA alone does not personalise")[1]
+    code = re.search(r"```python\n(.*?)```", extra, re.S).group(1)
+    assert 'snapshot_download("me/ppd-lora")' in code and "user_attention" in code and "user_embeddings.safetensors" in code
+    pipeline = tiny_stable_diffusion()
+    pipeline.load_lora_weights(final)
+    namespace = {"pipeline": pipeline}
+    exec(code.replace('snapshot_download("me/ppd-lora")', repr(final)).replace("make_schedule(\"auto\", 30)", "make_schedule(\"auto\", 3)"), namespace)
+    assert namespace["images"].shape[0] == 1 and torch.isfinite(namespace["images"]).all()

@@ -214,6 +214,24 @@ def test_from_pretrained_refuses_incomplete_directories(tmp_path):
         AestheticScorer.from_pretrained(tmp_path, strict=False)
 
 
+def test_from_pretrained_names_a_truncated_weights_file_and_refuses_non_finite_weights(tmp_path):
+    from trl_gfn.weights_io import WeightsFileError
+
+    model = MAKERS["aesthetic"]()
+    model.save_pretrained(tmp_path / "nan")
+    state = load_file(tmp_path / "nan" / "model.safetensors")
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, tmp_path / "nan" / "model.safetensors")
+    with pytest.raises(WeightsFileError, match=r"AestheticScorer weights: .*model\.safetensors holds non-finite values"):
+        AestheticScorer.from_pretrained(tmp_path / "nan")
+    model.save_pretrained(tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WeightsFileError, match=r"AestheticScorer weights: .*cut.model\.safetensors is not a readable safetensors file"):
+        AestheticScorer.from_pretrained(tmp_path / "cut")
+
+
 def test_from_pretrained_refuses_missing_or_empty_tokenizer(tmp_path):
     import shutil
 

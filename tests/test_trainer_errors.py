@@ -240,3 +240,12 @@ def test_a_launch_that_asked_for_several_processes_but_started_one_warns(tmp_pat
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.warns(UserWarning, match=r"--num_processes > 1 but started ONE process.*--multi_gpu"):
         trainer_with(tmp_path, BrightnessReward())
+
+
+def test_every_name_in_a_trainer_module_s_all_exists():
+    import importlib
+
+    for name in ("base", "online", "ddpo", "nabla_gfn", "draft", "publishing", "hub", "initial_weights"):
+        module = importlib.import_module(f"trl_gfn.trainers.{name}")
+        missing = [n for n in getattr(module, "__all__", []) if not hasattr(module, n)]
+        assert not missing, (name, missing)

@@ -39,7 +39,7 @@ class ScriptArguments:
     reward: str = field(default="digits", metadata={"help": "digits | jpeg_compressibility | jpeg_incompressibility | brightness | a reward from its official checkpoint (downloaded and converted on first use): aesthetic, hpsv2, hpsv2.1, imagereward, pickscore."})
     reward_model: str | None = field(default=None, metadata={"help": "Directory or Hub id of already converted reward weights (default: the official checkpoint, converted and cached; for digits the bundled classifier)."})
     target_digits: list[int] | None = field(default=None, metadata={"help": "digits reward: the target set S of r = log p(y in S | x) (default: the digit named in each prompt)."})
-    prompts: str | None = field(default=None, metadata={"help": "A prompt-set name (trl_gfn.prompts.available_prompt_sets()) or prompts separated by '|' (default: the preset's set, or config.prompt_set; digit prompts for the bundled model)."})
+    prompts: str | None = field(default=None, metadata={"help": "A prompt-set name (trl_gfn.prompts.available_prompt_sets()), one prompt, or prompts separated by '|' (default: the preset's set, or config.prompt_set; digit prompts for the bundled model)."})
     apply_reward_preset: bool = field(default=True, metadata={"help": "Fill config fields left at their defaults from the reward's preset (reward_scale, unet_reg_scale, flow_condition_on_prompt)."})
 
 
@@ -67,7 +67,11 @@ def build_reward(args: ScriptArguments):
 def build_prompts(args: ScriptArguments, config) -> Any:
     """Prompt source for the trainer: explicit prompts, the reward preset's set, digit prompts, or config.prompt_set."""
     if args.prompts:
-        return args.prompts.split("|") if "|" in args.prompts else args.prompts
+        from .prompts import available_prompt_sets
+
+        if "|" in args.prompts:
+            return [p for p in args.prompts.split("|") if p.strip()]
+        return args.prompts if args.prompts in available_prompt_sets() else [args.prompts]  # one prompt, not a set name
     from .rewards import REWARD_PRESETS
 
     if args.reward in REWARD_PRESETS and config.prompt_set == _default(config, "prompt_set"):

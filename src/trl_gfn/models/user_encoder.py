@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import torch
@@ -87,6 +88,9 @@ class DigitsUserEncoder(UserEmbeddingProvider, PyTorchModelHubMixin, library_nam
         return (self.score_head(self.class_probabilities(images)) * embeddings).sum(-1)
 
 
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 def load_user_embedding_provider(name_or_path: str | os.PathLike, **kwargs) -> UserEmbeddingProvider:
     """Load a provider saved with ``save_pretrained`` (a folder or a Hub repo): the class named in its ``provider.json``.
 
@@ -102,7 +106,19 @@ def load_user_embedding_provider(name_or_path: str | os.PathLike, **kwargs) -> U
     else:
         from huggingface_hub import hf_hub_download
 
-        meta = hf_hub_download(path, "provider.json", revision=kwargs.pop("revision", None))
+        repo, _, at_revision = path.partition("@")
+        if path.startswith((".", "/", "~", "\\")) or os.path.exists(path) or not _HUB_REPO.match(repo):
+            raise FileNotFoundError(f"ppd_embedding_provider: {path!r} is neither an existing folder nor a Hub repo id such as "
+                                    "'me/my-provider' (a folder written by save_pretrained, holding model.safetensors and provider.json)")
+        revision = kwargs.pop("revision", None) or at_revision or None
+        try:
+            meta = hf_hub_download(repo, "provider.json", revision=revision)
+        except Exception as err:  # offline and not cached, unknown repo, no provider.json: name the field and the repo
+            raise FileNotFoundError(f"ppd_embedding_provider: could not get provider.json of the Hub repo {path!r} "
+                                    f"({type(err).__name__}: {err})") from err
+        path = repo
+        if revision is not None:
+            kwargs["revision"] = revision
     with open(meta, encoding="utf-8") as f:
         name = json.load(f).get("provider_class")
     if name not in PROVIDERS:

@@ -55,7 +55,7 @@ def load_prompt_set(name: str) -> list[str]:
             return list(load_dataset(repo, split=split)[column])
         except Exception as err:  # noqa: BLE001 - re-raised with the set's name and source
             raise RuntimeError(f"prompt set {name!r} is read from the Hub dataset {repo!r} and could not be loaded: {err}") from err
-    raise ValueError(f"prompt_set: unknown prompt set {name!r}; available: {available_prompt_sets()}")
+    raise ValueError(f"unknown prompt set {name!r}; available: {available_prompt_sets()}")
 
 
 class PromptSource:
@@ -72,6 +72,10 @@ class PromptSource:
         self.prompts: list[str] | None = None
         self.metadata: list[dict] | None = None
         if isinstance(source, str):
+            if source not in available_prompt_sets():
+                raise ValueError(f"prompts (prompt_function, or config.prompt_set when none is given): {source!r} is not a prompt-set "
+                                 f"name (available: {available_prompt_sets()}); a single prompt is a list of one, [{source!r}] "
+                                 f"(on the command line: --prompts '{source}|')")
             self.prompts = load_prompt_set(source)
         elif _is_dataset(source):
             if "prompt" not in source.column_names:

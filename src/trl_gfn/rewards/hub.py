@@ -193,11 +193,13 @@ class PretrainedRewardMixin(PyTorchModelHubMixin):
         weights = cls._resolve_file(model_id, WEIGHTS_NAME, hub_kwargs=hub_kwargs)
 
         from accelerate import init_empty_weights
-        from safetensors.torch import load_file
+
+        from ..weights_io import read_safetensors
 
         with init_empty_weights(include_buffers=False):  # parameters on `meta`: no wasted random init
             model = cls(**model_kwargs)
-        state_dict = load_file(weights, device=str(map_location))
+        # a truncated or corrupt file is an error naming it, and so are NaN / inf weights (a reward that scores NaN)
+        state_dict = read_safetensors(weights, what=f"{cls.__name__} weights")
         for key in cls._ignored_load_keys:
             state_dict.pop(key, None)
         load_state_dict_strict(model, state_dict, source=weights, assign=True)

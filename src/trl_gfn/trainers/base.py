@@ -617,5 +617,5 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
 
 
-__all__ = ["BaseDiffusionTrainer", "CHECKPOINT_PATTERN", "CheckpointError", "DiffusionRLTrainer", "TrainableModules", "TrainingState", "TransitionTrainer",
+__all__ = ["BaseDiffusionTrainer", "CHECKPOINT_PATTERN", "CheckpointError", "TrainableModules", "TrainingState",
            "resolve_resume_path", "sample_seed"]

@@ -15,6 +15,13 @@ from typing import Any
 #: licenses of base models whose card cannot be read locally; each checked against the model's own card (docs/quickstart.md)
 KNOWN_LICENSES = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "other",
+}
+#: the name and link the Hub metadata gives a base model's ``license: other``
+KNOWN_OTHER_LICENSES = {
+    "stabilityai/stable-diffusion-3-medium-diffusers": (
+        "stabilityai-ai-community", "https://huggingface.co/stabilityai/stable-diffusion-3-medium/blob/main/LICENSE.md"),
 }
 #: ``models--owner--name/snapshots/<commit>``: a folder of the Hugging Face cache
 _HF_CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][0-9a-f]{40}[/\\]?$")
@@ -97,8 +104,10 @@ def build_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     all_tags = list(dict.fromkeys(["trl-gfn", method_tag, "lora", "text-to-image", "diffusers", *(tags or [])]))
+    other = KNOWN_OTHER_LICENSES.get(base_model_id or "") if license == "other" else None
     data = ModelCardData(base_model=base_model_id, license=license, library_name="diffusers", pipeline_tag="text-to-image", tags=all_tags,
-                         datasets=[dataset_name] if dataset_name else None)
+                         datasets=[dataset_name] if dataset_name else None,
+                         **(dict(license_name=other[0], license_link=other[1]) if other else {}))
     base_model = base_model or "<base model>"
     base_link = f"[`{base_model}`](https://huggingface.co/{base_model_id})" if base_model_id else f"`{base_model}` (a local model)"
     load_base = json.dumps(base_model_id) if base_model_id else f"{json.dumps(base_model)}  # the local folder of the base model"

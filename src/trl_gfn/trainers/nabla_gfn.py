@@ -109,7 +109,7 @@ class NablaGFlowNetTrainer(ReferenceFlowTraining, MonteCarloFlowCritic, Transiti
         """The (unwrapped) flow head g_φ, or None when ``use_flow_head=False``."""
         return getattr(self.unwrapped, "flow_head", None)
 
-    def model_card_extra_usage(self) -> str:
+    def model_card_extra_usage(self, repo_id: str = "<repo_id>") -> str:
         if not self.config.use_flow_head:
             return ""
         return ("\nThe learned residual flow-gradient head is in `flow_head/` "

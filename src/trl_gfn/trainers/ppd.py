@@ -18,6 +18,7 @@ The final folder holds the LoRA, ``user_attention/`` (the added layers), ``user_
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -140,6 +141,30 @@ class PPDTrainer(DiffusionDPOTrainer):
         if user not in self.user_table:
             raise KeyError(f"unknown user {user!r}; known: {sorted(self.user_table, key=str)[:10]} (embed a new user with embed_user)")
         return self.user_table[user]
+
+    def model_card_extra_usage(self, repo_id: str = "<repo_id>") -> str:
+        """The plain LoRA above samples without personalisation: how to load the user layers and sample for a user."""
+        denoiser = self.pipeline.family.denoiser_name
+        return f"""
+The LoRA alone does not personalise. The user layers are in `user_attention/`, each trained user's embedding e_u in
+`user_embeddings.safetensors` (keyed by `str(user_id)`), and the frozen provider that embeds a new user's pairs in
+`user_embedding_provider/`. To sample for user 0:
+
+```python
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
+from trl_gfn import DiffusionPipelineForRL
+from trl_gfn.models import UserCrossAttention
+
+folder = snapshot_download({json.dumps(repo_id)})
+layers = UserCrossAttention.from_pretrained(f"{{folder}}/user_attention")
+layers.install(pipeline.{denoiser})                      # the pipeline above, with the LoRA loaded
+e_u = load_file(f"{{folder}}/user_embeddings.safetensors")["0"]
+rl = DiffusionPipelineForRL(pipeline)
+images = rl.sample([{json.dumps(self.card_prompt_examples()[0] if self.card_prompt_examples() else "a photo")}], rl.make_schedule("auto", 30),
+                   guidance_scale=7.5, extra_tokens=layers(e_u[None])).images    # a new user: docs/ppd.md
+```
+"""
 
     def user_tokens(self, embeddings: torch.Tensor) -> torch.Tensor:
         """User tokens (B, ppd_num_tokens, D) of embeddings (B, embed_dim), for ``DiffusionPipelineForRL.sample(extra_tokens=...)``

@@ -41,8 +41,8 @@ class PublishingMixin:
         """TRL's name for :meth:`save_pretrained` (its example scripts end with ``trainer.save_model(output_dir)``)."""
         return self.save_pretrained(output_dir)
 
-    def model_card_extra_usage(self) -> str:
-        """Extra text under the card's usage example (Nabla-GFlowNet: where its flow head is)."""
+    def model_card_extra_usage(self, repo_id: str = "<repo_id>") -> str:
+        """Extra text under the card's usage example (Nabla-GFlowNet: where its flow head is; PPD: how to load the user layers)."""
         return ""
 
     def note_prompts(self, prompts: Sequence[str]) -> None:
@@ -84,7 +84,7 @@ class PublishingMixin:
         card = build_model_card(repo_id=repo_id, base_model=public_model_name(name_or_path), base_model_id=hub_id,
                                 license=base_model_license(name_or_path, hub_id), method=self.method_name, method_tag=tag, paper=self.paper,
                                 citation=self.citation, reward=reward, config=self.config.to_public_dict(), key_fields=self.card_fields,
-                                metrics=metrics, prompts=self.card_prompt_examples(), extra_usage=self.model_card_extra_usage(),
+                                metrics=metrics, prompts=self.card_prompt_examples(), extra_usage=self.model_card_extra_usage(repo_id),
                                 dataset_name=dataset_name, tags=list(tags) if isinstance(tags, (list, tuple)) else ([tags] if tags else None),
                                 objective=self.card_objective(), pipeline_class=self.pipeline.family.pipeline_class.__name__)
         return str(card)
