@@ -136,6 +136,11 @@ for _name, (_over, _note) in ABLATIONS.items():
     METHODS[_name] = ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", {**_NABLA_DIGITS, **_SQUARED_GAMMA, **_over}, _note)
 METHODS["nabla_gfn_squared_gamma"] = ("NablaGFlowNetTrainer", "NablaGFlowNetConfig", {**_NABLA_DIGITS, **_SQUARED_GAMMA},
                                       "the previous default: γ_k = ᾱ_k at every β (the same as nabla_gfn at β = 30)")
+METHODS["nabla_gfn_reference_forward_saturating"] = (
+    "NablaGFlowNetTrainer", "NablaGFlowNetConfig",
+    {**_NABLA_DIGITS, **ABLATIONS["nabla_gfn_reference_forward"][0]},
+    "as nabla_gfn_reference_forward (flow head and forward term also on reference trajectories resampled ∝ exp(βr(x_0))), "
+    "with the shipped saturating γ (the same as nabla_gfn_reference_forward at β = 30)")
 
 DEFAULT_METHODS = ["nabla_gfn", "nabla_gfn_paper", "ddpo", "draft_k1", "draft_lv", "alignprop", "refl"]
 
