@@ -181,3 +181,19 @@ def test_ppd_example_on_the_bundled_pairs_relabelled_for_simulated_users(tmp_pat
     final = tmp_path / "logs" / "ex" / "final"
     assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "user_attention" / "config.json").is_file()
     assert (final / "user_embeddings.safetensors").is_file() and "PPD" in (final / "README.md").read_text()
+
+
+def test_a_dataset_folder_without_the_eval_split_warns_at_the_default_and_is_an_error_when_named(tmp_path):
+    from trl_gfn.cli import run_preference
+    from trl_gfn.data.digits_preferences import load_digits_preferences
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    load_digits_preferences("train").select(range(8)).to_parquet(str(folder / "train.parquet"))
+    common = ["--dataset", str(folder), "--logdir", str(tmp_path / "logs"), "--run_name", "r", "--save_freq", "0", "--num_epochs", "1",
+              "--train_batch_size", "4", "--lr_warmup_steps", "0"]
+    with pytest.raises(ValueError, match=r"^eval_split: .* has no split 'test'.*--eval_split ''"):
+        run_preference(common + ["--eval_split", "test"])
+    with pytest.warns(UserWarning, match=r"eval_split: .* has no 'validation' split, so this run evaluates nothing"):
+        trainer = run_preference(common)
+    assert trainer.state.global_step >= 1 and trainer.eval_pairs is None

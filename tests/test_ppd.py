@@ -237,3 +237,21 @@ def test_the_model_card_shows_how_to_load_the_user_layers_and_its_code_runs(tmp_
     namespace = {"pipeline": pipeline}
     exec(code.replace('snapshot_download("me/ppd-lora")', repr(final)).replace("make_schedule(\"auto\", 30)", "make_schedule(\"auto\", 3)"), namespace)
     assert namespace["images"].shape[0] == 1 and torch.isfinite(namespace["images"]).all()
+
+
+def test_random_flip_trains_and_leaves_the_user_context_pairs_unflipped(tmp_path):
+    data = with_users(brightness_preferences(8), [0] * 4 + [1] * 4)
+    flipped = PPDTrainer(PPDConfig(logdir=str(tmp_path), run_name="flip", random_flip=True, **COMMON), DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+    plain = PPDTrainer(PPDConfig(logdir=str(tmp_path), run_name="plain", **COMMON), DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+    for user in (0, 1):  # the embeddings come from the pairs as stored
+        torch.testing.assert_close(flipped.user_embedding(user), plain.user_embedding(user), rtol=0, atol=0)
+    flipped.train()
+    assert flipped.state.global_step == 2
+
+
+def test_the_preference_configs_say_vae_gradient_checkpointing_is_ignored():
+    from trl_gfn import InversionDPOConfig, SPINDiffusionConfig
+
+    for config_class in (DiffusionDPOConfig, InversionDPOConfig, SPINDiffusionConfig, PPDConfig):
+        with pytest.warns(UserWarning, match="vae_gradient_checkpointing"):
+            config_class(vae_gradient_checkpointing=True)

@@ -280,3 +280,29 @@ def test_the_preference_trainers_with_their_own_data_flow_train_on_sdxl(tmp_path
     assert trainer.state.global_step == 2
     moved = sum(float(p.detach().abs().sum()) for n, p in pipe.unet.named_parameters() if "lora_B" in n)
     assert moved > 0
+
+
+def test_inversion_dpo_conditions_sdxl_on_the_trained_pairs_size(tmp_path):
+    """SDXL's add_time_ids carry the image size: Inversion-DPO trained at `resolution` 32 on a pipeline built for 16 x 16
+    conditions both CFG branches on 32 x 32, as Diffusion-DPO does."""
+    from trl_gfn import InversionDPOConfig, InversionDPOTrainer
+
+    pipe = DiffusionPipelineForRL(tiny_stable_diffusion_xl(), height=16, width=16)
+    sizes = {"prompts": [], "negative": []}
+    encode, negative = pipe.encode_prompts, pipe.family.encode_negative_prompt
+
+    def encode_prompts(prompts, image_size=None):
+        sizes["prompts"].append(image_size)
+        return encode(prompts, image_size=image_size)
+
+    def encode_negative_prompt(prompt, batch, image_size):
+        sizes["negative"].append(tuple(image_size))
+        return negative(prompt, batch, image_size)
+
+    pipe.encode_prompts = encode_prompts
+    pipe.family.encode_negative_prompt = encode_negative_prompt
+    config = InversionDPOConfig(num_epochs=1, train_batch_size=4, save_freq=0, lora_rank=4, lr_warmup_steps=0, logdir=str(tmp_path),
+                                inversion_num_steps=4, inversion_train_steps=2, resolution=32)
+    InversionDPOTrainer(config, pipe, brightness_preferences(4)).train()
+    assert sizes["prompts"] and set(sizes["prompts"]) == {(32, 32)}
+    assert sizes["negative"] and set(sizes["negative"]) == {(32, 32)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +200,8 @@ def load_preference_split(dataset: str, split: str, minority_fraction: float | N
             if isinstance(loaded, datasets.DatasetDict):
                 return loaded[split] if split in loaded else None
             return loaded if split == "train" else None
+        if any(name.endswith(".parquet") for name in os.listdir(dataset)):
+            return None  # a folder of split files without this one
         raise ValueError(f"dataset: {dataset} holds neither {split}.parquet nor a dataset written by save_to_disk")
     return datasets.load_dataset(dataset, split=split)  # a Hub dataset
 
@@ -228,6 +231,12 @@ def run_preference(argv: list[str] | None = None, config_class: type | None = No
     if train is None:
         raise ValueError(f"dataset: {args.dataset} has no split {args.dataset_split!r}")
     evaluation = load_preference_split(args.dataset, args.eval_split, args.minority_fraction) if args.eval_split else None
+    if args.eval_split and evaluation is None:
+        if args.eval_split != _default(args, "eval_split"):  # asked for by name: not silently skipped
+            raise ValueError(f"eval_split: {args.dataset} has no split {args.eval_split!r}; name one it has, or pass --eval_split '' "
+                             "for no evaluation")
+        warnings.warn(f"eval_split: {args.dataset} has no {args.eval_split!r} split, so this run evaluates nothing "
+                      "(pass --eval_split '' to say so, or --eval_split <split> to evaluate on another split)", stacklevel=2)
     if personalized and os.path.abspath(args.dataset) == os.path.abspath(BUNDLED_DIGITS_PREFERENCES):
         from .data.personalized import SEEN_USERS, personalized_preferences
 

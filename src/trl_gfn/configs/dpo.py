@@ -62,6 +62,8 @@ class DiffusionDPOConfig(BaseDiffusionConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.vae_gradient_checkpointing:
+            warn_ignored("vae_gradient_checkpointing", "the preference trainers never differentiate through the VAE decoder")
         for loss, names in LOSS_FIELDS.items():
             for name in names:
                 if loss != self.loss_type and getattr(self, name) != _default_value(type(self), name):

@@ -223,13 +223,15 @@ class PreferencePairs:
         """The annotator of kept pair ``index`` (None without a ``user_id`` / ``annotator_id`` column)."""
         return self.dataset[self.rows[index]][self.annotator_column] if self.annotator_column else None
 
-    def load(self, indices: Sequence[int], generators: Sequence[torch.Generator] | None = None) -> PairBatch:
+    def load(self, indices: Sequence[int], generators: Sequence[torch.Generator] | None = None, flip: bool = True) -> PairBatch:
         """The kept pairs ``indices`` (positions in :attr:`rows`) as a :class:`PairBatch`, preferred image first.
 
         With ``random_flip`` each image is flipped when a draw from its pair's generator (two draws per pair, winner
-        then loser) is below 1/2, so that a pair's flips depend on its generator only.
+        then loser) is below 1/2, so that a pair's flips depend on its generator only. ``flip=False`` loads the images as
+        stored whatever ``random_flip`` says (pairs that are read, not trained on: e.g. PPD's context pairs).
         """
-        if self.random_flip and (generators is None or len(generators) != len(indices)):
+        flip = flip and self.random_flip
+        if flip and (generators is None or len(generators) != len(indices)):
             raise ValueError("random_flip needs one generator per pair")
         captions, winners, losers, user_ids, rows = [], [], [], [], []
         for n, i in enumerate(indices):
@@ -238,7 +240,7 @@ class PreferencePairs:
             images = [decode_image(record[c], f"{self.name} row {row}, column {c!r}") for c in IMAGE_COLUMNS]
             if not self.first_preferred[i]:
                 images.reverse()
-            flips = torch.rand(2, generator=generators[n]).lt(0.5).tolist() if self.random_flip else [False, False]
+            flips = torch.rand(2, generator=generators[n]).lt(0.5).tolist() if flip else [False, False]
             winners.append(preprocess_image(images[0], self.resolution, flips[0]))
             losers.append(preprocess_image(images[1], self.resolution, flips[1]))
             captions.append(record["caption"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -116,17 +116,22 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         self.step_weights = trajectory_weights(self.inversion_schedule).float()
         self.train_steps = c.inversion_train_steps or c.inversion_num_steps
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._negative = None  # the unconditional branch's conditioning, one row (through the family: SDXL zeroes an empty prompt)
+        # the unconditional branch's conditioning, one row per image size (through the family: SDXL zeroes an empty prompt and
+        # conditions on the size)
+        self._negative: dict[tuple[int, int], Any] = {}
+        self._image_size: tuple[int, int] | None = None  # of the pairs being trained (SDXL's add_time_ids)
 
     # ------------------------------------------------------------------ guided predictions and the inversion
     def guided_eps(self, unet: torch.nn.Module, states: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Guided predictions of the inversion's sampler (float32; ε̂, or the velocity on SD3) at states (M, C, h, w), timesteps
         (M,) of the inversion schedule, prompt conditioning (M rows)."""
-        if self._negative is None:
-            self._negative = self.pipeline.encode_negative_prompt(None, 1).to(self.accelerator.device)
+        size = self._image_size or tuple(self.pipeline.image_size)
+        if size not in self._negative:
+            self._negative[size] = self.pipeline.family.encode_negative_prompt(None, 1, size).to(self.accelerator.device)
+        negative = self._negative[size]
         schedule = self.inversion_schedule
         level = schedule.level(schedule.step_index(timesteps), like=states)
-        return self.pipeline.guided_epsilon(unet, states, timesteps, embeds, self._negative.expand(states.shape[0], -1, -1),
+        return self.pipeline.guided_epsilon(unet, states, timesteps, embeds, negative.expand(states.shape[0], -1, -1),
                                             self.config.inversion_guidance_scale, level, schedule.prediction_type)
 
     @torch.no_grad()
@@ -166,7 +171,8 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
     def make_pair_inputs(self, batch: PairBatch, generators: Sequence[torch.Generator]) -> TrajectoryInputs:  # type: ignore[override]
         """The inverted trajectories of winners and losers and, per pair, the K trained steps (from the pair's generator)."""
         device = self.accelerator.device
-        embeds = self.pipeline.encode_prompts(batch.captions).to(device)
+        self._image_size = tuple(batch.winners.shape[-2:])
+        embeds = self.pipeline.encode_prompts(batch.captions, image_size=self._image_size).to(device)  # SDXL: size ids
         states_w, targets_w, ref_w = self.trajectories(batch.winners, batch.captions, embeds)
         states_l, targets_l, ref_l = self.trajectories(batch.losers, batch.captions, embeds)
         N, K = self.config.inversion_num_steps, self.train_steps

@@ -125,7 +125,7 @@ class PPDTrainer(DiffusionDPOTrainer):
                              f"{sorted(short.items(), key=str)[:5]}")
         for u, positions in by_user.items():
             if u not in self.user_table:
-                batch = pairs.load(positions[:k])
+                batch = pairs.load(positions[:k], flip=False)  # the user's K context pairs as stored
                 self.user_table[u] = self.embed_user(batch.winners, batch.losers, batch.captions)
         return list(by_user)
 
