@@ -228,6 +228,38 @@ def test_cache_and_unet_calls_per_pair(tmp_path, train_steps):
     assert not uncached._cache
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_steps_per_call_split_the_policy_calls_with_the_same_loss_and_gradient(tmp_path, checkpointing):
+    """inversion_steps_per_call = 2 of K = 6: every policy call holds at most 2 steps of the 4 pairs' winners and losers (x 2 CFG
+    branches; with gradient_checkpointing also in the backward's recomputation), and the loss and LoRA gradient are those of
+    one call."""
+    def run(per_call):
+        pipe = DiffusionPipelineForRL(tiny_stable_diffusion())
+        torch.manual_seed(0)
+        randomise_parameters([p for n, p in pipe.unet.named_parameters() if "lora_B" in n])
+        trainer = InversionDPOTrainer(config(tmp_path, run_name=f"c{per_call}", inversion_steps_per_call=per_call,
+                                             gradient_checkpointing=checkpointing), pipe, brightness_preferences(8))
+        idx = [0, 1, 2, 3]
+        batch = trainer.train_pairs.load(idx)
+        generators = trainer.pair_generators([trainer.train_pairs.rows[i] for i in idx], 0)
+        trainer.compute_loss(batch, generators)  # the inversion and its cache, outside the counted calls
+        sizes = []
+        handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: sizes.append(int((a[0] if a else k["sample"]).shape[0])) if
+                                                    torch.is_grad_enabled() else None, with_kwargs=True)
+        loss, _ = trainer.compute_loss(batch, trainer.pair_generators([trainer.train_pairs.rows[i] for i in idx], 0))
+        grads = torch.autograd.grad(loss, pipe.lora_parameters())
+        handle.remove()
+        return loss, grads, sizes
+
+    whole, grads_whole, sizes_whole = run(None)
+    split, grads_split, sizes_split = run(2)
+    assert max(sizes_whole) == 4 * 2 * 6 * 2 and max(sizes_split) == 4 * 2 * 2 * 2
+    assert sum(sizes_split) == sum(sizes_whole)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads_split, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))  # float32 summation order
+
+
 def test_resume_is_exact_and_card_names_the_method(tmp_path):
     data = brightness_preferences(16)
 

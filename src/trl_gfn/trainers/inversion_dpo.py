@@ -186,12 +186,19 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
 
     # ------------------------------------------------------------------ errors
     def denoise(self, unet: torch.nn.Module, inputs: TrajectoryInputs) -> Denoised:  # type: ignore[override]
-        """One batched guided UNet call on the K trained states of every winner and loser; weighted trajectory errors."""
+        """Guided UNet calls on the K trained states of every winner and loser (``inversion_steps_per_call`` steps per call, all K
+        in one by default); weighted trajectory errors."""
         B, K = inputs.timesteps.shape
-        states = torch.cat([inputs.states_w, inputs.states_l]).flatten(0, 1)
-        embeds = inputs.prompt_embeds.repeat(2, 1, 1).repeat_interleave(K, dim=0)
-        eps = self.guided_eps(unet, states, inputs.timesteps.repeat(2, 1).flatten(), embeds).view(2 * B, K, *states.shape[1:])
-        eps_w, eps_l = eps.chunk(2)
+        per_call = self.config.inversion_steps_per_call or K
+        parts = []
+        for k0 in range(0, K, per_call):
+            steps = slice(k0, min(k0 + per_call, K))
+            n = steps.stop - steps.start
+            states = torch.cat([inputs.states_w[:, steps], inputs.states_l[:, steps]]).flatten(0, 1)
+            embeds = inputs.prompt_embeds.repeat(2, 1, 1).repeat_interleave(n, dim=0)
+            eps = self.guided_eps(unet, states, inputs.timesteps[:, steps].repeat(2, 1).flatten(), embeds)
+            parts.append(eps.view(2 * B, n, *states.shape[1:]))
+        eps_w, eps_l = torch.cat(parts, dim=1).chunk(2)
         return Denoised(trajectory_error(eps_w, inputs.targets_w, inputs.weights), trajectory_error(eps_l, inputs.targets_l, inputs.weights),
                         eps_w, eps_l)
 
