@@ -126,3 +126,17 @@ def test_trainer_applies_the_config_to_both_datasets(tmp_path):
     assert len(trainer.train_pairs) == 8 and trainer.train_pairs.resolution == 16 and trainer.eval_pairs.name == "eval_dataset"
     with pytest.raises(PreferenceDataError, match=r"train_dataset row 1, column 'jpg_0'"):
         DiffusionDPOTrainer(DiffusionDPOConfig(**{**config.to_dict(), "invalid_rows": "error"}), DiffusionPipelineForRL(tiny_stable_diffusion()), ds)
+
+
+def test_the_up_front_image_check_warns_about_its_cost_on_a_large_dataset(monkeypatch):
+    import warnings
+
+    from trl_gfn.data import preference
+
+    monkeypatch.setattr(preference, "VERIFY_IMAGES_WARN_ROWS", 4)
+    data = brightness_preferences(8)
+    with pytest.warns(UserWarning, match=r"verify_images=True decodes all 16 images"):
+        preference.PreferencePairs(data, resolution=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preference.PreferencePairs(data, resolution=16, verify_images=False)

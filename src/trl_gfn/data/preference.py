@@ -123,6 +123,10 @@ def _label_problem(value: Any) -> str | None:
     return None
 
 
+#: above this many rows the up-front image check warns about its cost
+VERIFY_IMAGES_WARN_ROWS = 50_000
+
+
 class PreferencePairs:
     """A checked view of a preference dataset: the rows that train, which image of each is preferred, and loading.
 
@@ -168,6 +172,10 @@ class PreferencePairs:
     # ------------------------------------------------------------------ the check
     def _check(self) -> None:
         ds = self.dataset
+        if self.verify_images and len(ds) > VERIFY_IMAGES_WARN_ROWS:
+            warnings.warn(f"{self.name}: verify_images=True decodes all {2 * len(ds)} images before training, on every process and at "
+                          "every resume (hours for a dataset of this size); verify_images=False decodes each when its batch loads",
+                          UserWarning, stacklevel=3)
         captions = list(ds["caption"])
         labels = list(ds["label_0"])
         for row, (caption, label) in enumerate(zip(captions, labels)):
