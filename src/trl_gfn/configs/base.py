@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .public import redact, strip_local_path
-from .validation import PATH_FIELDS, check_fields, check_kwargs, check_name
+from .validation import check_fields, check_kwargs, check_name
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: a Hub repository id: ``name`` or ``namespace/name``
@@ -164,7 +164,7 @@ class BaseDiffusionConfig:
         for name, value in out.items():
             if isinstance(value, dict):
                 out[name] = strip_local_path(redact(value))
-            elif name in PATH_FIELDS or "prompt" not in name:
+            elif "prompt" not in name:  # the path fields and any other field naming a local file or folder
                 out[name] = strip_local_path(value)
         return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Sequence
 
 import torch
@@ -88,9 +87,6 @@ class DigitsUserEncoder(UserEmbeddingProvider, PyTorchModelHubMixin, library_nam
         return (self.score_head(self.class_probabilities(images)) * embeddings).sum(-1)
 
 
-_HUB_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 def load_user_embedding_provider(name_or_path: str | os.PathLike, **kwargs) -> UserEmbeddingProvider:
     """Load a provider saved with ``save_pretrained`` (a folder or a Hub repo): the class named in its ``provider.json``.
 
@@ -106,8 +102,10 @@ def load_user_embedding_provider(name_or_path: str | os.PathLike, **kwargs) -> U
     else:
         from huggingface_hub import hf_hub_download
 
+        from ..configs.base import HUB_REPO_ID
+
         repo, _, at_revision = path.partition("@")
-        if path.startswith((".", "/", "~", "\\")) or os.path.exists(path) or not _HUB_REPO.match(repo):
+        if path.startswith((".", "/", "~", "\\")) or os.path.exists(path) or repo.count("/") != 1 or not HUB_REPO_ID.match(repo):
             raise FileNotFoundError(f"ppd_embedding_provider: {path!r} is neither an existing folder nor a Hub repo id such as "
                                     "'me/my-provider' (a folder written by save_pretrained, holding model.safetensors and provider.json)")
         revision = kwargs.pop("revision", None) or at_revision or None

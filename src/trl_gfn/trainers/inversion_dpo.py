@@ -119,13 +119,12 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         # the unconditional branch's conditioning, one row per image size (through the family: SDXL zeroes an empty prompt and
         # conditions on the size)
         self._negative: dict[tuple[int, int], Any] = {}
-        self._image_size: tuple[int, int] | None = None  # of the pairs being trained (SDXL's add_time_ids)
 
     # ------------------------------------------------------------------ guided predictions and the inversion
     def guided_eps(self, unet: torch.nn.Module, states: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Guided predictions of the inversion's sampler (float32; ε̂, or the velocity on SD3) at states (M, C, h, w), timesteps
         (M,) of the inversion schedule, prompt conditioning (M rows)."""
-        size = self._image_size or tuple(self.pipeline.image_size)
+        size = tuple(d * self.pipeline.vae_scale_factor for d in states.shape[-2:])  # the images' size (SDXL's add_time_ids)
         if size not in self._negative:
             self._negative[size] = self.pipeline.family.encode_negative_prompt(None, 1, size).to(self.accelerator.device)
         negative = self._negative[size]
@@ -171,8 +170,7 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
     def make_pair_inputs(self, batch: PairBatch, generators: Sequence[torch.Generator]) -> TrajectoryInputs:  # type: ignore[override]
         """The inverted trajectories of winners and losers and, per pair, the K trained steps (from the pair's generator)."""
         device = self.accelerator.device
-        self._image_size = tuple(batch.winners.shape[-2:])
-        embeds = self.pipeline.encode_prompts(batch.captions, image_size=self._image_size).to(device)  # SDXL: size ids
+        embeds = self.pipeline.encode_prompts(batch.captions, image_size=tuple(batch.winners.shape[-2:])).to(device)  # SDXL: size ids
         states_w, targets_w, ref_w = self.trajectories(batch.winners, batch.captions, embeds)
         states_l, targets_l, ref_l = self.trajectories(batch.losers, batch.captions, embeds)
         N, K = self.config.inversion_num_steps, self.train_steps

@@ -145,6 +145,7 @@ class PPDTrainer(DiffusionDPOTrainer):
     def model_card_extra_usage(self, repo_id: str = "<repo_id>") -> str:
         """The plain LoRA above samples without personalisation: how to load the user layers and sample for a user."""
         denoiser = self.pipeline.family.denoiser_name
+        prompt = (self.card_prompt_examples() or ["a photo"])[0]
         return f"""
 The LoRA alone does not personalise. The user layers are in `user_attention/`, each trained user's embedding e_u in
 `user_embeddings.safetensors` (keyed by `str(user_id)`), and the frozen provider that embeds a new user's pairs in
@@ -161,7 +162,7 @@ layers = UserCrossAttention.from_pretrained(f"{{folder}}/user_attention")
 layers.install(pipeline.{denoiser})                      # the pipeline above, with the LoRA loaded
 e_u = load_file(f"{{folder}}/user_embeddings.safetensors")["0"]
 rl = DiffusionPipelineForRL(pipeline)
-images = rl.sample([{json.dumps(self.card_prompt_examples()[0] if self.card_prompt_examples() else "a photo")}], rl.make_schedule("auto", 30),
+images = rl.sample([{json.dumps(prompt)}], rl.make_schedule("auto", 30),
                    guidance_scale=7.5, extra_tokens=layers(e_u[None])).images    # a new user: docs/ppd.md
 ```
 """
