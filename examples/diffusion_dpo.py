@@ -6,7 +6,8 @@
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/diffusion_dpo.py \
         --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --dataset yuvalkirstain/pickapic_v2 \
         --eval_split validation_unique --beta 5000 --train_learning_rate 1e-4 --train_batch_size 4 \
-        --train_gradient_accumulation_steps 32 --num_epochs 1 --lr_warmup_steps 100 --mixed_precision bf16 --gradient_checkpointing True
+        --train_gradient_accumulation_steps 32 --num_epochs 1 --lr_warmup_steps 100 --mixed_precision bf16 --gradient_checkpointing True \
+        --verify_images False --save_steps 500   # ~1.9 M pairs: decode images as their batch loads; checkpoint inside the epoch
 
 Every `DiffusionDPOConfig` field is a flag (`--help` lists them) and can come from a YAML file given with `--config`.
 `--dataset` takes the bundled data (default), a folder of <split>.parquet files, a save_to_disk folder, a .parquet file

@@ -5,7 +5,8 @@
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/inversion_dpo.py \
         --pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 --dataset yuvalkirstain/pickapic_v2 \
         --eval_split validation_unique --inversion_num_steps 40 --train_learning_rate 1e-5 --train_batch_size 1 \
-        --train_gradient_accumulation_steps 64 --num_epochs 1 --mixed_precision bf16 --gradient_checkpointing True
+        --train_gradient_accumulation_steps 64 --num_epochs 1 --mixed_precision bf16 --gradient_checkpointing True \
+        --verify_images False --save_steps 200
 
 Every `InversionDPOConfig` field is a flag (`--help` lists them) and can come from a YAML file given with `--config`; the data
 arguments are those of examples/diffusion_dpo.py. See docs/inversion_dpo.md for the sign and the cost per pair.

@@ -218,3 +218,32 @@ def test_a_changed_manifest_is_refused_wherever_the_change_is(run):
     path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     with pytest.raises(CheckpointError, match=r"checkpoint_2/trl_gfn_checkpoint\.json: altered or corrupt"):
         nabla(run.parent, resume_from=str(run / "checkpoints" / "checkpoint_2"))
+
+
+def test_checkpoints_inside_an_epoch_sort_between_its_boundaries(run, tmp_path):
+    from trl_gfn.trainers.checkpoints import checkpoint_order, prune
+
+    names = ["checkpoint_10", "checkpoint_1_step_12", "checkpoint_2", "checkpoint_1", "checkpoint_1_step_7", "checkpoint_x", "final"]
+    assert sorted((n for n in names if checkpoint_order(n)), key=checkpoint_order) == [
+        "checkpoint_1", "checkpoint_1_step_7", "checkpoint_1_step_12", "checkpoint_2", "checkpoint_10"]
+    folder = tmp_path / "pruned"
+    for n in names:
+        (folder / n).mkdir(parents=True)
+    assert prune(str(folder), 2) == ["checkpoint_1", "checkpoint_1_step_7", "checkpoint_1_step_12"]
+    assert sorted(os.listdir(folder)) == ["checkpoint_10", "checkpoint_2", "checkpoint_x", "final"]
+    # resume_from=<run dir> takes the newest complete one in that order
+    checkpoints = run / "checkpoints"
+    shutil.copytree(checkpoints / "checkpoint_1", checkpoints / "checkpoint_1_step_9")
+    assert resolve_resume_path(str(run)) == str(checkpoints / "checkpoint_2")
+    shutil.copytree(checkpoints / "checkpoint_2", checkpoints / "checkpoint_2_step_3")
+    assert resolve_resume_path(str(run)) == str(checkpoints / "checkpoint_2_step_3")
+
+
+def test_a_trainer_that_checkpoints_at_epoch_boundaries_refuses_one_inside_an_epoch(run):
+    checkpoint = run / "checkpoints" / "checkpoint_2"
+    manifest = read_manifest(str(checkpoint))
+    manifest["epoch"], manifest["epoch_updates"] = 1, 1
+    os.remove(checkpoint / MANIFEST)
+    write_manifest(str(checkpoint), {k: v for k, v in manifest.items() if k not in ("format", "version", "files")})
+    with pytest.raises(CheckpointError, match="inside epoch 1 .* NablaGFlowNetTrainer cannot continue: it checkpoints at epoch boundaries"):
+        nabla(run.parent, resume_from=str(checkpoint))

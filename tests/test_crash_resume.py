@@ -92,3 +92,44 @@ def test_killed_run_resumes_and_ends_bit_identical(tmp_path, uninterrupted, meth
             assert torch.equal(final["optimizer"][k][name], value), (k, name)
     # nothing of the interrupted save is left behind: only the newest complete checkpoint
     assert os.listdir(tmp_path / "logs" / "run" / "checkpoints") == [f"checkpoint_{crash_resume.EPOCHS}"]
+
+
+# the preference trainer with save_steps: kill points counted in its updates (6 per epoch) and saves (after updates 2, 4, 6, 8, 10)
+DPO_POINTS = [
+    ("optimizer_step@5", 4),  # epoch 0, update 5: resumes inside epoch 0 from checkpoint_0_step_4
+    ("save:files@3", 4),  # inside the save of checkpoint_1 (update 6, epoch 0's last): resumes from checkpoint_0_step_4
+    ("save:published@4", 8),  # checkpoint_1_step_8 in place, checkpoint_1 not yet pruned
+    ("optimizer_step@11", 10),  # epoch 1, update 11
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,resumed_step", DPO_POINTS, ids=[p for p, _ in DPO_POINTS])
+def test_a_killed_preference_run_resumes_inside_its_epoch_and_ends_bit_identical(tmp_path, point, resumed_step):
+    reset_accelerate_state()
+    full = crash_resume.make_trainer("dpo", str(tmp_path / "uninterrupted"))
+    full.train()
+    reset_accelerate_state()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRL_GFN_CRASH_AT=point)
+    result = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "killed"), "--method", "dpo"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-2000:] + result.stderr[-4000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = crash_resume.make_trainer("dpo", str(tmp_path / "killed"), resume=True)
+    # at most save_steps updates lost
+    assert resumed.state.global_step == resumed_step
+    assert resumed.state.epoch_updates == resumed_step % 6
+    resumed.train()
+    final, reference = snapshot(resumed), snapshot(full)
+    assert final["global_step"] == reference["global_step"] == 6 * crash_resume.DPO_EPOCHS
+    for a, b in zip(final["params"], reference["params"], strict=True):
+        assert torch.equal(a, b)
+    for k, entry in reference["optimizer"].items():
+        for name, value in entry.items():
+            assert torch.equal(final["optimizer"][k][name], value), (k, name)
+    for sa, sb in zip(full.ema.shadows, resumed.ema.shadows, strict=True):
+        for x, y in zip(sa, sb, strict=True):
+            assert torch.equal(x, y)
+    assert os.listdir(tmp_path / "killed" / "logs" / "run" / "checkpoints") == [f"checkpoint_{crash_resume.DPO_EPOCHS}"]
+    reset_accelerate_state()

@@ -231,3 +231,54 @@ def test_lr_schedules():
     assert lr_factor("constant", 0, 4, 20) == 1.0
     assert lr_factor("linear", 4, 4, 20) == 1.0 and lr_factor("linear", 12, 4, 20) == pytest.approx(0.5)
     assert lr_factor("cosine", 12, 4, 20) == pytest.approx(0.5) and lr_factor("cosine", 20, 4, 20) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("loss_type,extra", [("adaptive", dict(lr_scheduler="cosine", lr_warmup_steps=2)), ("sigmoid", {})])
+def test_save_steps_checkpoints_inside_an_epoch_and_resume_continues_it_exactly(tmp_path, loss_type, extra):
+    data = brightness_preferences(24)  # 24 pairs / (4 pairs x 2 accumulation) = 3 updates per epoch
+
+    def trainer(run, **kw):
+        c = config(tmp_path, loss_type=loss_type, num_epochs=2, train_gradient_accumulation_steps=2, save_steps=2, num_checkpoint_limit=10,
+                   run_name=run, **extra, **kw)
+        return DiffusionDPOTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+
+    full = trainer("full")
+    full.train()
+    folder = os.path.join(str(tmp_path), "full", "checkpoints")
+    # updates 2 and 4 fall inside epochs 0 and 1; update 6 is epoch 1's last: that epoch's checkpoint (save_freq=0)
+    assert sorted(os.listdir(folder)) == ["checkpoint_0_step_2", "checkpoint_1_step_4", "checkpoint_2"]
+    with open(os.path.join(folder, "checkpoint_0_step_2", "trl_gfn_checkpoint.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert (manifest["epoch"], manifest["global_step"], manifest["epoch_updates"]) == (0, 2, 2)
+    for name, epoch, updates in [("checkpoint_0_step_2", 0, 2), ("checkpoint_1_step_4", 1, 1)]:
+        resumed = trainer(f"from_{name}", resume_from=os.path.join(folder, name))
+        assert (resumed.first_epoch, resumed.state.epoch_updates) == (epoch, updates)
+        resumed.train()
+        assert resumed.state.global_step == full.state.global_step == 6 and resumed.state.epoch_updates == 0
+        for a, b in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters(), strict=True):
+            assert torch.equal(a, b), name
+        for k, entry in full.optimizer.state_dict()["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(resumed.optimizer.state_dict()["state"][k][key], value), (name, k, key)
+        if loss_type == "adaptive":
+            for sa, sb in zip(full.ema.shadows, resumed.ema.shadows):
+                for x, y in zip(sa, sb):
+                    assert torch.equal(x, y)
+    # the run directory resumes from its newest checkpoint: the epoch boundary after the inside-epoch ones
+    assert trainer("full", resume_from=os.path.join(str(tmp_path), "full")).state.global_step == 6
+
+
+def test_a_checkpoint_inside_an_epoch_needs_the_same_pairs_per_update(tmp_path):
+    data = brightness_preferences(24)
+    c = config(tmp_path, num_epochs=1, save_steps=1, num_checkpoint_limit=10)
+    DiffusionDPOTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data).train()
+    inside = os.path.join(str(tmp_path), "run", "checkpoints", "checkpoint_0_step_3")
+    assert os.path.isdir(inside)
+    with pytest.raises(CheckpointError, match=r"inside epoch 0, after 3 updates of 1 process\(es\) x train_batch_size 4 x "
+                                              r"train_gradient_accumulation_steps 1 pairs; this run has 1 x 2 x 1"):
+        DiffusionDPOTrainer(config(tmp_path, train_batch_size=2, resume_from=inside, run_name="other"),
+                            DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+    # an epoch boundary of the same run is fine with another batch size
+    boundary = os.path.join(str(tmp_path), "run", "checkpoints", "checkpoint_1")
+    assert DiffusionDPOTrainer(config(tmp_path, train_batch_size=2, resume_from=boundary, run_name="other"),
+                               DiffusionPipelineForRL(tiny_stable_diffusion()), data).state.epoch == 1

@@ -199,3 +199,26 @@ def test_benchmark_methods_of_the_new_trainers_build_their_configs():
     inv = method_config("inversion_dpo_released_sign", 1, s)
     assert isinstance(inv, InversionDPOConfig) and inv.inversion_sign == "released" and inv.seed == 1
     assert set(TRAINERS) == {"inversion_dpo", "inversion_dpo_released_sign", "spin"}
+
+
+def test_resume_inside_the_first_epoch_of_an_iteration_keeps_its_reference(tmp_path):
+    """A checkpoint inside an epoch that began an iteration: the reference was moved forward when the epoch began, so the
+    resumed run restores it and must not move it again (it would copy the half-trained LoRA into it)."""
+    data = brightness_preferences(8)
+
+    def trainer(run, **kw):
+        return SPINDiffusionTrainer(config(tmp_path, save_steps=1, num_checkpoint_limit=20, run_name=run, **kw),
+                                    DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+
+    full = trainer("full")
+    full.train()
+    folder = os.path.join(str(tmp_path), "full", "checkpoints")
+    inside = sorted(n for n in os.listdir(folder) if n.startswith("checkpoint_1_step_"))
+    assert inside, os.listdir(folder)
+    resumed = trainer("resumed", resume_from=os.path.join(folder, inside[0]))
+    assert resumed.first_epoch == 1 and resumed.state.epoch_updates >= 1
+    resumed.train()
+    for a, b in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(adapter(full.pipeline, REFERENCE_ADAPTER), adapter(resumed.pipeline, REFERENCE_ADAPTER), strict=True):
+        assert torch.equal(a, b)

@@ -32,6 +32,7 @@ from .checkpoints import (
     CHECKPOINT_PATTERN,
     CheckpointError,
     TrainingState,
+    checkpoint_name,
     config_differences,
     crash_point,
     partial_path,
@@ -46,7 +47,7 @@ from .publishing import PublishingMixin
 logger = get_logger(__name__)
 
 #: config fields that do not shape what a checkpoint holds: left out of the differences listed when one does not fit
-RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "init_from", "num_epochs", "save_freq", "num_checkpoint_limit",
+RUN_ONLY_FIELDS = {"exp_name", "run_name", "logdir", "output_dir", "resume_from", "init_from", "num_epochs", "save_freq", "save_steps", "num_checkpoint_limit",
                    "log_with", "tracker_kwargs", "tracker_project_name", "accelerator_kwargs", "project_kwargs", "log_image_freq",
                    "log_num_images", "push_to_hub", "hub_model_id", "allow_tf32", "gradient_checkpointing",
                    "vae_gradient_checkpointing"}
@@ -497,7 +498,8 @@ class BaseDiffusionTrainer(PublishingMixin):
         return json.loads(json.dumps(self.config.to_public_dict(), default=str))
 
     def save_checkpoint(self) -> str:
-        """Write ``<run>/checkpoints/checkpoint_<epoch>`` crash-safely and keep the newest ``num_checkpoint_limit``.
+        """Write ``<run>/checkpoints/checkpoint_<epoch>`` (``checkpoint_<epoch>_step_<global step>`` inside an epoch, see
+        :func:`~.checkpoints.checkpoint_name`) crash-safely and keep the newest ``num_checkpoint_limit``.
 
         ``accelerator.save_state`` (every rank) writes into a hidden partial folder; the main process then adds
         the manifest (counters, method state, config, size and SHA-256 of every file) and renames the folder
@@ -505,8 +507,9 @@ class BaseDiffusionTrainer(PublishingMixin):
         """
         acc = self.accelerator
         folder = os.path.join(self.run_dir, "checkpoints")
-        final = os.path.join(folder, f"checkpoint_{self.state.epoch}")
-        partial = partial_path(folder, self.state.epoch)
+        name = checkpoint_name(self.state)
+        final = os.path.join(folder, name)
+        partial = partial_path(folder, name)
         acc.wait_for_everyone()
         if acc.is_main_process:
             os.makedirs(folder, exist_ok=True)
@@ -568,7 +571,15 @@ class BaseDiffusionTrainer(PublishingMixin):
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
                     raise CheckpointError(f"{os.path.join(path, 'optimizer.bin')}: non-finite optimizer state ({key}); refusing to resume")
         self.state.load_state_dict(manifest)
+        if self.state.epoch_updates:
+            self.check_mid_epoch_resume(path, manifest)
         self.load_checkpoint_state(manifest["state"])
+
+    def check_mid_epoch_resume(self, path: str, manifest: dict[str, Any]) -> None:
+        """Refuse (``CheckpointError``) a checkpoint written inside an epoch that this run cannot continue exactly. Only the
+        offline trainers, whose epoch order is fixed by the seed, write such checkpoints (``save_steps``)."""
+        raise CheckpointError(f"resume_from: {path} was written inside epoch {self.state.epoch} (after {self.state.epoch_updates} of its "
+                              f"updates), which {type(self).__name__} cannot continue: it checkpoints at epoch boundaries only")
 
 
 def _is_diffusers_pipeline(obj: Any) -> bool:

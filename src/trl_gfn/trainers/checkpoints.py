@@ -1,7 +1,8 @@
 """Crash-safe checkpoints that run no code when loaded.
 
-Layout: ``<run>/checkpoints/checkpoint_<epoch>/``. A checkpoint is written into a hidden
-``.checkpoint_<epoch>.partial`` folder (accelerate's optimizer/RNG/scaler files, the trained weights as
+Layout: ``<run>/checkpoints/checkpoint_<epoch>/`` after ``<epoch>`` complete epochs, and for the offline trainers'
+``save_steps`` also ``checkpoint_<epoch>_step_<global step>/`` inside epoch ``<epoch>`` (0-based: that many epochs complete,
+and some of the next one's updates). A checkpoint is written into a hidden ``.<name>.partial`` folder (accelerate's optimizer/RNG/scaler files, the trained weights as
 safetensors), then the manifest ``trl_gfn_checkpoint.json`` is written last, and the folder is renamed
 into place. So a folder named ``checkpoint_N`` is complete whatever moment the process was killed at;
 a leftover partial folder is never resumed from and is removed by the next save.
@@ -30,7 +31,8 @@ from ..weights_io import sha256_of_file
 MANIFEST = "trl_gfn_checkpoint.json"
 FORMAT = "trl-gfn-checkpoint"
 VERSION = 1
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+#: ``checkpoint_<epoch>`` (an epoch boundary) or ``checkpoint_<epoch>_step_<global step>`` (inside epoch ``<epoch>``)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)(?:_step_(\d+))?$")
 #: manifest key holding the SHA-256 of the rest of the manifest (canonical JSON)
 SELF_DIGEST = "manifest_sha256"
 #: fault injection for the crash tests: ``TRL_GFN_CRASH_AT=<point>[@<n>]`` kills the process the n-th time it reaches <point>
@@ -47,15 +49,39 @@ class TrainingState:
     """The counters a checkpoint restores (kept in the manifest as JSON)."""
 
     def __init__(self) -> None:
+        #: complete epochs
         self.epoch = 0
+        #: optimizer updates so far
         self.global_step = 0
+        #: optimizer updates already made inside epoch ``epoch`` (0 at an epoch boundary; > 0 only in a ``save_steps`` checkpoint)
+        self.epoch_updates = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "global_step": self.global_step}
+        return {"epoch": self.epoch, "global_step": self.global_step, "epoch_updates": self.epoch_updates}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self.epoch_updates = int(state.get("epoch_updates", 0))  # (checkpoints written before save_steps have none)
+
+
+def checkpoint_name(state: TrainingState) -> str:
+    """``checkpoint_<epoch>`` at an epoch boundary, ``checkpoint_<epoch>_step_<global step>`` inside an epoch."""
+    return f"checkpoint_{state.epoch}" if state.epoch_updates == 0 else f"checkpoint_{state.epoch}_step_{state.global_step}"
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """Sort key of a checkpoint folder name (older first), None if ``name`` is not one: an epoch boundary comes before
+    the checkpoints inside that epoch, which come in the order of their global steps."""
+    m = CHECKPOINT_PATTERN.match(name)
+    if m is None:
+        return None
+    return int(m.group(1)), -1 if m.group(2) is None else int(m.group(2))
+
+
+def _checkpoints_in(folder: str) -> list[tuple[tuple[int, int], str]]:
+    """``(order, name)`` of every checkpoint folder name in ``folder``, oldest first."""
+    return sorted((key, d) for d in os.listdir(folder) if (key := checkpoint_order(d)) is not None)
 
 
 def crash_point(name: str) -> None:
@@ -77,9 +103,9 @@ def crash_point(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def partial_path(folder: str, epoch: int) -> str:
-    """Where checkpoint ``epoch`` is written before it is complete."""
-    return os.path.join(folder, f".checkpoint_{epoch}.partial")
+def partial_path(folder: str, name: str) -> str:
+    """Where checkpoint ``name`` (see :func:`checkpoint_name`) is written before it is complete."""
+    return os.path.join(folder, f".{name}.partial")
 
 
 def write_manifest(directory: str, info: dict[str, Any]) -> None:
@@ -118,7 +144,7 @@ def prune(folder: str, keep: int) -> list[str]:
     A checkpoint is first renamed to a hidden name, then deleted: a kill mid-way never leaves a partly
     deleted folder under a ``checkpoint_N`` name.
     """
-    found = sorted((int(m.group(1)), d) for d in os.listdir(folder) if (m := CHECKPOINT_PATTERN.match(d)))
+    found = _checkpoints_in(folder)
     deleted = []
     for _, name in found[: max(0, len(found) - keep)]:
         trash = _trash_name(os.path.join(folder, name))
@@ -163,6 +189,9 @@ def read_manifest(path: str) -> dict[str, Any]:
         value = manifest.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             problems.append(f"{key} must be a {kind.__name__}, got {value!r}")
+    updates = manifest.get("epoch_updates", 0)  # absent in checkpoints written before save_steps
+    if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
+        problems.append(f"epoch_updates must be an int >= 0, got {updates!r}")
     files = manifest.get("files")
     for rel, entry in files.items() if isinstance(files, dict) else ():
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)) or not _safe_relpath(rel):
@@ -196,8 +225,9 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
 
 
 def resolve_resume_path(resume_from: str | os.PathLike) -> str:
-    """The complete checkpoint to resume from: ``resume_from`` itself if it is a ``checkpoint_N`` folder, else the
-    newest complete ``checkpoint_N`` in ``resume_from/checkpoints`` or ``resume_from``.
+    """The complete checkpoint to resume from: ``resume_from`` itself if it is a checkpoint folder (``checkpoint_N`` or
+    ``checkpoint_N_step_S``), else the newest complete one in ``resume_from/checkpoints`` or ``resume_from``
+    (:func:`checkpoint_order`).
 
     Newer checkpoints that are incomplete or damaged are skipped with a warning saying which and why; a
     ``checkpoint_N`` named explicitly must be complete (:class:`CheckpointError` naming the bad file).
@@ -214,7 +244,7 @@ def resolve_resume_path(resume_from: str | os.PathLike) -> str:
     for candidate in (os.path.join(path, "checkpoints"), path):
         if not os.path.isdir(candidate):
             continue
-        found = sorted(((int(m.group(1)), d) for d in os.listdir(candidate) if (m := CHECKPOINT_PATTERN.match(d))), reverse=True)
+        found = _checkpoints_in(candidate)[::-1]
         skipped = []
         for _, name in found:
             checkpoint = os.path.join(candidate, name)
@@ -284,5 +314,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-__all__ = ["CHECKPOINT_PATTERN", "CheckpointError", "MANIFEST", "TrainingState", "config_differences", "crash_point", "partial_path",
+__all__ = ["CHECKPOINT_PATTERN", "CheckpointError", "MANIFEST", "TrainingState", "checkpoint_name", "checkpoint_order",
+           "config_differences", "crash_point", "partial_path",
            "prune", "publish", "read_manifest", "resolve_resume_path", "verify_checkpoint", "write_manifest"]

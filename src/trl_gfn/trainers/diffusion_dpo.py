@@ -353,7 +353,9 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
         return info
 
     def step(self, epoch: int, global_step: int) -> int:
-        """One pass over the pairs (this process's share), then evaluation and a checkpoint when due."""
+        """One pass over the pairs (this process's share), then evaluation and a checkpoint when due; a checkpoint every
+        ``save_steps`` updates inside it. After a resume from such a checkpoint the epoch's micro-batches already trained
+        are skipped (the order of an epoch is fixed by the seed, so the rest is what the uninterrupted run trained)."""
         c = self.config
         start = time.time()
         if not self._data_logged:
@@ -363,20 +365,51 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
                 logs.update(self.eval_pairs.report.as_log("data/eval"))
             self.log(logs, step=global_step)
         self.start_updates()
-        for idx in tqdm(self.epoch_batches(epoch), desc=f"Epoch {epoch}: training", disable=self.hide_progress, leave=False):
+        batches = self.epoch_batches(epoch)
+        done = self.state.epoch_updates * c.train_gradient_accumulation_steps  # > 0 only when resumed inside this epoch
+        if done:
+            logger.info(f"Epoch {epoch}: resuming after its first {self.state.epoch_updates} updates ({done} micro-batches)")
+        for j in tqdm(range(done, len(batches)), desc=f"Epoch {epoch}: training", disable=self.hide_progress, leave=False,
+                      initial=done, total=len(batches)):
+            idx = batches[j]
             rows = [self.train_pairs.rows[i] for i in idx]
             generators = self.pair_generators(rows, epoch)
             batch = self.train_pairs.load(idx, generators)
             self.note_prompts(batch.captions)
+            before = global_step
             global_step = self.train_micro_batch(lambda: self.compute_loss(batch, generators), epoch, global_step)
+            if global_step != before:
+                self.state.epoch_updates += 1
+                if c.save_steps and global_step % c.save_steps == 0 and j + 1 < len(batches):
+                    self.save_checkpoint()  # checkpoint_<epoch>_step_<global_step>
         self.state.epoch = epoch + 1
+        self.state.epoch_updates = 0
         self.state.global_step = global_step
         if self.eval_pairs is not None and c.eval_freq and (epoch + 1) % c.eval_freq == 0:
             self.log({f"eval/{k}": v for k, v in self.evaluate().items()}, step=global_step)
         self.log({"epoch_seconds": time.time() - start}, step=global_step)
-        if c.save_freq and (epoch + 1) % c.save_freq == 0:
+        steps_due = c.save_steps and global_step % c.save_steps == 0 and len(batches) > done
+        if (c.save_freq and (epoch + 1) % c.save_freq == 0) or steps_due:
             self.save_checkpoint()
         return global_step
+
+    def check_mid_epoch_resume(self, path: str, manifest: dict[str, Any]) -> None:
+        """A checkpoint written inside an epoch continues exactly only with the same pairs per update (processes ×
+        ``train_batch_size`` × ``train_gradient_accumulation_steps``): the epoch's order is cut into updates of that size."""
+        from .checkpoints import CheckpointError
+
+        c, saved = self.config, manifest["config"]
+        now = (self.accelerator.num_processes, c.train_batch_size, c.train_gradient_accumulation_steps)
+        then = (manifest["num_processes"], saved.get("train_batch_size"), saved.get("train_gradient_accumulation_steps"))
+        if now != then:
+            raise CheckpointError(
+                f"resume_from: {path} was written inside epoch {self.state.epoch}, after {self.state.epoch_updates} updates of "
+                f"{then[0]} process(es) x train_batch_size {then[1]} x train_gradient_accumulation_steps {then[2]} pairs; this run has "
+                f"{now[0]} x {now[1]} x {now[2]}, so it cannot continue that epoch where it stopped. Resume with the checkpoint's "
+                "numbers, or from an epoch checkpoint (checkpoint_<epoch>)")
+        if self.state.epoch_updates >= self.steps_per_epoch:
+            raise CheckpointError(f"resume_from: {path} says {self.state.epoch_updates} updates of epoch {self.state.epoch} were made, "
+                                  f"but an epoch of this train_dataset has {self.steps_per_epoch}")
 
     @torch.no_grad()
     def evaluate(self, pairs: PreferencePairs | None = None) -> dict[str, float]:

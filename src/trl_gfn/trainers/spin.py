@@ -113,11 +113,11 @@ class SPINDiffusionTrainer(DiffusionDPOTrainer):
 
     def step(self, epoch: int, global_step: int) -> int:
         """At the start of an iteration move the reference forward and resample the fakes (also after a resume inside an
-        iteration, from the restored reference), then the preference trainer's epoch."""
+        iteration or inside an epoch, from the restored reference), then the preference trainer's epoch."""
         import time
 
         k = self.iteration(epoch)
-        if epoch % self.config.spin_epochs_per_iteration == 0:
+        if epoch % self.config.spin_epochs_per_iteration == 0 and self.state.epoch_updates == 0:  # not when resumed inside it
             self.advance_reference()
             self.fakes_iteration = None
         if self.fakes_iteration != k:
