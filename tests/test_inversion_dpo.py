@@ -13,7 +13,13 @@ from trl_gfn import DiffusionPipelineForRL, InversionDPOConfig, InversionDPOTrai
 from trl_gfn.configs.inversion_dpo import INVERSION_DEFAULT_BETA
 from trl_gfn.evaluation.unet_calls import UNetCallCounter
 from trl_gfn.diffusion import ddim_schedule, ode_generate, ode_invert, trajectory_weights
-from trl_gfn.testing import brightness_preferences, full_and_resumed, randomise_parameters, tiny_stable_diffusion
+from trl_gfn.testing import (
+    brightness_preferences,
+    full_and_resumed,
+    full_and_resumed_inside_an_epoch,
+    randomise_parameters,
+    tiny_stable_diffusion,
+)
 from trl_gfn.trainers.inversion_dpo import stratified_steps
 
 CAPTION = ("a handwritten digit",)
@@ -273,6 +279,20 @@ def test_resume_is_exact_and_card_names_the_method(tmp_path):
     card = open(os.path.join(str(tmp_path), "full", "final", "README.md"), encoding="utf-8").read()
     assert "Inversion-DPO" in card and "2507.11554" in card and "inversion_num_steps" in card
     assert full.last_metrics["inversion/cached_images"] == 32
+
+
+def test_resume_inside_an_epoch_is_exact(tmp_path):
+    """From a save_steps checkpoint: the inversion cache starts empty again and is refilled with the same trajectories."""
+    data = brightness_preferences(16)
+
+    def trainer(run, **kw):
+        c = config(tmp_path, num_epochs=2, run_name=run, inversion_train_steps=3, **kw)
+        return InversionDPOTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+
+    full, resumed = full_and_resumed_inside_an_epoch(trainer, tmp_path)
+    assert resumed.state.global_step == full.state.global_step == 8
+    for a, b in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_config_checks():

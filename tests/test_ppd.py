@@ -10,7 +10,13 @@ import torch
 from trl_gfn import DiffusionDPOConfig, DiffusionDPOTrainer, DiffusionPipelineForRL, PPDConfig, PPDTrainer
 from trl_gfn.assets import BUNDLED_USER_ENCODER
 from trl_gfn.models import UserCrossAttention, load_user_embedding_provider
-from trl_gfn.testing import brightness_preferences, full_and_resumed, randomise_parameters, tiny_stable_diffusion
+from trl_gfn.testing import (
+    brightness_preferences,
+    full_and_resumed,
+    full_and_resumed_inside_an_epoch,
+    randomise_parameters,
+    tiny_stable_diffusion,
+)
 
 COMMON = dict(num_epochs=1, train_batch_size=4, save_freq=0, lora_rank=4, lr_warmup_steps=0, train_learning_rate=1e-3, beta=3000.0)
 
@@ -159,6 +165,20 @@ def _subset(pairs, positions):
     out.first_preferred = [pairs.first_preferred[i] for i in positions]
     out.labels = [pairs.labels[i] for i in positions]
     return out
+
+
+def test_resume_inside_an_epoch_is_exact(tmp_path):
+    data = with_users(brightness_preferences(16), [0] * 8 + [1] * 8)
+
+    def trainer(run, **kw):
+        c = PPDConfig(logdir=str(tmp_path), run_name=run, **dict(COMMON, num_epochs=2, save_freq=0, **kw))
+        return PPDTrainer(c, DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+
+    full, resumed = full_and_resumed_inside_an_epoch(trainer, tmp_path)
+    assert resumed.state.global_step == full.state.global_step
+    for a, b in zip(list(full.pipeline.lora_parameters()) + list(full.user_layers.parameters()),
+                    list(resumed.pipeline.lora_parameters()) + list(resumed.user_layers.parameters()), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_final_folder_resume_and_interpolated_sampling(tmp_path):

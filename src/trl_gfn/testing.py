@@ -156,6 +156,27 @@ def full_and_resumed(make_trainer, logdir, cut_epochs: int):
     return full, resumed
 
 
+def full_and_resumed_inside_an_epoch(make_trainer, logdir, save_steps: int = 1):
+    """The exact-resume check from inside an epoch (preference trainers' ``save_steps``): ``make_trainer("full", save_steps=...)``
+    trained to the end, and ``make_trainer("resumed", resume_from=<its first checkpoint inside an epoch>)`` trained to the end.
+    Returns ``(full, resumed)``."""
+    import os
+
+    from .trainers.checkpoints import checkpoint_order
+
+    full = make_trainer("full", save_steps=save_steps, num_checkpoint_limit=1000)
+    full.train()
+    folder = os.path.join(str(logdir), "full", "checkpoints")
+    inside = sorted((n for n in os.listdir(folder) if (checkpoint_order(n) or (0, -1))[1] >= 0), key=checkpoint_order)
+    if not inside:
+        raise AssertionError(f"no checkpoint inside an epoch in {folder}: {sorted(os.listdir(folder))}")
+    resumed = make_trainer("resumed", resume_from=os.path.join(folder, inside[0]))
+    if resumed.state.epoch_updates < 1:
+        raise AssertionError(f"{inside[0]} resumed at an epoch boundary")
+    resumed.train()
+    return full, resumed
+
+
 class BrightnessReward(RewardModel):
     """log-reward = mean pixel value (differentiable, prompt-free)."""
 
