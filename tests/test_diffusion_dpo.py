@@ -278,6 +278,8 @@ def test_a_checkpoint_inside_an_epoch_needs_the_same_pairs_per_update(tmp_path):
                                               r"train_gradient_accumulation_steps 1 pairs; this run has 1 x 2 x 1"):
         DiffusionDPOTrainer(config(tmp_path, train_batch_size=2, resume_from=inside, run_name="other"),
                             DiffusionPipelineForRL(tiny_stable_diffusion()), data)
+    with pytest.raises(CheckpointError, match=r"inside epoch 0, whose order of pairs comes from seed 0; this run has seed 7"):
+        DiffusionDPOTrainer(config(tmp_path, seed=7, resume_from=inside, run_name="other"), DiffusionPipelineForRL(tiny_stable_diffusion()), data)
     # an epoch boundary of the same run is fine with another batch size
     boundary = os.path.join(str(tmp_path), "run", "checkpoints", "checkpoint_1")
     assert DiffusionDPOTrainer(config(tmp_path, train_batch_size=2, resume_from=boundary, run_name="other"),

@@ -282,7 +282,8 @@ def test_resume_is_exact_and_card_names_the_method(tmp_path):
 
 
 def test_resume_inside_an_epoch_is_exact(tmp_path):
-    """From a save_steps checkpoint: the inversion cache starts empty again and is refilled with the same trajectories."""
+    """From a save_steps checkpoint: the inversion cache starts empty again; the images trained before the checkpoint are
+    inverted again in other batches (float rounding depends on the batch size), so the run agrees to rounding."""
     data = brightness_preferences(16)
 
     def trainer(run, **kw):
@@ -291,8 +292,13 @@ def test_resume_inside_an_epoch_is_exact(tmp_path):
 
     full, resumed = full_and_resumed_inside_an_epoch(trainer, tmp_path)
     assert resumed.state.global_step == full.state.global_step == 8
-    for a, b in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters(), strict=True):
-        assert torch.equal(a, b)
+    moved = False
+    for a, b, start in zip(full.pipeline.lora_parameters(), resumed.pipeline.lora_parameters(),
+                           InversionDPOTrainer(config(tmp_path, run_name="init"), DiffusionPipelineForRL(tiny_stable_diffusion()),
+                                               data).pipeline.lora_parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        moved = moved or float((a - start).abs().max()) > 1e-3
+    assert moved  # the comparison is between trained weights, not the initial ones
 
 
 def test_config_checks():

@@ -50,7 +50,7 @@ class BaseDiffusionConfig:
     num_epochs: int = field(default=100, metadata={"help": "Number of epochs (online trainers: one epoch = sample, score, train; preference trainers: one pass over the pairs)."})
     save_freq: int = field(default=1, metadata={"help": "Save an accelerate checkpoint every this many epochs (0 disables). Default 1, as TRL's DDPO and AlignProp (Nabla-GFlowNet: 10)."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Keep at most this many checkpoints (older ones are deleted)."})
-    resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a `checkpoint_N` directory (which must be complete)."})
+    resume_from: str = field(default="", metadata={"help": "Resume from a run directory (its newest complete checkpoint; newer incomplete ones are skipped with a warning) or a checkpoint directory, `checkpoint_N` or (preference trainers' save_steps) `checkpoint_N_step_S`, which must be complete."})
     init_from: str = field(default="", metadata={"help": "Start a new run from trained weights: a folder written by trl-gfn (`<run>/final` or a `checkpoint_N`), or any folder or Hub repo (`owner/name`, `owner/name@revision`) holding `pytorch_lora_weights.safetensors` in diffusers format; Nabla-GFlowNet also loads the flow head from its `flow_head/` sub-folder when there is one. lora_rank, lora_alpha and lora_target_modules must be those the LoRA was trained with. Counters and optimizer start fresh (resume_from continues an interrupted run instead)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Precision of the frozen weights and of autocast; LoRA, flow head and rewards stay float32. TRL's DDPO defaulted to fp16 (GPU); `no` runs anywhere."})
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
@@ -124,7 +124,7 @@ class BaseDiffusionConfig:
         pk = self.project_kwargs
         if "automatic_checkpoint_naming" in pk:
             _check(pk["automatic_checkpoint_naming"] is True, "project_kwargs",
-                   f"['automatic_checkpoint_naming'] can only be True: checkpoints are always <run>/checkpoints/checkpoint_<epoch>, got {pk}")
+                   f"['automatic_checkpoint_naming'] can only be True: checkpoints are always <run>/checkpoints/checkpoint_<epoch> (checkpoint_<epoch>_step_<global step> inside an epoch), got {pk}")
         if "total_limit" in pk:
             limit = pk["total_limit"]
             _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, "project_kwargs",

@@ -388,17 +388,23 @@ class DiffusionDPOTrainer(BaseDiffusionTrainer):
         if self.eval_pairs is not None and c.eval_freq and (epoch + 1) % c.eval_freq == 0:
             self.log({f"eval/{k}": v for k, v in self.evaluate().items()}, step=global_step)
         self.log({"epoch_seconds": time.time() - start}, step=global_step)
-        steps_due = c.save_steps and global_step % c.save_steps == 0 and len(batches) > done
+        steps_due = c.save_steps and global_step % c.save_steps == 0
         if (c.save_freq and (epoch + 1) % c.save_freq == 0) or steps_due:
             self.save_checkpoint()
         return global_step
 
     def check_mid_epoch_resume(self, path: str, manifest: dict[str, Any]) -> None:
         """A checkpoint written inside an epoch continues exactly only with the same pairs per update (processes ×
-        ``train_batch_size`` × ``train_gradient_accumulation_steps``): the epoch's order is cut into updates of that size."""
+        ``train_batch_size`` × ``train_gradient_accumulation_steps``): the epoch's order is cut into updates of that size;
+        and with the same ``seed``, which fixes that order (another would train some pairs twice in the epoch, others never)."""
         from .checkpoints import CheckpointError
 
         c, saved = self.config, manifest["config"]
+        if saved.get("seed") != c.seed:
+            raise CheckpointError(
+                f"resume_from: {path} was written inside epoch {self.state.epoch}, whose order of pairs comes from seed {saved.get('seed')}; "
+                f"this run has seed {c.seed}, so the rest of that epoch would not be the rest of its order. Resume with seed "
+                f"{saved.get('seed')}, or from an epoch checkpoint (checkpoint_<epoch>)")
         now = (self.accelerator.num_processes, c.train_batch_size, c.train_gradient_accumulation_steps)
         then = (manifest["num_processes"], saved.get("train_batch_size"), saved.get("train_gradient_accumulation_steps"))
         if now != then:

@@ -153,22 +153,18 @@ class InversionDPOTrainer(DiffusionDPOTrainer):
         return digest.hexdigest()
 
     def trajectories(self, images: torch.Tensor, captions: Sequence[str], embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(states, targets, reference predictions), each (B, N, C, h, w) on the device, from the cache or computed now.
-
-        When any image of the batch is not cached the whole batch is inverted: float rounding depends on the batch size, so an
-        image's trajectory is then the same bit for bit whichever others were cached (a run resumed inside an epoch, whose
-        cache lacks the images trained before the checkpoint, or with ``inversion_cache=False``). That only costs extra
-        inversions in batches that are part cached, which happens after such a resume."""
+        """(states, targets, reference predictions), each (B, N, C, h, w) on the device, from the cache or computed now."""
         device, keys = self.accelerator.device, [self.image_key(c, im) for c, im in zip(captions, images)]
-        if all(k in self._cache for k in keys):
-            parts = [self._cache[k] for k in keys]
-        else:
-            latents = self.pipeline.encode_images(images.to(device), posterior_mean=True)
-            traj, ref = self.invert(latents, embeds)
-            parts = [(traj.states[j].cpu(), traj.targets[j].cpu(), ref[j].cpu()) for j in range(len(keys))]
-            if self.config.inversion_cache:
-                for k, part in zip(keys, parts):
-                    self._cache.setdefault(k, part)
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        fresh: dict[int, tuple[torch.Tensor, ...]] = {}
+        if todo:
+            latents = self.pipeline.encode_images(images[todo].to(device), posterior_mean=True)
+            traj, ref = self.invert(latents, embeds[todo])
+            for j, i in enumerate(todo):
+                fresh[i] = (traj.states[j].cpu(), traj.targets[j].cpu(), ref[j].cpu())
+                if self.config.inversion_cache:
+                    self._cache[keys[i]] = fresh[i]
+        parts = [fresh[i] if i in fresh else self._cache[k] for i, k in enumerate(keys)]
         return tuple(torch.stack([p[n] for p in parts]).to(device) for n in range(3))
 
     def make_pair_inputs(self, batch: PairBatch, generators: Sequence[torch.Generator]) -> TrajectoryInputs:  # type: ignore[override]
