@@ -124,7 +124,7 @@ class BaseDiffusionConfig:
         pk = self.project_kwargs
         if "automatic_checkpoint_naming" in pk:
             _check(pk["automatic_checkpoint_naming"] is True, "project_kwargs",
-                   f"['automatic_checkpoint_naming'] can only be True: checkpoints are always <run>/checkpoints/checkpoint_<epoch> (checkpoint_<epoch>_step_<global step> inside an epoch), got {pk}")
+                   f"['automatic_checkpoint_naming'] can only be True: checkpoints are always <run>/checkpoints/checkpoint_<epoch>, got {pk}")
         if "total_limit" in pk:
             limit = pk["total_limit"]
             _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, "project_kwargs",

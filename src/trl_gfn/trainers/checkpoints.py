@@ -234,7 +234,7 @@ def resolve_resume_path(resume_from: str | os.PathLike) -> str:
     Raises ``FileNotFoundError`` naming ``resume_from`` when it holds no checkpoint at all.
     """
     if not isinstance(resume_from, (str, os.PathLike)):
-        raise TypeError(f"resume_from: expected the path of a run directory or a checkpoint directory (checkpoint_N or checkpoint_N_step_S), got {resume_from!r}")
+        raise TypeError(f"resume_from: expected the path of a run directory or a checkpoint_N directory (or checkpoint_N_step_S), got {resume_from!r}")
     path = os.path.abspath(os.path.expanduser(os.fspath(resume_from)))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"resume_from: {os.fspath(resume_from)!r} is not a directory")
@@ -263,7 +263,7 @@ def resolve_resume_path(resume_from: str | os.PathLike) -> str:
         raise FileNotFoundError(f"resume_from: {os.fspath(resume_from)!r} holds trained weights (a saved model such as <run>/final), not "
                                 "checkpoints. To start a new run from these weights set init_from to it; resume_from continues an "
                                 "interrupted run from <run>/checkpoints/checkpoint_N (or checkpoint_N_step_S)")
-    raise FileNotFoundError(f"resume_from: no checkpoint directory (checkpoint_N or checkpoint_N_step_S) in {os.fspath(resume_from)!r} or its checkpoints/ folder")
+    raise FileNotFoundError(f"resume_from: no checkpoint_N directory (nor checkpoint_N_step_S) in {os.fspath(resume_from)!r} or its checkpoints/ folder")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: set[str]) -> list[str]:
